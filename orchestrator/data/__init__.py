@@ -1,0 +1,1 @@
+"""The data path: manifests, shard and folder sources, subsets, per-worker parts."""

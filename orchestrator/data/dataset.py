@@ -1,0 +1,183 @@
+"""A split as the training loop sees it: subset, decoded, partitioned across workers.
+
+Two modes, one interface:
+- *subset* (classes and/or a per-class count given): the selected samples' encoded bytes
+  are read once into memory (Tiny-ImageNet whole is ~140 MB), in dataset order;
+- *stream* (the whole split): shards are streamed each pass, never held in memory.
+
+Partitioning follows torchvision's reference `DistributedSampler` use: training ranks get
+disjoint, equal-length parts (so DDP ranks take the same number of steps); evaluation
+ranks get disjoint parts that together hold every sample exactly once, with no padding
+(torchvision warns that a padded val set biases the result; we never pad).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+
+from orchestrator.data.manifest import Manifest, check_shards_exist, load_manifest
+from orchestrator.data.sources import Sample, iter_shard
+from orchestrator.errors import UserError
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Encoded image -> uint8 CHW RGB tensor; greyscale and CMYK become 3-channel RGB."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def select_classes(manifest: Manifest, classes: int | list[str] | None) -> list[int]:
+    """Original class indices kept, in order: the first N, or the listed wnids."""
+    if classes is None:
+        return list(range(manifest.num_classes))
+    if isinstance(classes, int):
+        if not 1 <= classes <= manifest.num_classes:
+            raise UserError(f"data.classes is {classes}; {manifest.name} has {manifest.num_classes} classes")
+        return list(range(classes))
+    by_wnid = {c["wnid"]: c["index"] for c in manifest.classes}
+    for wnid in classes:
+        if wnid not in by_wnid:
+            raise UserError(f"class {wnid!r} is not in {manifest.name} (see its manifest.json for the wnids)")
+    return [by_wnid[w] for w in classes]
+
+
+@dataclass
+class Split:
+    """One split of a dataset after class/per-class selection; labels are remapped to
+    0..K-1 in the order of the kept classes."""
+
+    manifest: Manifest
+    split: str
+    kept: list[int]
+    per_class: int | None
+    records: list[Sample] | None  # subset mode: the selected samples, dataset order
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.kept)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.manifest.classes[i]["wnid"] for i in self.kept]
+
+    def __len__(self) -> int:
+        if self.records is not None:
+            return len(self.records)
+        return sum(s.samples for s in self.manifest.shards(self.split))
+
+    def urls(self) -> list[str]:
+        return [self.manifest.url(s) for s in self.manifest.shards(self.split)]
+
+    def iter_samples(self, urls: list[str] | None = None) -> Iterator[Sample]:
+        """Samples in dataset order (from memory, or streamed from `urls`)."""
+        if self.records is not None:
+            yield from self.records
+            return
+        remap = {c: i for i, c in enumerate(self.kept)}
+        for url in urls if urls is not None else self.urls():
+            for s in iter_shard(url):
+                if s.label in remap:
+                    yield Sample(s.key, s.data, remap[s.label])
+
+
+def open_split(root: str, split: str, classes=None, per_class: int | None = None,
+               num_classes: int | None = None) -> Split:
+    manifest = load_manifest(root)
+    if num_classes is not None and num_classes != manifest.num_classes:
+        raise UserError(f"data.num_classes is {num_classes} but {root}/manifest.json lists {manifest.num_classes}")
+    check_shards_exist(manifest, split)
+    kept = select_classes(manifest, classes)
+    split_obj = Split(manifest, split, kept, per_class, None)
+    if classes is not None or per_class is not None:
+        split_obj.records = _read_subset(split_obj)
+    return split_obj
+
+
+def _read_subset(split: Split) -> list[Sample]:
+    """The first `per_class` samples of each kept class, in shard order; stops reading as
+    soon as every class is full, so small subsets of big datasets are cheap."""
+    remap = {c: i for i, c in enumerate(split.kept)}
+    counts = [0] * len(split.kept)
+    cap = split.per_class or float("inf")
+    out: list[Sample] = []
+    for url in split.urls():
+        for s in iter_shard(url):
+            i = remap.get(s.label)
+            if i is None or counts[i] >= cap:
+                continue
+            counts[i] += 1
+            out.append(Sample(s.key, s.data, i))
+        if split.per_class and all(c >= cap for c in counts):
+            break
+    empty = [split.class_names[i] for i, c in enumerate(counts) if c == 0]
+    if empty:
+        raise UserError(f"{split.split} split has no samples of class {empty[0]} ({len(empty)} classes empty)")
+    return out
+
+
+def _slots() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class TrainStream(IterableDataset):
+    """Endless training stream for one rank: pass after pass, reshuffled per pass
+    (seed + pass), each pass this rank's disjoint part. The loop takes a fixed number of
+    steps per epoch, so every DDP rank steps equally even when shard sizes differ."""
+
+    def __init__(self, split: Split, transform, rank: int, world: int, seed: int, start_pass: int = 0,
+                 shuffle_buffer: int = 2000):
+        self.split, self.transform, self.rank, self.world = split, transform, rank, world
+        self.seed, self.start_pass, self.shuffle_buffer = seed, start_pass, shuffle_buffer
+
+    def _one_pass(self, p: int, slot: int, nslots: int) -> Iterator[Sample]:
+        rng = random.Random(self.seed * 1_000_003 + p)
+        if self.split.records is not None:
+            order = list(range(len(self.split.records)))
+            rng.shuffle(order)
+            mine = order[self.rank::self.world][: len(order) // self.world]  # equal length per rank
+            for i in mine[slot::nslots]:
+                yield self.split.records[i]
+            return
+        urls = self.split.urls()
+        rng.shuffle(urls)
+        total = self.world * nslots
+        me = self.rank * nslots + slot
+        if len(urls) >= total:  # shard-level split: each shard read by one slot only
+            stream = self.split.iter_samples(urls[me::total])
+        else:  # fewer shards than readers: sample-level split
+            stream = (s for i, s in enumerate(self.split.iter_samples(urls)) if i % total == me)
+        buffer: list[Sample] = []
+        for s in stream:
+            buffer.append(s)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self):
+        slot, nslots = _slots()
+        p = self.start_pass
+        while True:
+            for s in self._one_pass(p, slot, nslots):
+                yield self.transform(decode_rgb(s.data)), s.label
+            p += 1
+
+
+class EvalStream(IterableDataset):
+    """One pass over a rank's part of a split, yielding (dataset index, image, label).
+    Parts are disjoint across ranks and loader workers and cover every sample once."""
+
+    def __init__(self, split: Split, transform, rank: int = 0, world: int = 1):
+        self.split, self.transform, self.rank, self.world = split, transform, rank, world
+
+    def __iter__(self):
+        slot, nslots = _slots()
+        total, me = self.world * nslots, self.rank * nslots + slot
+        for i, s in enumerate(self.split.iter_samples()):
+            if i % total == me:
+                yield i, self.transform(decode_rgb(s.data)), s.label

@@ -1,0 +1,76 @@
+"""`manifest.json` of a shard folder (format: ../shared/data/README.md).
+
+One manifest per dataset: the class list (index -> wnid, name; sorted-wnid order) and
+per split its sample count and shards (file, sha256, bytes, samples). Read from a local
+path, s3:// or any fsspec URL.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import fsspec
+
+from orchestrator.errors import UserError
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    samples: int
+    sha256: str | None = None
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: str
+    name: str
+    classes: list[dict]  # [{"index", "wnid", "name"}]
+    splits: dict[str, list[Shard]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def shards(self, split: str) -> list[Shard]:
+        if split not in self.splits:
+            raise UserError(f"dataset {self.name!r} has no split {split!r}; valid choices: {', '.join(sorted(self.splits))}")
+        return self.splits[split]
+
+    def url(self, shard: Shard) -> str:
+        return join(self.root, shard.file)
+
+
+def join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def load_manifest(root: str) -> Manifest:
+    url = join(root, "manifest.json")
+    try:
+        with fsspec.open(url, "r") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"data path {root!r} has no manifest.json (run `python -m orchestrator.data.prepare` "
+                        "to make shards from a folder layout)") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{url} is not valid JSON: {exc}") from None
+    try:
+        splits = {name: [Shard(s["file"], int(s["samples"]), s.get("sha256"), s.get("bytes")) for s in info["shards"]]
+                  for name, info in raw["splits"].items()}
+        manifest = Manifest(root=root, name=raw.get("name", root.rstrip("/").rsplit("/", 1)[-1]),
+                            classes=raw["classes"], splits=splits)
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{url} is missing field {exc}") from None
+    if raw.get("num_classes", manifest.num_classes) != manifest.num_classes:
+        raise UserError(f"{url}: num_classes {raw['num_classes']} disagrees with its {manifest.num_classes} classes")
+    return manifest
+
+
+def check_shards_exist(manifest: Manifest, split: str) -> None:
+    """Fail before training, not an hour in, when a shard named in the manifest is missing."""
+    for shard in manifest.shards(split):
+        fs, path = fsspec.core.url_to_fs(manifest.url(shard))
+        if not fs.exists(path):
+            raise UserError(f"shard {manifest.url(shard)} named in the manifest is missing")

@@ -1,0 +1,134 @@
+"""Augmentation presets built from named, searchable fields.
+
+A preset is only a set of default field values; a member config may override any field
+(and a Tune search space is a dict of dotted overrides such as
+`recipe.augment.color_jitter`). `build_train_transform` turns the resolved fields into a
+torchvision v2 pipeline on uint8 images; `build_batch_mix` gives the mixup/cutmix batch
+transform. Sources are cited per field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from torchvision.transforms import v2
+
+from orchestrator.errors import unknown_name
+
+
+@dataclass(frozen=True)
+class AugmentFields:
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized crop area (Szegedy et al. 2015)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of the same crop
+    hflip: float = 0.5  # probability of a horizontal flip
+    color_jitter: float = 0.0  # brightness = contrast = saturation strength (0 = off)
+    pca_lighting: float = 0.0  # AlexNet PCA lighting noise std (Krizhevsky et al. 2012 use 0.1)
+    auto_augment: Literal["none", "autoaugment", "randaugment", "trivialaugment"] = "none"
+    randaugment_n: int = 2  # ops per image (Cubuk et al. 2020)
+    randaugment_m: int = 9  # magnitude in [0, 30]
+    random_erasing: float = 0.0  # probability (Zhong et al. 2020)
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing (Zhang et al. 2018); 0 = off
+    cutmix_alpha: float = 0.0  # (Yun et al. 2019); 0 = off
+    label_smoothing: float = 0.0  # (Szegedy et al. 2016, Inception-v3: 0.1)
+
+
+PRESETS: dict[str, dict] = {
+    # centre crop only: a baseline and the consistency phase of the Hikvision recipe
+    "none": {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0},
+    # scale augmentation for small images, where 8% crops of 64 px leave too little
+    "light": {"crop_scale": (0.35, 1.0)},
+    # the Inception crop + flip used by torchvision's reference recipes
+    "standard": {},
+    # AlexNet: crops, flips, PCA lighting, plus colour jitter as in later reproductions
+    "alexnet": {"pca_lighting": 0.1, "color_jitter": 0.4},
+    "autoaugment": {"auto_augment": "autoaugment"},
+    "randaugment": {"auto_augment": "randaugment"},
+    "trivialaugment": {"auto_augment": "trivialaugment"},
+    # torchvision's "how to train state-of-the-art models" recipe, scaled down
+    "strong": {"auto_augment": "trivialaugment", "random_erasing": 0.1, "mixup_alpha": 0.2,
+               "cutmix_alpha": 1.0, "label_smoothing": 0.1},
+}
+FIELD_NAMES = tuple(f.name for f in fields(AugmentFields))
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def resolve(preset: str, overrides: dict) -> AugmentFields:
+    """Preset defaults, then the member's overrides (each default is defined once above)."""
+    if preset not in PRESETS:
+        raise unknown_name("augmentation preset", preset, PRESETS)
+    unknown = set(overrides) - set(FIELD_NAMES)
+    if unknown:
+        raise unknown_name("augmentation field", sorted(unknown)[0], FIELD_NAMES)
+    values = {**PRESETS[preset], **overrides}
+    return AugmentFields(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+class PCALighting(torch.nn.Module):
+    """AlexNet's lighting noise: add multiples of the RGB principal components of ImageNet
+    pixels, with magnitudes ~ N(0, std) times the eigenvalues (Krizhevsky et al. 2012, 4.1;
+    eigen-decomposition from fb.resnet.torch)."""
+
+    EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+    EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = std
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:  # float image in [0, 1], CHW
+        alpha = torch.randn(3) * self.std
+        rgb = (self.EIGVEC * alpha * self.EIGVAL).sum(dim=1)
+        return (img + rgb.view(3, 1, 1)).clamp(0, 1)
+
+
+def _auto_augment(f: AugmentFields) -> list:
+    if f.auto_augment == "autoaugment":
+        return [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)]
+    if f.auto_augment == "randaugment":
+        return [v2.RandAugment(num_ops=f.randaugment_n, magnitude=f.randaugment_m)]
+    if f.auto_augment == "trivialaugment":
+        return [v2.TrivialAugmentWide()]
+    return []
+
+
+def build_train_transform(f: AugmentFields, size: int, mean, std) -> v2.Compose:
+    """uint8 CHW image tensor -> normalised float tensor of `size` x `size`."""
+    ops: list = [v2.RandomResizedCrop(size, scale=f.crop_scale, ratio=f.crop_ratio, antialias=True)]
+    if f.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(f.hflip))
+    ops += _auto_augment(f)
+    if f.color_jitter > 0:
+        s = f.color_jitter
+        ops.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s))
+    ops.append(v2.ToDtype(torch.float32, scale=True))
+    if f.pca_lighting > 0:
+        ops.append(PCALighting(f.pca_lighting))
+    ops.append(v2.Normalize(mean, std))
+    if f.random_erasing > 0:
+        ops.append(v2.RandomErasing(f.random_erasing))
+    return v2.Compose(ops)
+
+
+def build_eval_transform(resize: int, crop: int, mean, std) -> v2.Compose:
+    """Resize the short side, centre-crop: each member's own eval transform."""
+    return v2.Compose([
+        v2.Resize(resize, antialias=True), v2.CenterCrop(crop),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
+    ])
+
+
+def build_batch_mix(f: AugmentFields, num_classes: int):
+    """Mixup and/or CutMix on a batch, one of them chosen per batch (timm's `Mixup`
+    switch); returns None when both are off. Targets become soft labels."""
+    mixes = []
+    if f.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=f.mixup_alpha, num_classes=num_classes))
+    if f.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=f.cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

@@ -1,0 +1,140 @@
+"""The training loop: plain PyTorch on any device, no Ray, no MLflow.
+
+`fit` runs epochs of a fixed number of steps, sets the LR every iteration from the pure
+policy in `lr.py`, evaluates on the val split after each epoch and hands the epoch's
+metrics to a callback (where the Ray layer checkpoints and the tracking layer logs).
+When torch.distributed is initialised (Ray Train does it), metrics are summed over ranks.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.train import lr as lr_policies
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged; the member must fail loudly instead of saving garbage."""
+
+
+@dataclass
+class FitState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    history: list[dict] = field(default_factory=list)
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of samples whose label is among the top-k scores, for each k."""
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices
+    hits = top.eq(labels.view(-1, 1))
+    return [int(hits[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
+
+
+def _autocast(device: torch.device, bf16: bool):
+    # bf16 autocast on GPU only: CPU autocast is slower than fp32 for these convs.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def train_epoch(model, optimizer, batches: Iterator, steps: int, lr_at: Callable[[int], float], state: FitState,
+                device, criterion, mix=None, bf16=True, channels_last=False) -> dict:
+    model.train()
+    loss_sum, seen, start = 0.0, 0, time.perf_counter()
+    for _ in range(steps):
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if mix is not None:
+            images, labels = mix(images, labels)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        lr = lr_at(state.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with _autocast(device, bf16):
+            loss = criterion(model(images), labels)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state.step += 1
+        loss_sum += loss.item() * images.shape[0]
+        seen += images.shape[0]
+    seconds = time.perf_counter() - start
+    loss_sum, seen, seconds = _all_reduce([loss_sum, seen, seconds], device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    # images/s of the whole member: all ranks' images over the mean rank's wall time
+    return {"train_loss": loss_sum / max(seen, 1), "lr": lr, "images_per_s": seen / max(seconds / world, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, bf16=True, channels_last=False, keep_probs=False) -> tuple[dict, dict | None]:
+    """Top-1/top-5 error and NLL over this rank's part of the split (summed over ranks).
+
+    With `keep_probs`, also returns {dataset index: float16 softmax row} for this rank.
+    """
+    model.eval()
+    n = correct1 = correct5 = nll = 0.0
+    probs: dict[int, torch.Tensor] | None = {} if keep_probs else None
+    for idx, images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, bf16):
+            logits = model(images).float()
+        c1, c5 = topk_correct(logits, labels)
+        correct1, correct5 = correct1 + c1, correct5 + c5
+        nll += float(F.cross_entropy(logits, labels, reduction="sum"))
+        n += labels.shape[0]
+        if probs is not None:
+            p = logits.softmax(dim=1).to(torch.float16).cpu()
+            probs.update(zip(idx.tolist(), p))
+    n, correct1, correct5, nll = _all_reduce([n, correct1, correct5, nll], device)
+    metrics = {"val_top1_err": 1 - correct1 / max(n, 1), "val_top5_err": 1 - correct5 / max(n, 1),
+               "val_loss": nll / max(n, 1), "val_samples": int(n)}
+    return metrics, probs
+
+
+def build_criterion(label_smoothing: float) -> nn.Module:
+    # Soft targets (mixup/cutmix) and label smoothing both go through cross_entropy.
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epochs: int, base_lr: float,
+        schedule, val_loader, device, criterion, state: FitState | None = None, mix=None,
+        bf16=True, channels_last=False, on_epoch_end: Callable[[FitState, dict], None] | None = None) -> FitState:
+    """Train from `state` (a resumed one, or fresh) to `epochs`; returns the final state."""
+    state = state or FitState()
+    total = epochs * steps_per_epoch
+    warmup = round(schedule.warmup_epochs * steps_per_epoch)
+
+    def lr_at(step: int) -> float:
+        return base_lr * lr_policies.multiplier(schedule.policy, step, total, warmup, **schedule.params)
+
+    while state.epoch < epochs:
+        start = time.perf_counter()
+        metrics = train_epoch(model, optimizer, train_batches, steps_per_epoch, lr_at, state, device, criterion,
+                              mix, bf16, channels_last)
+        val, _ = evaluate(model, val_loader, device, bf16, channels_last)
+        state.epoch += 1
+        metrics.update(val, epoch=state.epoch, epoch_minutes=(time.perf_counter() - start) / 60)
+        state.history.append(metrics)
+        if on_epoch_end:
+            on_epoch_end(state, metrics)
+    return state

@@ -1,0 +1,129 @@
+"""One member, assembled from its spec: data, transforms, model, optimiser, loop.
+
+Still no Ray and no MLflow: `train_member` takes the rank, world size and device it runs
+on, an optional resume state, and a per-epoch callback. The Ray layer
+(`orchestrator/ray_train.py`) calls it inside each Ray Train worker; tests call it
+directly on CPU.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from models import build_model, get_spec
+from orchestrator.config import Data, ResolvedMember
+from orchestrator.data.dataset import EvalStream, Split, TrainStream, open_split
+from orchestrator.train import augment, loop, lr
+from orchestrator.train.optim import build_optimizer
+
+
+@dataclass
+class MemberData:
+    train: Split
+    val: Split
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+
+def open_member_data(data: Data) -> MemberData:
+    train = open_split(data.root, data.train_split, data.classes, data.train_per_class, data.num_classes)
+    val = open_split(data.root, data.val_split, data.classes, data.val_per_class, data.num_classes)
+    return MemberData(train, val)
+
+
+def eval_transform_of(member: ResolvedMember):
+    """The member's own eval transform, from its registry entry and input size."""
+    spec = get_spec(member.arch).eval_transform(member.low_res, member.input_size)
+    return spec, augment.build_eval_transform(spec.resize, spec.crop, spec.mean, spec.std)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_eval_loader(split: Split, transform, batch_size: int, workers: int, rank=0, world=1) -> DataLoader:
+    return DataLoader(EvalStream(split, transform, rank, world), batch_size=batch_size, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def train_member(member: ResolvedMember, data: MemberData, *, device: torch.device, rank: int = 0, world: int = 1,
+                 resume: dict | None = None, prepare_model: Callable = lambda m: m,
+                 on_epoch_end: Callable | None = None) -> tuple[torch.nn.Module, loop.FitState]:
+    """Train `member` on this rank. `prepare_model` wraps the model for data parallelism
+    (Ray's `prepare_model` -> DDP); `on_epoch_end(state, metrics, model, optimizer)`."""
+    recipe = member.recipe
+    seed_everything(member.seed)  # same init on every rank; DDP also broadcasts rank 0's
+    model = build_model(member.arch, num_classes=data.num_classes, low_res=member.low_res)
+    if resume:
+        model.load_state_dict(resume["state_dict"])
+    if device.type == "cuda" and recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model.to(device))
+    if recipe.compile:
+        model = torch.compile(model)
+
+    global_batch = recipe.batch_size * world
+    base_lr = lr.scaled_lr(recipe.optimizer.lr, global_batch)
+    optimizer = build_optimizer(model, recipe.optimizer, base_lr)
+    state = loop.FitState()
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        state = loop.FitState(resume["epoch"], resume["step"], list(resume.get("history", [])))
+
+    fields = recipe.augment.fields()
+    ev, eval_tf = eval_transform_of(member)
+    train_tf = augment.build_train_transform(fields, member.input_size, ev.mean, ev.std)
+    workers = member.resources.loader_workers
+    stream = TrainStream(data.train, train_tf, rank, world, seed=member.seed, start_pass=state.epoch)
+    train_batches = iter(DataLoader(stream, batch_size=recipe.batch_size, num_workers=workers, drop_last=True,
+                                    pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+    steps_per_epoch = max(len(data.train) // global_batch, 1)
+    val_loader = build_eval_loader(data.val, eval_tf, recipe.batch_size * 2, workers, rank, world)
+    bf16, cl = recipe.bf16, recipe.channels_last and device.type == "cuda"
+
+    def epoch_end(st, metrics):
+        if on_epoch_end:
+            on_epoch_end(st, metrics, model, optimizer)
+
+    state = loop.fit(model, optimizer, train_batches=train_batches, steps_per_epoch=steps_per_epoch,
+                     epochs=recipe.epochs, base_lr=base_lr, schedule=recipe.schedule, val_loader=val_loader,
+                     device=device, criterion=loop.build_criterion(fields.label_smoothing), state=state,
+                     mix=augment.build_batch_mix(fields, data.num_classes), bf16=bf16, channels_last=cl,
+                     on_epoch_end=epoch_end)
+    return model, state
+
+
+def predict(model, split: Split, member: ResolvedMember, device, rank=0, world=1) -> dict:
+    """{dataset index: float16 softmax row} for this rank's part of `split`."""
+    _, eval_tf = eval_transform_of(member)
+    loader = build_eval_loader(split, eval_tf, member.recipe.batch_size * 2, member.resources.loader_workers,
+                               rank, world)
+    _, probs = loop.evaluate(model, loader, device, member.recipe.bf16, keep_probs=True)
+    return probs
+
+
+def assemble_predictions(parts: list[dict], n: int) -> np.ndarray:
+    """Merge per-rank {index: row} parts into an [N, C] float16 array in dataset order;
+    every index must appear exactly once (no padding, no gaps)."""
+    merged: dict[int, torch.Tensor] = {}
+    for part in parts:
+        for i, row in part.items():
+            if i in merged:
+                raise RuntimeError(f"sample {i} was scored by two workers")
+            merged[i] = row
+    if len(merged) != n:
+        raise RuntimeError(f"predictions cover {len(merged)} of {n} samples")
+    return torch.stack([merged[i] for i in range(n)]).numpy().astype(np.float16)
+
+
+def split_labels(split: Split) -> np.ndarray:
+    return np.array([s.label for s in split.iter_samples()], dtype=np.int64)
