@@ -1,0 +1,1 @@
+"""Entry points users run: `python jobs/train_ensemble.py`, or through `ray job submit`."""

@@ -133,7 +133,8 @@ def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epoc
                               mix, bf16, channels_last)
         val, _ = evaluate(model, val_loader, device, bf16, channels_last)
         state.epoch += 1
-        metrics.update(val, epoch=state.epoch, epoch_minutes=(time.perf_counter() - start) / 60)
+        metrics.update(val, epoch=state.epoch, epoch_minutes=(time.perf_counter() - start) / 60,
+                       steps_per_epoch=steps_per_epoch)
         state.history.append(metrics)
         if on_epoch_end:
             on_epoch_end(state, metrics)

@@ -1,0 +1,164 @@
+"""The ensemble job's driver: check inputs, start tracking, run members, write runs.yaml.
+
+`jobs/train_ensemble.py` only parses arguments and calls `run`. Everything the user can
+get wrong (config, names, data path, class counts, storage, resources) is checked here
+before any member starts, each as one `UserError` line.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator import storage
+from orchestrator.config import EnsembleConfig, ResolvedMember, load_config, resolve_members
+from orchestrator.data.dataset import select_classes
+from orchestrator.data.manifest import check_shards_exist, load_manifest
+from orchestrator.errors import UserError
+from orchestrator.runs_file import DatasetRef, MemberRecord, MlflowRef, RunsFile, write_runs
+
+console = Console(width=None if Console().is_terminal else 120)
+
+
+def load_and_check(path: str) -> tuple[EnsembleConfig, list[ResolvedMember]]:
+    cfg = load_config(path)
+    members = resolve_members(cfg)  # unknown arch / recipe / policy / preset -> UserError
+    manifest = load_manifest(cfg.data.root)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
+        raise UserError(f"data.num_classes is {cfg.data.num_classes} but {cfg.data.root}/manifest.json "
+                        f"lists {manifest.num_classes}")
+    select_classes(manifest, cfg.data.classes)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        check_shards_exist(manifest, split)
+    return cfg, members
+
+
+def print_plan(cfg: EnsembleConfig, members: list[ResolvedMember]) -> None:
+    table = Table(title=f"ensemble {cfg.name}: {len(members)} members")
+    for col in ("member", "key", "arch", "recipe", "epochs", "input", "workers"):
+        table.add_column(col)
+    for m in members:
+        table.add_row(m.name, m.key, m.arch, m.recipe_name, str(m.recipe.epochs), str(m.input_size),
+                      str(m.resources.workers))
+    console.print(table)
+
+
+def _ray_init(cfg: EnsembleConfig) -> None:
+    import ray
+
+    # Keep a local Ray on loopback and quiet; an existing cluster's settings win.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False) if cfg.ray.address else ray.init(configure_logging=False)
+
+
+def _job_id() -> str:
+    import ray
+
+    return os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
+
+
+def _result_table(records: list[dict]) -> Table:
+    table = Table(title="members (val split)")
+    for col in ("member", "arch", "status", "top-1 err", "top-5 err", "images/s", "minutes"):
+        table.add_column(col, justify="right" if col not in ("member", "arch", "status") else "left")
+    for r in records:
+        m = r.get("metrics", {})
+        fmt = lambda k, f: f.format(m[k]) if k in m else "-"  # noqa: E731
+        table.add_row(r["name"], r["arch"], r["status"], fmt("top1_err", "{:.2%}"), fmt("top5_err", "{:.2%}"),
+                      fmt("images_per_s", "{:.0f}"), fmt("minutes", "{:.2f}"))
+    return table
+
+
+def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
+        runs_path: str) -> tuple[RunsFile, list[str]]:
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import launch, tracking
+
+    root = storage.absolute(cfg.storage.path)
+    storage.check_writable(root)
+    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = tracking.get_experiment_id(client, cfg.mlflow.experiment)
+    _ray_init(cfg)
+    parent = tracking.get_or_create_parent(client, experiment_id, cfg.name, {
+        "mlflow.source.git.commit": tracking.git_commit(), "ray.job_id": _job_id(),
+        "ensemble.members": len(members), "ensemble.config": os.path.basename(config_path)})
+    ctx = {"ensemble": cfg.name, "storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
+           "experiment_id": experiment_id, "parent_run_id": parent, "max_failures": cfg.ray.max_failures,
+           "members": {m.key: m.model_dump() for m in members}}
+    _log_config(client, parent, cfg)
+
+    done = {m.key for m in members if storage.read_json(launch.record_uri(ctx, m.key))}
+    pending = [m for m in members if m.key not in done]
+    console.print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(done)} already finished, "
+                  f"{len(pending)} to train; MLflow {tracking_uri} run {parent}")
+    if pending:
+        concurrency = launch.plan_concurrency(pending, ray.cluster_resources(), cfg.ray.max_concurrent_members)
+        console.print(f"running up to {concurrency} members at once on {ray.cluster_resources().get('CPU', 0):g} CPUs"
+                      f" / {ray.cluster_resources().get('GPU', 0):g} GPUs")
+        launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    records, failed = _collect(ctx, members)
+    runs = _runs_file(cfg, ctx, records, tracking_uri, parent)
+    write_runs(runs_path, runs)
+    client.log_artifact(parent, runs_path)
+    console.print(_result_table(records))
+    client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    if failed:
+        console.print(f"[red]{len(failed)} member(s) failed: {', '.join(failed)}[/] (marked failed in {runs_path})")
+    return runs, failed
+
+
+def _log_config(client, run_id: str, cfg: EnsembleConfig) -> None:
+    import tempfile
+
+    from mlflow.entities import Param
+
+    from orchestrator.config import flatten
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ensemble_config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+        client.log_artifact(run_id, path)
+    existing = client.get_run(run_id).data.params
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in existing]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+
+
+def _collect(ctx: dict, members: list[ResolvedMember]) -> tuple[list[dict], list[str]]:
+    from orchestrator import launch
+
+    records, failed = [], []
+    for m in members:
+        rec = storage.read_json(launch.record_uri(ctx, m.key))
+        if rec is None:
+            rec = storage.read_json(launch.record_uri(ctx, m.key) + ".failed") or launch._record(
+                m, ctx, None, status="failed", error="did not finish")
+            failed.append(m.name)
+        records.append(rec)
+    return records, failed
+
+
+def _runs_file(cfg: EnsembleConfig, ctx: dict, records: list[dict], tracking_uri: str, parent: str) -> RunsFile:
+    finished = [r for r in records if r["status"] == "finished"]
+    manifest = load_manifest(cfg.data.root)
+    kept = select_classes(manifest, cfg.data.classes)
+    labels = finished[0]["labels"] if finished else ""
+    samples = int(finished[0]["metrics"]["val_samples"]) if finished else None
+    dataset = DatasetRef(name=manifest.name, uri=cfg.data.root, split=cfg.data.val_split, num_classes=len(kept),
+                         samples=samples, labels=labels, class_names=[manifest.classes[i]["wnid"] for i in kept])
+    members = [MemberRecord(**{k: v for k, v in r.items() if k != "labels"}) for r in records]
+    return RunsFile(ensemble=cfg.name, dataset=dataset, members=members,
+                    mlflow=MlflowRef(tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment, parent_run_id=parent))

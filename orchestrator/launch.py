@@ -1,0 +1,157 @@
+"""The Tune layer: one Tune trial per member, each launching the member's TorchTrainer.
+
+Ray Train V2 does not run `Tuner(trainer)`; the supported pattern is a Tune *function*
+trainable that calls `TorchTrainer(...).fit()` and forwards its reports with
+`TuneReportCallback` (Ray docs, "Hyperparameter tuning with Ray Tune", Train V2). Tune
+then runs as many members at once as the cluster has resources for.
+
+After a member's TorchTrainer finishes, its trial logs the member's artifacts to its
+MLflow child run and writes the member's record; a record means "finished", so a re-run
+of the job skips that member, while an unfinished member's TorchTrainer finds its run
+under the same name and storage path and resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import traceback
+
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import train, tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from models import get_spec
+from orchestrator import plots, storage
+from orchestrator.config import ResolvedMember
+from orchestrator.errors import UserError
+from orchestrator.ray_train import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE, train_loop_per_worker
+from orchestrator.tracking import get_or_create_child
+from orchestrator.train.lr import scaled_lr
+
+TRIAL_CPUS = 0.25  # the trial only waits on its TorchTrainer; Tune refuses a 0-CPU trial
+
+
+def member_dir(ctx: dict) -> str:
+    return storage.join(ctx["storage"], ctx["ensemble"])
+
+
+def record_uri(ctx: dict, key: str) -> str:
+    return storage.join(member_dir(ctx), "members", f"{key}.json")
+
+
+def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> TorchTrainer:
+    r = member.resources
+    per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"member": member.model_dump(), "data": ctx["data"],
+                           "tracking_uri": ctx["tracking_uri"], "mlflow_run_id": run_id},
+        scaling_config=train.ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker=per_worker),
+        run_config=train.RunConfig(
+            name=member.key,  # same name + storage path = resume from the latest checkpoint
+            storage_path=storage.join(member_dir(ctx), "train"),
+            # the latest checkpoint is always kept besides the num_to_keep best
+            checkpoint_config=train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1_err",
+                                                     checkpoint_score_order="min"),
+            failure_config=train.FailureConfig(max_failures=ctx["max_failures"]),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+
+
+def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ckpt, history: list[dict],
+                   steps_per_epoch: int, ctx: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = ckpt.to_directory(os.path.join(tmp, "checkpoint"))
+        for name in (PREDICTIONS_FILE, LABELS_FILE):
+            client.log_artifact(run_id, os.path.join(local, name), "predictions")
+        if ctx.get("log_checkpoint", True):
+            client.log_artifact(run_id, os.path.join(local, CHECKPOINT_FILE), "checkpoint")
+        recipe = member.recipe
+        base_lr = scaled_lr(recipe.optimizer.lr, recipe.batch_size * member.resources.workers)
+        plots.plot_lr_schedule(os.path.join(tmp, "lr_schedule.png"), recipe.schedule, base_lr, steps_per_epoch,
+                               recipe.epochs, member.name)
+        plots.plot_curves(os.path.join(tmp, "curves.png"), history, member.name)
+        with open(os.path.join(tmp, "member.yaml"), "w") as f:
+            yaml.safe_dump(member.model_dump(mode="json"), f, sort_keys=False)
+        for name in ("lr_schedule.png", "curves.png", "member.yaml"):
+            client.log_artifact(run_id, os.path.join(tmp, name), "plots" if name.endswith(".png") else None)
+
+
+def _record(member: ResolvedMember, ctx: dict, run_id: str | None, **fields) -> dict:
+    ev = get_spec(member.arch).eval_transform(member.low_res, member.input_size)
+    return {"name": member.name, "key": member.key, "arch": member.arch, "eval": ev.to_dict(),
+            "low_res": member.low_res, "weight": member.weight, "mlflow_run_id": run_id, "seed": member.seed,
+            "recipe": member.recipe_name, **fields}
+
+
+def member_trial(config: dict, ctx: dict) -> None:
+    """Tune function trainable: train one member end to end."""
+    member = ResolvedMember.model_validate(ctx["members"][config["member_key"]])
+    client = MlflowClient(ctx["tracking_uri"])
+    run_id = get_or_create_child(client, ctx["experiment_id"], ctx["parent_run_id"], member)
+    try:
+        result = build_trainer(member, ctx, run_id).fit()
+    except Exception as exc:
+        # The member fails loudly (FAILED in MLflow, a failed record); the rest go on.
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        client.set_tag(run_id, "failure", message)
+        client.set_terminated(run_id, "FAILED")
+        storage.write_json(record_uri(ctx, member.key) + ".failed", _record(member, ctx, run_id, status="failed",
+                                                                            error=message))
+        traceback.print_exc()
+        raise
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    final = result.metrics
+    ckpt_uri = storage.checkpoint_uri(ctx["storage"], result.checkpoint.path)
+    steps_per_epoch = int(final["steps_per_epoch"])
+    _log_artifacts(client, run_id, member, result.checkpoint, history, steps_per_epoch, ctx)
+    client.set_tag(run_id, "checkpoint_uri", storage.join(ckpt_uri, CHECKPOINT_FILE))
+    client.set_terminated(run_id, "FINISHED")
+    minutes = sum(h.get("epoch_minutes", 0.0) for h in history)
+    storage.write_json(record_uri(ctx, member.key), _record(
+        member, ctx, run_id, status="finished",
+        checkpoint=storage.join(ckpt_uri, CHECKPOINT_FILE), predictions=storage.join(ckpt_uri, PREDICTIONS_FILE),
+        labels=storage.join(ckpt_uri, LABELS_FILE),
+        metrics={"top1_err": final["val_top1_err"], "top5_err": final["val_top5_err"], "val_loss": final["val_loss"],
+                 "images_per_s": final["images_per_s"], "minutes": minutes, "epochs": final["epoch"],
+                 "val_samples": final["val_samples"]}))
+
+
+def member_demand(member: ResolvedMember) -> dict[str, float]:
+    r = member.resources
+    demand = {"CPU": TRIAL_CPUS + r.workers * r.cpus_per_worker}
+    if r.use_gpu:
+        demand["GPU"] = r.workers * r.gpus_per_worker
+    return demand
+
+
+def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | None) -> int:
+    """How many members can run at once without their TorchTrainers starving each other
+    (a trial holding its CPU while its workers wait forever); refuses requests that can
+    never be met, such as more GPUs than the cluster has."""
+    worst: dict[str, float] = {}
+    for m in members:
+        for res, amount in member_demand(m).items():
+            if amount > cluster.get(res, 0):
+                raise UserError(f"member {m.name} needs {amount:g} {res} but the cluster has "
+                                f"{cluster.get(res, 0):g}; lower its resources.workers or *_per_worker")
+            worst[res] = max(worst.get(res, 0), amount)
+    fit = min(math.floor(cluster[res] / amount) for res, amount in worst.items() if amount > 0)
+    return max(1, min(fit, cap or fit, len(members)))
+
+
+def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str):
+    """Run every member as a Tune trial; returns Tune's ResultGrid."""
+    trainable = tune.with_resources(tune.with_parameters(member_trial, ctx=ctx), {"CPU": TRIAL_CPUS})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"member_key": tune.grid_search([m.key for m in members])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=run_name, storage_path=storage.join(member_dir(ctx), "tune"),
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    return tuner.fit()

@@ -1,0 +1,99 @@
+"""`runs.yaml`: the contract between a training job and `ensemble.evaluate`.
+
+    version: 1
+    ensemble: <name>
+    mlflow: {tracking_uri, experiment, parent_run_id}     # optional
+    dataset: {name, uri, split, num_classes, labels}
+    members: [{name, arch, checkpoint, predictions, eval, weight, mlflow_run_id, ...}]
+
+Unknown keys are rejected, so a hand-edited file fails loudly instead of being half-read.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MlflowRef(_Strict):
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str | None = None
+
+
+class DatasetRef(_Strict):
+    name: str
+    uri: str
+    split: str = "val"
+    num_classes: int = Field(ge=1)
+    samples: int | None = None
+    labels: str
+    class_names: list[str] | None = None
+
+
+class EvalRef(_Strict):
+    input_size: int
+    resize: int
+    crop: int
+    mean: list[float]
+    std: list[float]
+
+
+class MemberRecord(_Strict):
+    name: str
+    key: str
+    arch: str
+    status: Literal["finished", "failed"] = "finished"
+    checkpoint: str | None = None
+    predictions: str | None = None
+    eval: EvalRef
+    low_res: bool = True
+    weight: float = 1.0
+    mlflow_run_id: str | None = None
+    seed: int = 0
+    recipe: str = "default"
+    metrics: dict[str, float] = {}
+    error: str | None = None
+
+
+class RunsFile(_Strict):
+    version: Literal[1] = 1
+    ensemble: str
+    mlflow: MlflowRef | None = None
+    dataset: DatasetRef
+    members: list[MemberRecord]
+
+
+def load_runs(path: str) -> RunsFile:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+        return RunsFile.model_validate(raw)
+    except FileNotFoundError:
+        raise UserError(f"runs file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise UserError(f"{path}: {where}: {what}") from None
+
+
+def write_runs(path: str, runs: RunsFile) -> None:
+    """Atomic write: a crash mid-write never leaves a truncated runs.yaml behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".runs-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(runs.model_dump(mode="json"), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,93 @@
+"""The MLflow layer: one parent run per ensemble job, one child run per member.
+
+Only `MlflowClient` calls with explicit run ids, no fluent global state, so the parent
+(job driver), the children (created by each member's Tune trial) and the per-epoch
+metrics (logged by the member's rank-0 Ray Train worker) can live in different processes
+on different machines. Re-running a job reuses its parent and each member's child, so a
+resumed member continues as the same run instead of leaving a duplicate.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import flatten
+
+PARENT_TAG, MEMBER_TAG = "ensemble.name", "member.key"
+
+
+def resolve_tracking_uri(configured: str | None, local_root: str = "./mlruns") -> str:
+    """Config first, then MLFLOW_TRACKING_URI, else an embedded SQLite store."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path(local_root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def embedded_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of the embedded store go in a folder beside its database."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
+
+
+def get_experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=embedded_artifact_root(client.tracking_uri))
+    except Exception:  # created by a concurrent process meanwhile
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def get_or_create_parent(client: MlflowClient, experiment_id: str, ensemble: str, tags: dict) -> str:
+    """The parent run of this ensemble: the existing one (a re-run resumes it) or a new one."""
+    found = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{ensemble}' and tags.`ensemble.kind` = 'parent'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id, run_name=ensemble,
+                                   tags={PARENT_TAG: ensemble, "ensemble.kind": "parent"}).info.run_id
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    return run_id
+
+
+def get_or_create_child(client: MlflowClient, experiment_id: str, parent_id: str, member) -> str:
+    found = client.search_runs([experiment_id], f"tags.`{MEMBER_TAG}` = '{member.key}' and "
+                               f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=member.name, tags={
+        "mlflow.parentRunId": parent_id, MEMBER_TAG: member.key, "member.name": member.name,
+        "arch": member.arch, "seed": str(member.seed), "recipe": member.recipe_name})
+    params = flatten(member.model_dump(exclude={"key"}))
+    # MLflow params are write-once; log_batch takes at most 100 per call.
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+def log_epoch(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> None:
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()
+                                      if isinstance(v, (int, float))])
