@@ -111,12 +111,24 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
     records, failed = _collect(ctx, members)
     runs = _runs_file(cfg, ctx, records, tracking_uri, parent)
     write_runs(runs_path, runs)
-    client.log_artifact(parent, runs_path)
+    # a copy beside the members' records: under `ray job submit` the driver's working
+    # directory is a temporary copy, so this is the one a user can always find
+    write_runs(storage.join(root, cfg.name, "runs.yaml"), runs)
+    _log_runs_file(client, parent, runs)
     console.print(_result_table(records))
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    console.print(f"runs file: {storage.join(root, cfg.name, 'runs.yaml')}")
     if failed:
         console.print(f"[red]{len(failed)} member(s) failed: {', '.join(failed)}[/] (marked failed in {runs_path})")
     return runs, failed
+
+
+def _log_runs_file(client, run_id: str, runs: RunsFile) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_runs(os.path.join(tmp, "runs.yaml"), runs)
+        client.log_artifact(run_id, os.path.join(tmp, "runs.yaml"))
 
 
 def _log_config(client, run_id: str, cfg: EnsembleConfig) -> None:

@@ -8,6 +8,7 @@ holds the member's val predictions in dataset order, scored once per sample.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -40,7 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()  # RAY: rank and world size of this worker
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # RAY: the GPU Ray assigned, or CPU
-    torch.set_num_threads(max(1, int(member.resources.cpus_per_worker)))
+    torch.set_num_threads(max(1, math.ceil(member.resources.cpus_per_worker)))
 
     resume = None
     checkpoint = ray.train.get_checkpoint()  # RAY: latest checkpoint after a restart or re-run

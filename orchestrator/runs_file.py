@@ -14,6 +14,7 @@ import os
 import tempfile
 from typing import Literal
 
+import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -74,8 +75,9 @@ class RunsFile(_Strict):
 
 
 def load_runs(path: str) -> RunsFile:
+    """Read and validate a runs file from a local path, s3:// or any fsspec URL."""
     try:
-        with open(path) as f:
+        with fsspec.open(path, "r") as f:
             raw = yaml.safe_load(f)
         return RunsFile.model_validate(raw)
     except FileNotFoundError:
@@ -90,10 +92,16 @@ def load_runs(path: str) -> RunsFile:
 
 
 def write_runs(path: str, runs: RunsFile) -> None:
-    """Atomic write: a crash mid-write never leaves a truncated runs.yaml behind."""
+    """Write locally atomically (a crash mid-write never leaves a truncated runs.yaml), or
+    as one object PUT to s3:// and other fsspec URLs (also all-or-nothing)."""
+    text = yaml.safe_dump(runs.model_dump(mode="json"), sort_keys=False)
+    if "://" in path and not path.startswith("file://"):
+        with fsspec.open(path, "w") as f:
+            f.write(text)
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".runs-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(runs.model_dump(mode="json"), f, sort_keys=False)
+        f.write(text)
     os.replace(tmp, path)

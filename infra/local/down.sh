@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Stop what infra/local/up.sh started: its pids (and their process groups), `ray stop`.
+cd "$(dirname "$0")/../.."
+. infra/local/env.sh
+if [ -f "$STACK_DIR/ray.started" ]; then
+  .venv/bin/ray stop --force >/dev/null 2>&1 || true
+  rm -f "$STACK_DIR/ray.started"
+fi
+for name in mlflow s3; do
+  pidfile="$STACK_DIR/$name.pid"
+  [ -f "$pidfile" ] || continue
+  pid=$(cat "$pidfile")
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+done
+echo "stack down"
