@@ -1,0 +1,105 @@
+"""The typed config: unknown keys rejected, members expanded, bad input = one line + exit 2."""
+import pytest
+import yaml
+
+from orchestrator.config import load_config, parse_config, resolve_members
+from orchestrator.errors import UserError
+from tests.conftest import run_cli
+
+
+def base(**extra):
+    cfg = {"name": "t", "data": {"root": "/data"}, "recipes": {"a": {}, "b": {"epochs": 3}},
+           "members": [{"arch": "resnet18", "recipe": "a"}]}
+    cfg.update(extra)
+    return cfg
+
+
+def test_unknown_keys_are_rejected_at_every_level():
+    with pytest.raises(UserError, match="unknown config key 'learning_rate'"):
+        parse_config(base(learning_rate=0.1))
+    with pytest.raises(UserError, match="unknown config key 'recipes.a.optimiser'"):
+        parse_config(base(recipes={"a": {"optimiser": {}}}))
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(UserError, match="recipes.a.epochs"):
+        parse_config(base(recipes={"a": {"epochs": "many"}}))
+
+
+def test_unknown_names_list_the_valid_choices():
+    with pytest.raises(UserError, match="unknown LR policy 'linear'; valid choices: .*cosine"):
+        parse_config(base(recipes={"a": {"schedule": {"policy": "linear"}}}))
+    with pytest.raises(UserError, match="LR policy 'cosine' got params \\['power'\\]; valid params: final"):
+        parse_config(base(recipes={"a": {"schedule": {"policy": "cosine", "params": {"power": 2}}}}))
+    with pytest.raises(UserError, match="unknown architecture 'resnet19'.*resnet18"):
+        resolve_members(parse_config(base(members=[{"arch": "resnet19"}])))
+    with pytest.raises(UserError, match="unknown recipe 'c'; valid choices: a, b"):
+        resolve_members(parse_config(base(members=[{"arch": "resnet18", "recipe": "c"}])))
+
+
+def test_grid_is_the_product_and_keys_are_stable():
+    cfg = parse_config(base(members=[], grid={"archs": ["resnet18", "vgg11_bn"], "recipes": ["a", "b"],
+                                              "seeds": [0, 1, 2]}))
+    members = resolve_members(cfg)
+    assert len(members) == 12 and len({m.key for m in members}) == 12
+    assert [m.key for m in members] == [m.key for m in resolve_members(cfg)]
+    again = parse_config(base(members=[], grid={"archs": ["resnet18", "vgg11_bn"], "recipes": ["a", "b"],
+                                                "seeds": [0, 1, 2]}))
+    assert [m.key for m in resolve_members(again)] == [m.key for m in members]
+    changed = parse_config(base(members=[], recipes={"a": {"epochs": 9}, "b": {"epochs": 3}},
+                                grid={"archs": ["resnet18"], "recipes": ["a"], "seeds": [0]}))
+    assert resolve_members(changed)[0].name == "resnet18-a-s0"
+    assert resolve_members(changed)[0].key != members[0].key  # an edited recipe is a new member
+
+
+def test_defaults_fill_members_and_duplicates_are_refused():
+    cfg = parse_config(base(defaults={"input_size": 48, "recipe": "b"}, members=[{"arch": "resnet18"},
+                                                                                  {"arch": "vgg11_bn", "input_size": 32}]))
+    a, b = resolve_members(cfg)
+    assert (a.input_size, a.recipe_name, b.input_size) == (48, "b", 32)
+    with pytest.raises(UserError, match="repeated: x"):
+        resolve_members(parse_config(base(defaults={"recipe": "a"}, members=[{"arch": "resnet18", "name": "x"},
+                                                                             {"arch": "vgg11_bn", "name": "x"}])))
+
+
+def test_env_expansion(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base(data={"root": "${MY_DATA:-/default}/tiny"})))
+    assert load_config(str(path)).data.root == "/default/tiny"
+    monkeypatch.setenv("MY_DATA", "s3://bucket/data")
+    assert load_config(str(path)).data.root == "s3://bucket/data/tiny"
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+        members = resolve_members(load_config(str(path)))
+        assert members, path
+    big = resolve_members(load_config(str(Path(__file__).parents[1] / "configs/tiny-imagenet-20.yaml")))
+    from models import get_spec
+
+    assert len(big) >= 20 and len({get_spec(m.arch).family for m in big}) >= 6
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"learning_rate": 1}, "unknown config key 'learning_rate'"),
+    ({"members": [{"arch": "alexnet9"}]}, "unknown architecture 'alexnet9'; valid choices:"),
+    ({"recipes": {"a": {"augment": {"preset": "wild"}}}}, "unknown augmentation preset 'wild'; valid choices:"),
+    ({"data": {"root": "/nonexistent/data"}}, "data path '/nonexistent/data' has no manifest.json"),
+    ({"data": {"root": "TINY", "num_classes": 1000}}, "data.num_classes is 1000 but"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_root, edit, message):
+    cfg = base(**edit)
+    if cfg["data"]["root"] == "TINY":
+        cfg["data"]["root"] = tiny_root
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = run_cli("jobs/train_ensemble.py", "--config", str(path), "--dry-run")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_missing_config_file():
+    out = run_cli("jobs/train_ensemble.py", "--config", "nope.yaml")
+    assert out.returncode == 2 and out.stderr.strip() == "error: config file not found: nope.yaml"

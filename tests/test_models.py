@@ -1,0 +1,68 @@
+"""The model registry: every architecture trains at low resolution and carries its eval spec."""
+import pytest
+import torch
+
+from models import build_model, get_spec, list_models, load_checkpoint, save_checkpoint
+from orchestrator.errors import UserError
+
+FAMILIES = {"vgg", "resnet", "resnext", "wide_resnet", "densenet", "inception", "inception_resnet"}
+
+
+def test_registry_covers_the_ilsvrc_families():
+    names = list_models()
+    assert len(names) >= 20
+    assert {get_spec(n).family for n in names} == FAMILIES
+    for required in ("vgg16_bn", "googlenet", "inception_v3", "inception_v4", "inception_resnet_v2", "resnet18",
+                     "resnet152", "resnext50_32x4d", "wide_resnet50_2", "densenet121"):
+        assert required in names
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_low_res_forward_backward(name):
+    spec = get_spec(name)
+    model = build_model(name, num_classes=7, low_res=True)
+    size = spec.min_low_res_size
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_eval_transform_of_every_entry(name):
+    spec = get_spec(name)
+    native = spec.eval_transform(low_res=False)
+    assert native.crop == native.input_size and native.resize > native.crop  # 0.875 centre crop
+    assert native.input_size == (299 if name in ("inception_v3", "inception_v4", "inception_resnet_v2") else 224)
+    low = spec.eval_transform(low_res=True, input_size=64)
+    assert (low.input_size, low.resize, low.crop) == (64, 64, 64)
+
+
+def test_inception_v3_native_resolution_forward():
+    model = build_model("inception_v3", num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 299, 299)).shape == (1, 5)
+
+
+def test_unknown_architecture_lists_valid_names():
+    with pytest.raises(UserError) as err:
+        build_model("resnet19", num_classes=10)
+    assert "resnet19" in str(err.value) and "resnet18" in str(err.value) and "densenet121" in str(err.value)
+
+
+def test_checkpoint_round_trip_and_wrong_arch(tmp_path):
+    model = build_model("resnet18", num_classes=4, low_res=True)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, arch="resnet18", num_classes=4, low_res=True, model=model, epoch=3)
+    loaded, state = load_checkpoint(path, expect_arch="resnet18")
+    assert state["epoch"] == 3
+    x = torch.randn(1, 3, 32, 32)
+    model.eval(), loaded.eval()
+    assert torch.allclose(model(x), loaded(x))
+    with pytest.raises(UserError, match="holds a 'resnet18', expected 'vgg11_bn'"):
+        load_checkpoint(path, expect_arch="vgg11_bn")
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
