@@ -1,0 +1,86 @@
+"""The training core on CPU, with no Ray and no MLflow: it learns, it resumes exactly."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.config import parse_config, resolve_members
+from orchestrator.train import loop
+from orchestrator.train.member import (assemble_predictions, open_member_data, predict, split_labels,
+                                       train_member)
+
+CPU = torch.device("cpu")
+
+
+def member_and_data(tiny_root, **recipe):
+    cfg = parse_config({
+        "name": "core", "data": {"root": tiny_root, "classes": 4, "train_per_class": 8, "val_per_class": 4},
+        "recipes": {"r": {"epochs": 3, "batch_size": 8, "augment": {"preset": "none"},
+                          "optimizer": {"name": "sgd", "lr": 0.4}, **recipe}},
+        "members": [{"arch": "resnet18", "recipe": "r", "input_size": 32,
+                     "resources": {"loader_workers": 0}}]})
+    return resolve_members(cfg)[0], open_member_data(cfg.data)
+
+
+def test_topk_correct_counts_and_small_class_counts():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.35, 0.25, 0.4]])
+    labels = torch.tensor([1, 2, 0])
+    assert loop.topk_correct(logits, labels, ks=(1, 2)) == [1, 3]
+    assert loop.topk_correct(logits, labels, ks=(1, 5)) == [1, 3]  # k > classes: every label is in the top-k
+
+
+def test_member_learns_and_reports_every_epoch_metric(tiny_root):
+    member, data = member_and_data(tiny_root, epochs=4)
+    seen = []
+    model, state = train_member(member, data, device=CPU, on_epoch_end=lambda s, m, *_: seen.append(dict(m)))
+    assert [m["epoch"] for m in seen] == [1, 2, 3, 4]
+    for m in seen:
+        for key in ("train_loss", "val_top1_err", "val_top5_err", "lr", "images_per_s"):
+            assert math.isfinite(m[key])
+        assert m["val_samples"] == 16 and 0 <= m["val_top5_err"] <= m["val_top1_err"] <= 1
+    assert seen[-1]["train_loss"] < seen[0]["train_loss"]
+    assert seen[-1]["lr"] < seen[0]["lr"]  # cosine decays
+    probs = assemble_predictions([predict(model, data.val, member, CPU)], len(data.val))
+    assert probs.shape == (16, 4) and probs.dtype == np.float16
+    assert np.allclose(probs.astype(np.float32).sum(1), 1, atol=1e-2)
+    top1 = (probs.argmax(1) != split_labels(data.val)).mean()
+    assert top1 == pytest.approx(seen[-1]["val_top1_err"])
+
+
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tiny_root):
+    member, data = member_and_data(tiny_root, epochs=2)
+    torch.use_deterministic_algorithms(True)
+    try:
+        full, _ = train_member(member, data, device=CPU)
+        saved = {}
+
+        def stop_after_first(state, metrics, model, optimizer):
+            if state.epoch == 1:
+                saved.update(state_dict={k: v.clone() for k, v in model.state_dict().items()},
+                             optimizer=optimizer.state_dict(), epoch=state.epoch, step=state.step,
+                             history=list(state.history))
+                raise KeyboardInterrupt  # the worker dies after its epoch-1 checkpoint
+
+        with pytest.raises(KeyboardInterrupt):
+            train_member(member, data, device=CPU, on_epoch_end=stop_after_first)
+        resumed, state = train_member(member, data, device=CPU, resume=saved)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert state.epoch == 2 and len(state.history) == 2
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_diverging_loss_fails_loudly(tiny_root):
+    member, data = member_and_data(tiny_root, epochs=1, optimizer={"name": "sgd", "lr": 1.0e12})
+    with pytest.raises(loop.NonFiniteLoss, match="loss is (nan|inf)"):
+        train_member(member, data, device=CPU)
+
+
+def test_predictions_must_cover_every_sample_once():
+    row = torch.ones(3, dtype=torch.float16) / 3
+    with pytest.raises(RuntimeError, match="covers 1 of 2|cover 1 of 2"):
+        assemble_predictions([{0: row}], 2)
+    with pytest.raises(RuntimeError, match="scored by two workers"):
+        assemble_predictions([{0: row}, {0: row}], 1)
