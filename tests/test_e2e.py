@@ -1,0 +1,154 @@
+"""End to end, the way users run it.
+
+- the embedded default path: `python jobs/train_ensemble.py` with nothing running
+  (a local Ray instance, an embedded MLflow store, a local folder);
+- the cluster path on the real local stack: `ray job submit ... -- python
+  jobs/train_ensemble.py` against the Ray head, data streamed from S3, checkpoints on
+  S3, an MLflow server whose artifacts live on S3; then a second submission, which must
+  train nothing;
+- 20+ tiny members from every family through the same path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+
+import boto3
+import numpy as np
+import pytest
+import s3fs
+from mlflow.tracking import MlflowClient
+
+from models import get_spec, load_checkpoint
+from orchestrator.runs_file import load_runs
+from tests.conftest import ROOT, TINY
+
+RUNTIME_EXCLUDES = [".venv", ".stack", "outputs", "mlruns", ".git", "runs.yaml"]
+
+
+def submit(stack, config: str, env: dict, runs: str, timeout: int) -> subprocess.CompletedProcess:
+    runtime_env = {"env_vars": env, "excludes": RUNTIME_EXCLUDES}
+    return subprocess.run(
+        ["ray", "job", "submit", "--address", stack["dashboard"], "--working-dir", ".",
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "python", "jobs/train_ensemble.py", "--config", config, "--runs", runs],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def s3_data(stack):
+    """Tiny-ImageNet shards on the S3 server, as a cluster would stream them."""
+    fs = s3fs.S3FileSystem()
+    prefix = f"{stack['bucket']}/data/tiny-imagenet-200"
+    if not fs.exists(f"{prefix}/manifest.json"):
+        fs.put(str(TINY) + "/", prefix + "/", recursive=True)
+    return f"s3://{stack['bucket']}/data"
+
+
+def children_of(client: MlflowClient, parent):
+    return client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+
+def check_runs_file(runs, expected_members: int, num_classes: int):
+    assert [m.status for m in runs.members] == ["finished"] * expected_members
+    labels = np.load(s3fs.S3FileSystem().open(runs.dataset.labels) if runs.dataset.labels.startswith("s3://")
+                     else runs.dataset.labels)
+    assert labels.shape == (runs.dataset.samples,) and runs.dataset.num_classes == num_classes
+    for m in runs.members:
+        model, state = load_checkpoint(m.checkpoint, expect_arch=m.arch)
+        assert state["num_classes"] == num_classes
+        opener = s3fs.S3FileSystem().open if m.predictions.startswith("s3://") else open
+        with opener(m.predictions, "rb") as f:
+            probs = np.load(f)
+        assert probs.dtype == np.float16 and probs.shape == (len(labels), num_classes)
+        assert np.allclose(probs.astype(np.float32).sum(1), 1, atol=1e-2)
+        assert (probs.argmax(1) != labels).mean() == pytest.approx(m.metrics["top1_err"], abs=1e-6)
+        assert m.eval.input_size == get_spec(m.arch).eval_transform(True, m.eval.input_size).input_size
+
+
+@pytest.mark.stack
+def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
+    run_id = uuid.uuid4().hex[:8]
+    storage = f"s3://{stack['bucket']}/e2e-{run_id}"
+    env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"smoke-{run_id}"}
+    runs_uri = f"{storage}/runs.yaml"
+    first = submit(stack, "configs/smoke.yaml", env, runs_uri, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "succeeded" in first.stdout + first.stderr
+
+    # runs.yaml: every member with a checkpoint and predictions that load, from S3
+    runs = load_runs(runs_uri)
+    check_runs_file(runs, 2, 10)
+    assert all(m.checkpoint.startswith(storage) for m in runs.members)
+
+    # MLflow: one parent, a child per member with params, per-epoch curves and artifacts
+    client = MlflowClient(stack["mlflow"])
+    parent = client.get_run(runs.mlflow.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["ray.job_id"] and "mlflow.source.git.commit" in parent.data.tags
+    assert parent.data.params["data.classes"] == "10"
+    children = children_of(client, parent)
+    assert sorted(c.info.run_name for c in children) == sorted(m.name for m in runs.members)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["arch"] == child.data.tags["arch"]
+        assert child.data.params["recipe.schedule.policy"] == "cosine"
+        history = client.get_metric_history(child.info.run_id, "val_top5_err")
+        assert [h.step for h in history] == [1, 2]
+        files = {f.path for top in ("predictions", "plots") for f in client.list_artifacts(child.info.run_id, top)}
+        assert {"predictions/predictions.npy", "predictions/labels.npy", "plots/lr_schedule.png",
+                "plots/curves.png"} <= files
+
+    # the artifacts are objects in the S3 bucket behind the MLflow server
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack["bucket"], Prefix="mlflow/")
+            for o in page.get("Contents", [])]
+    for child in children:
+        assert any(child.info.run_id in k and k.endswith("predictions.npy") for k in keys)
+    body = s3.get_object(Bucket=stack["bucket"], Key=next(k for k in keys if k.endswith("lr_schedule.png")))["Body"]
+    assert body.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # a second submission trains nothing: same members, same checkpoints, same children
+    fs = s3fs.S3FileSystem()
+    before = sorted(fs.find(f"{storage}/smoke/train"))
+    second = submit(stack, "configs/smoke.yaml", env, runs_uri, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "2 already finished, 0 to train" in second.stdout
+    assert sorted(fs.find(f"{storage}/smoke/train")) == before
+    assert len(children_of(client, parent)) == 2
+    assert load_runs(runs_uri).members == runs.members
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_twenty_two_members_from_every_family(stack, s3_data):
+    run_id = uuid.uuid4().hex[:8]
+    storage = f"s3://{stack['bucket']}/e2e22-{run_id}"
+    env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"ci22-{run_id}"}
+    out = submit(stack, "configs/ci-tiny-22.yaml", env, f"{storage}/runs.yaml", timeout=2400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = load_runs(f"{storage}/runs.yaml")
+    check_runs_file(runs, 22, 5)
+    assert len({get_spec(m.arch).family for m in runs.members}) == 7
+    client = MlflowClient(stack["mlflow"])
+    assert len(children_of(client, client.get_run(runs.mlflow.parent_run_id))) == 22
+
+
+def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
+    """No Ray cluster, no MLflow server, no S3: a local Ray instance, ./mlruns, ./outputs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env.update(RAY_ADDRESS="local", DATA_ROOT=str(TINY.parent), ENSEMBLE_STORAGE="./outputs")
+    out = subprocess.run(["python", str(ROOT / "jobs/train_ensemble.py"), "--config", str(ROOT / "configs/smoke.yaml")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "top-5 err" in out.stdout and "resnet18-tiny-s0" in out.stdout  # the per-member table
+    runs = load_runs(str(tmp_path / "runs.yaml"))
+    check_runs_file(runs, 2, 10)
+    assert runs.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(runs.mlflow.tracking_uri)
+    parent = client.get_run(runs.mlflow.parent_run_id)
+    assert len(children_of(client, parent)) == 2
+    assert (tmp_path / "outputs" / "smoke" / "runs.yaml").exists()
+    assert any((tmp_path / "mlruns" / "artifacts").rglob("predictions.npy"))
