@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the test suite against the real local stack: start S3 + MLflow + Ray on 127.0.0.1,
+# run pytest, stop exactly what was started (also on failure or Ctrl-C).
+#   bash infra/local/test.sh              # everything (what CI runs)
+#   bash infra/local/test.sh -m "not slow" tests/test_data.py   # extra pytest arguments
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. infra/local/env.sh
+export PATH="$PWD/.venv/bin:$PATH" STACK_REQUIRED=1
+export STACK_DIR="${STACK_DIR:-$(mktemp -d /tmp/ensemble-stack.XXXXXX)}"
+trap 'bash infra/local/down.sh' EXIT
+bash infra/local/up.sh
+python -m pytest -p no:cacheprovider --timeout=2400 -q "$@"
