@@ -49,6 +49,10 @@ def get_experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def git_commit() -> str:
+    """The commit being run: GIT_COMMIT when set (`ray job submit` uploads the working tree
+    without .git, so pass it in the runtime env), else asked of git."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"

@@ -6,7 +6,7 @@
   jobs/train_ensemble.py` against the Ray head, data streamed from S3, checkpoints on
   S3, an MLflow server whose artifacts live on S3; then a second submission, which must
   train nothing;
-- 20+ tiny members from every family through the same path.
+- 20+ tiny members from every family through the same path, one data-parallel.
 """
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def check_runs_file(runs, expected_members: int, num_classes: int):
 def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
     run_id = uuid.uuid4().hex[:8]
     storage = f"s3://{stack['bucket']}/e2e-{run_id}"
-    env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"smoke-{run_id}"}
+    env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"smoke-{run_id}",
+           "GIT_COMMIT": "0123abcd"}
     runs_uri = f"{storage}/runs.yaml"
     first = submit(stack, "configs/smoke.yaml", env, runs_uri, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -87,7 +88,8 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
     client = MlflowClient(stack["mlflow"])
     parent = client.get_run(runs.mlflow.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["ray.job_id"] and "mlflow.source.git.commit" in parent.data.tags
+    assert parent.data.tags["ray.job_id"].startswith("raysubmit_")
+    assert parent.data.tags["mlflow.source.git.commit"] == "0123abcd"
     assert parent.data.params["data.classes"] == "10"
     children = children_of(client, parent)
     assert sorted(c.info.run_name for c in children) == sorted(m.name for m in runs.members)
@@ -123,17 +125,17 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
 
 @pytest.mark.stack
 @pytest.mark.slow
-def test_twenty_two_members_from_every_family(stack, s3_data):
+def test_twenty_three_members_from_every_family(stack, s3_data):
     run_id = uuid.uuid4().hex[:8]
     storage = f"s3://{stack['bucket']}/e2e22-{run_id}"
     env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"ci22-{run_id}"}
-    out = submit(stack, "configs/ci-tiny-22.yaml", env, f"{storage}/runs.yaml", timeout=2400)
+    out = submit(stack, "configs/ci-many.yaml", env, f"{storage}/runs.yaml", timeout=2400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = load_runs(f"{storage}/runs.yaml")
-    check_runs_file(runs, 22, 5)
+    check_runs_file(runs, 23, 5)
     assert len({get_spec(m.arch).family for m in runs.members}) == 7
     client = MlflowClient(stack["mlflow"])
-    assert len(children_of(client, client.get_run(runs.mlflow.parent_run_id))) == 22
+    assert len(children_of(client, client.get_run(runs.mlflow.parent_run_id))) == 23
 
 
 def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):

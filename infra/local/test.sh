@@ -7,7 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . infra/local/env.sh
 export PATH="$PWD/.venv/bin:$PATH" STACK_REQUIRED=1
-export STACK_DIR="${STACK_DIR:-$(mktemp -d /tmp/ensemble-stack.XXXXXX)}"
 trap 'bash infra/local/down.sh' EXIT
 bash infra/local/up.sh
 python -m pytest -p no:cacheprovider --timeout=2400 -q "$@"
