@@ -60,9 +60,17 @@ def _ray_init(cfg: EnsembleConfig) -> None:
 
 
 def _job_id() -> str:
+    """The `ray job submit` submission id (raysubmit_...) when submitted, else Ray's job id.
+    The job supervisor hands the driver its metadata in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    import json
+
     import ray
 
-    return os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {})
+    except json.JSONDecodeError:
+        meta = {}
+    return meta.get("job_submission_id") or ray.get_runtime_context().get_job_id()
 
 
 def _result_table(records: list[dict]) -> Table:
