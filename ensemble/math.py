@@ -1,0 +1,187 @@
+"""The ensemble math, in one place. Arrays are [N, C] class probabilities (softmax rows).
+
+Combination rules
+- `mean`: the arithmetic mean of member softmaxes, optionally weighted. This is what the
+  ILSVRC entries did (AlexNet, GoogLeNet, VGG, ResNet: "softmax outputs averaged"), and the
+  default here.
+- `geometric`: the normalised geometric mean of the softmaxes. Since log softmax(z) = z -
+  logsumexp(z), this equals softmax(mean of logits): the "logit averaging" of some modern
+  TTA code. A different estimator (it rewards agreement, punishes one confident dissent),
+  kept as an ablation.
+
+Metrics
+- top-k error with ties resolved for the true class: a class ranks above the true class
+  only if its probability is strictly greater, so an exact tie never counts as a miss
+  (deterministic, unlike `argsort`, whose tie order is arbitrary);
+- NLL (mean negative log-probability of the true class, clipped at 1e-12);
+- ECE with 15 equal-width confidence bins (Guo et al. 2017, "On Calibration of Modern
+  Neural Networks"): sum over bins of |accuracy - confidence| weighted by bin size;
+- oracle error: no member has the true class at top-1 (a lower bound for any combination);
+- pairwise disagreement: fraction of samples where two members' top-1 classes differ.
+
+Selection and calibration (fitted on a *selection* split, never the reported one)
+- greedy forward selection with replacement from a sorted initialisation (Caruana et al.
+  2004, "Ensemble Selection from Libraries of Models"): start from the best `init` members,
+  then repeatedly add (again, possibly) the member whose addition most lowers the
+  selection-split loss; repeats become weights;
+- temperature scaling (Guo et al. 2017): per member, the T minimising NLL of p^(1/T)
+  renormalised (= softmax(z / T)), as Ashukha et al. 2020 do before comparing ensembles.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+EPS = 1e-12
+
+
+def as_tensor(probs) -> torch.Tensor:
+    t = torch.as_tensor(probs)
+    return t.float() if t.dtype != torch.float32 else t
+
+
+def topk_correct(probs, labels, k: int) -> torch.Tensor:
+    """Bool [N]: the true class is among the k most probable (strictly-greater ranking)."""
+    p = as_tensor(probs)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    p_true = p.gather(1, y.view(-1, 1))
+    return (p > p_true).sum(1) < k
+
+
+def topk_error(probs, labels, k: int) -> float:
+    return 1.0 - topk_correct(probs, labels, k).float().mean().item()
+
+
+def nll(probs, labels) -> float:
+    p = as_tensor(probs)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    return -p.gather(1, y.view(-1, 1)).clamp_min(EPS).log().mean().item()
+
+
+def reliability(probs, labels, bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin: (sum of confidence, number correct, count); bins are (a, b]."""
+    p = as_tensor(probs)
+    conf, pred = p.max(1)
+    correct = (pred == torch.as_tensor(labels, dtype=torch.long)).float()
+    idx = (conf * bins).ceil().long().clamp(1, bins) - 1
+    conf_sum = torch.zeros(bins).index_add_(0, idx, conf)
+    correct_sum = torch.zeros(bins).index_add_(0, idx, correct)
+    count = torch.zeros(bins).index_add_(0, idx, torch.ones_like(conf))
+    return conf_sum.numpy(), correct_sum.numpy(), count.numpy()
+
+
+def ece_from_bins(conf_sum, correct_sum, count) -> float:
+    n = count.sum()
+    return float(np.abs(correct_sum - conf_sum).sum() / max(n, 1))
+
+
+def ece(probs, labels, bins: int = 15) -> float:
+    return ece_from_bins(*reliability(probs, labels, bins))
+
+
+def combine(members: list, weights=None, method: str = "mean") -> torch.Tensor:
+    """Combine member probabilities [M x (N, C)] by `mean` or `geometric` (see module doc)."""
+    acc = Combiner(method)
+    for i, p in enumerate(members):
+        acc.add(p, 1.0 if weights is None else float(weights[i]))
+    return acc.result()
+
+
+class Combiner:
+    """Streaming combination: add one member at a time, memory O(N x C)."""
+
+    METHODS = ("mean", "geometric")
+
+    def __init__(self, method: str = "mean"):
+        if method not in self.METHODS:
+            raise ValueError(f"unknown combination {method!r}; valid choices: {', '.join(self.METHODS)}")
+        self.method, self.total, self.weight = method, None, 0.0
+
+    def add(self, probs, weight: float = 1.0) -> None:
+        p = as_tensor(probs)
+        term = p.clamp_min(EPS).log() if self.method == "geometric" else p
+        term = term * weight if weight != 1.0 else term
+        self.total = term.clone() if self.total is None else self.total.add_(term)
+        self.weight += weight
+
+    def result(self) -> torch.Tensor:
+        mean = self.total / self.weight
+        return mean.softmax(1) if self.method == "geometric" else mean
+
+
+def oracle_error(top1_correct: list) -> float:
+    """Fraction of samples that no member gets right at top-1."""
+    any_right = torch.stack([torch.as_tensor(c) for c in top1_correct]).any(0)
+    return 1.0 - any_right.float().mean().item()
+
+
+def disagreement(pred_a, pred_b) -> float:
+    return (torch.as_tensor(pred_a) != torch.as_tensor(pred_b)).float().mean().item()
+
+
+def apply_temperature(probs, t: float) -> torch.Tensor:
+    """softmax(log p / T): the same as dividing the member's logits by T."""
+    return (as_tensor(probs).clamp_min(EPS).log() / t).softmax(1)
+
+
+def fit_temperature(probs, labels, lo: float = 0.05, hi: float = 20.0, iters: int = 40) -> float:
+    """The T minimising NLL on (probs, labels): golden-section search on log T (NLL is
+    unimodal in T for a fixed set of logits)."""
+    logp = as_tensor(probs).clamp_min(EPS).log()
+    y = torch.as_tensor(labels, dtype=torch.long).view(-1, 1)
+
+    def loss(log_t: float) -> float:
+        return -(logp / np.exp(log_t)).log_softmax(1).gather(1, y).mean().item()
+
+    a, b = np.log(lo), np.log(hi)
+    g = (np.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    return float(np.exp((a + b) / 2))
+
+
+def selection_loss(probs, labels, metric: str) -> float:
+    if metric == "nll":
+        return nll(probs, labels)
+    if metric == "top1":
+        return topk_error(probs, labels, 1)
+    if metric == "top5":
+        return topk_error(probs, labels, 5)
+    raise ValueError(f"unknown selection metric {metric!r}; valid choices: nll, top1, top5")
+
+
+def greedy_selection(load, n_members: int, labels, rounds: int, init: int = 1,
+                     metric: str = "nll") -> tuple[list[int], list[float]]:
+    """Caruana et al. 2004: sorted initialisation with the `init` best members, then
+    `rounds` forward steps with replacement. `load(i)` returns member i's probabilities on
+    the selection split (streamed: only the running sum and one member are in memory).
+    Returns the chosen indices in order (with repeats) and the loss after each step."""
+    own = [selection_loss(load(i), labels, metric) for i in range(n_members)]
+    chosen = sorted(range(n_members), key=own.__getitem__)[:init]
+    total = sum(as_tensor(load(i)) for i in chosen)
+    curve = [selection_loss(total / len(chosen), labels, metric)]
+    for _ in range(rounds):
+        best, best_loss = None, None
+        for i in range(n_members):
+            cand = selection_loss((total + as_tensor(load(i))) / (len(chosen) + 1), labels, metric)
+            if best_loss is None or cand < best_loss:
+                best, best_loss = i, cand
+        chosen.append(best)
+        total = total + as_tensor(load(best))
+        curve.append(best_loss)
+    return chosen, curve
+
+
+def weights_from_selection(chosen: list[int], n_members: int) -> np.ndarray:
+    """Repeats -> weights summing to 1 (a member picked 3 times of 10 weighs 0.3)."""
+    counts = np.bincount(chosen, minlength=n_members).astype(np.float64)
+    return counts / counts.sum()

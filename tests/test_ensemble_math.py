@@ -1,0 +1,99 @@
+"""The ensemble math against values computed by hand."""
+import numpy as np
+import pytest
+import torch
+
+from ensemble import math as em
+
+# two members, three samples, three classes; labels 0, 1, 2
+A = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.6, 0.3, 0.1]])
+B = np.array([[0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]])
+Y = np.array([0, 1, 2])
+
+
+def test_mean_of_softmaxes_by_hand():
+    mean = em.combine([A, B]).numpy()
+    assert np.allclose(mean[0], [0.4, 0.5, 0.1])
+    assert np.allclose(mean[2], [0.4, 0.25, 0.35])
+    weighted = em.combine([A, B], weights=[3, 1]).numpy()
+    assert np.allclose(weighted[0], [0.55, 0.35, 0.1])
+
+
+def test_geometric_mean_is_softmax_of_mean_logits_and_differs_from_mean():
+    logits_a, logits_b = np.log(A) + 5.0, np.log(B) - 2.0  # logits up to a per-row constant
+    softmax_mean_logits = torch.tensor((logits_a + logits_b) / 2).softmax(1).numpy()
+    geo = em.combine([A, B], method="geometric").numpy()
+    assert np.allclose(geo, softmax_mean_logits, atol=1e-6)
+    # sample 0 by hand: sqrt(.7*.1)=.2646, sqrt(.2*.8)=.4, sqrt(.1*.1)=.1 -> normalised
+    g = np.array([np.sqrt(0.07), 0.4, 0.1])
+    assert np.allclose(geo[0], g / g.sum(), atol=1e-6)
+    # the rules disagree when one member is confident and the other all but rules a class out:
+    # mean = [.45, .3, .25] picks class 0; geometric ~ [.0095, .22, ~0] picks class 1
+    p1, p2 = np.array([[0.9, 0.1, 0.0]]), np.array([[0.0001, 0.5, 0.4999]])
+    assert em.combine([p1, p2]).numpy().argmax() == 0
+    assert em.combine([p1, p2], method="geometric").numpy().argmax() == 1
+
+
+def test_top1_top5_with_ties():
+    p = np.array([[0.25, 0.25, 0.25, 0.25, 0.0, 0.0],  # 4-way tie at the top, label inside it
+                  [0.3, 0.2, 0.2, 0.1, 0.1, 0.1],      # label 5 tied with 3 and 4 at ranks 4-6
+                  [0.1, 0.1, 0.1, 0.1, 0.1, 0.5]])
+    y = np.array([2, 5, 0])
+    assert em.topk_correct(p, y, 1).tolist() == [True, False, False]
+    # sample 1: only 3 classes strictly above label 5 -> within top-5 (ties never count as a miss)
+    assert em.topk_correct(p, y, 5).tolist() == [True, True, True]
+    assert em.topk_error(p, y, 1) == pytest.approx(2 / 3)
+
+def test_top1_error_of_a_member():
+    # A's argmax: 0, 1, 0 -> right, right, wrong
+    assert em.topk_error(A, Y, 1) == pytest.approx(1 / 3)
+    assert em.topk_error(B, Y, 1) == pytest.approx(2 / 3)  # 1 (wrong), 2 (wrong), 2 (right)
+    assert em.topk_error(A, Y, 2) == pytest.approx(1 / 3)  # sample 2: 0.1 is last
+
+
+def test_nll_by_hand():
+    assert em.nll(A, Y) == pytest.approx(-(np.log(0.7) + np.log(0.5) + np.log(0.1)) / 3)
+
+
+def test_ece_by_hand():
+    # confidences .7 (right), .5 (right), .6 (wrong) fall in bins (.667,.733], (.467,.533], (.533,.6]
+    # ECE = (|1-.7| + |1-.5| + |0-.6|) / 3
+    assert em.ece(A, Y, bins=15) == pytest.approx((0.3 + 0.5 + 0.6) / 3)
+    # one bin: |accuracy - mean confidence| = |2/3 - 0.6|
+    assert em.ece(A, Y, bins=1) == pytest.approx(abs(2 / 3 - 0.6))
+
+
+def test_disagreement_and_oracle():
+    pa, pb = A.argmax(1), B.argmax(1)  # [0, 1, 0] and [1, 2, 2]: they differ everywhere
+    assert em.disagreement(pa, pb) == pytest.approx(1.0)
+    assert em.disagreement(pa, pa) == 0.0
+    # A is right on samples 0, 1; B on sample 2: some member is right everywhere
+    assert em.oracle_error([em.topk_correct(A, Y, 1), em.topk_correct(B, Y, 1)]) == 0.0
+    assert em.oracle_error([em.topk_correct(A, Y, 1)]) == pytest.approx(1 / 3)
+
+
+def test_temperature_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 10)) * 3
+    true_t = 2.5
+    probs_true = torch.tensor(logits / true_t).softmax(1).numpy()
+    labels = np.array([rng.choice(10, p=row) for row in probs_true])
+    overconfident = torch.tensor(logits).softmax(1).numpy()  # the member's T=1 outputs
+    t = em.fit_temperature(overconfident, labels)
+    assert t == pytest.approx(true_t, rel=0.1)
+    assert em.nll(em.apply_temperature(overconfident, t), labels) < em.nll(overconfident, labels)
+
+
+def test_greedy_selection_with_replacement_on_a_known_case():
+    y = np.array([0, 1, 2, 0])
+    good = np.array([[.8, .1, .1], [.1, .8, .1], [.1, .1, .8], [.4, .5, .1]])     # wrong on sample 3 only
+    fixer = np.array([[.6, .2, .2], [.4, .3, .3], [.4, .3, .3], [.9, .05, .05]])  # right on 0 and 3
+    bad = np.array([[.05, .9, .05], [.05, .05, .9], [.9, .05, .05], [.05, .9, .05]])  # always wrong
+    members = [bad, fixer, good]
+    chosen, curve = em.greedy_selection(lambda i: members[i], 3, y, rounds=3, init=1, metric="top1")
+    assert chosen[0] == 2                       # sorted init: the best member first
+    assert chosen[1] == 1                       # adding the fixer makes all 4 right
+    assert curve[0] == pytest.approx(0.25) and curve[1] == pytest.approx(0.0)
+    assert 0 not in chosen                      # the always-wrong member is never picked
+    w = em.weights_from_selection(chosen, 3)
+    assert w.sum() == pytest.approx(1) and w[0] == 0
