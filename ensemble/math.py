@@ -42,10 +42,7 @@ def as_tensor(probs) -> torch.Tensor:
 
 def topk_correct(probs, labels, k: int) -> torch.Tensor:
     """Bool [N]: the true class is among the k most probable (strictly-greater ranking)."""
-    p = as_tensor(probs)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    p_true = p.gather(1, y.view(-1, 1))
-    return (p > p_true).sum(1) < k
+    return true_class_rank(probs, labels) < k
 
 
 def topk_error(probs, labels, k: int) -> float:
@@ -58,10 +55,10 @@ def nll(probs, labels) -> float:
     return -p.gather(1, y.view(-1, 1)).clamp_min(EPS).log().mean().item()
 
 
-def reliability(probs, labels, bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per confidence bin: (sum of confidence, number correct, count); bins are (a, b]."""
-    p = as_tensor(probs)
-    conf, pred = p.max(1)
+def reliability(probs, labels, bins: int = 15, top=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin: (sum of confidence, number correct, count); bins are (a, b].
+    `top` may pass a precomputed `probs.max(1)`."""
+    conf, pred = top if top is not None else as_tensor(probs).max(1)
     correct = (pred == torch.as_tensor(labels, dtype=torch.long)).float()
     idx = (conf * bins).ceil().long().clamp(1, bins) - 1
     conf_sum = torch.zeros(bins).index_add_(0, idx, conf)
@@ -185,3 +182,11 @@ def weights_from_selection(chosen: list[int], n_members: int) -> np.ndarray:
     """Repeats -> weights summing to 1 (a member picked 3 times of 10 weighs 0.3)."""
     counts = np.bincount(chosen, minlength=n_members).astype(np.float64)
     return counts / counts.sum()
+
+
+def true_class_rank(probs, labels) -> torch.Tensor:
+    """Number of classes strictly more probable than the true one: top-k correct iff < k.
+    One comparison pass gives top-1 and top-5 together (the evaluation's hot loop)."""
+    p = as_tensor(probs)
+    p_true = p.gather(1, torch.as_tensor(labels, dtype=torch.long).view(-1, 1))
+    return (p > p_true).sum(1)

@@ -178,7 +178,7 @@ def _runs_file(cfg: EnsembleConfig, ctx: dict, records: list[dict], tracking_uri
     labels = finished[0]["labels"] if finished else ""
     samples = int(finished[0]["metrics"]["val_samples"]) if finished else None
     dataset = DatasetRef(name=manifest.name, uri=cfg.data.root, split=cfg.data.val_split, num_classes=len(kept),
-                         samples=samples, labels=labels, class_names=[manifest.classes[i]["wnid"] for i in kept])
+                         samples=samples, labels=labels, classes=cfg.data.classes, per_class=cfg.data.val_per_class, class_names=[manifest.classes[i]["wnid"] for i in kept])
     members = [MemberRecord(**{k: v for k, v in r.items() if k != "labels"}) for r in records]
     return RunsFile(ensemble=cfg.name, dataset=dataset, members=members,
                     mlflow=MlflowRef(tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment, parent_run_id=parent))

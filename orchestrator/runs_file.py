@@ -38,6 +38,8 @@ class DatasetRef(_Strict):
     num_classes: int = Field(ge=1)
     samples: int | None = None
     labels: str
+    classes: int | list[str] | None = None  # the subset, as in the training config's data section
+    per_class: int | None = None
     class_names: list[str] | None = None
 
 
@@ -104,4 +106,5 @@ def write_runs(path: str, runs: RunsFile) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".runs-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; runs files are shared
     os.replace(tmp, path)

@@ -1,0 +1,171 @@
+"""Member predictions for evaluation: cached or recomputed, one member at a time.
+
+Fast path: the member's cached `predictions` (float16 softmax [N, C], dataset order) is
+opened as a memory map (remote files are fetched once into a local cache first), so no
+data and no checkpoint is read and only the rows being scored are in memory.
+
+Recompute path (no cached predictions, or test-time augmentation asked for): the
+member's checkpoint is rebuilt through the model registry and run over the split with
+the member's own eval transform, batched, on the GPU when there is one, with a progress
+bar; the result is cached locally for next time.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torchvision.transforms import v2
+
+from orchestrator.errors import UserError
+from orchestrator.runs_file import MemberRecord
+
+CACHE = Path(os.environ.get("ENSEMBLE_CACHE", Path.home() / ".cache" / "ensemble-eval"))
+TTA_VIEWS = {"none": 1, "flip": 2, "10crop": 10, "multiscale": 3}
+
+
+def local_copy(uri: str, what: str) -> str:
+    """A local path for `uri`: itself when local, else a cached download."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri.removeprefix("file://")
+        if not os.path.exists(path):
+            raise UserError(f"{what}: file not found: {uri}")
+        return path
+    target = CACHE / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:24] / os.path.basename(uri)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".partial")
+        try:
+            with fsspec.open(uri, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+        except FileNotFoundError:
+            raise UserError(f"{what}: not found: {uri}") from None
+        os.replace(tmp, target)
+    return str(target)
+
+
+class NpyRows:
+    """Rows of a 2-D .npy file read on demand with plain file reads. Unlike a memory map,
+    pages read stay out of the process's resident memory, so scoring 20 members of
+    50,000 x 1,000 keeps O(block) memory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran:
+            raise ValueError("Fortran-ordered arrays are not supported")
+        self.shape, self.dtype = shape, dtype
+        self.ndim = len(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        idx = np.arange(self.shape[0])[index] if not isinstance(index, np.ndarray) else index
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + lo * row)
+            block = np.fromfile(f, dtype=self.dtype, count=(hi - lo) * row // self.dtype.itemsize)
+        block = block.reshape((hi - lo, *self.shape[1:]))
+        return block if hi - lo == len(idx) else block[idx - lo]
+
+
+def open_npy(uri: str, what: str, rows: bool = False):
+    """A .npy from a path or URL: whole (labels) or as `NpyRows` (member predictions)."""
+    path = local_copy(uri, what)
+    try:
+        return NpyRows(path) if rows else np.load(path)
+    except ValueError as exc:
+        raise UserError(f"{what}: not a readable .npy file ({exc})") from None
+
+
+@dataclass
+class MemberPredictions:
+    """A member's [N, C] probabilities on the split, read by rows on demand."""
+
+    name: str
+    array: "np.ndarray | NpyRows"  # float16 or float32 rows
+    source: str  # "cached" or "recomputed (<tta>)"
+    views: int = 1  # forward passes per image (the TTA inference cost)
+
+    def rows(self, index) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.array[index], dtype=np.float32))
+
+
+def check_block(name: str, block: torch.Tensor, idx: np.ndarray) -> None:
+    """Predictions must be finite probability rows; float16 storage allows ~1e-2 slack.
+    One pass: a NaN or inf anywhere makes its row sum fail the test too."""
+    sums = block.sum(1)
+    off = ~((sums - 1).abs() <= 2e-2)
+    if off.any():
+        row = int(off.nonzero()[0])
+        if not torch.isfinite(block[row]).all():
+            raise UserError(f"member {name}: predictions contain NaN or inf (row {int(idx[row])})")
+        raise UserError(f"member {name}: prediction rows must sum to 1 (row {int(idx[row])} sums to "
+                        f"{float(sums[row]):.4f}); are these logits instead of softmax?")
+
+
+def _views(images: torch.Tensor, tta: str, crop: int) -> list[torch.Tensor]:
+    """Test-time views of a batch already resized to the member's eval size."""
+    if tta == "none":
+        return [images]
+    if tta == "flip":
+        return [images, images.flip(3)]
+    if tta == "10crop":
+        # AlexNet/GoogLeNet: 4 corners + centre, and their mirrors, from a 1.14x larger image
+        big = F.interpolate(images, scale_factor=8 / 7, mode="bilinear", align_corners=False, antialias=True)
+        crops = v2.functional.ten_crop(big, [crop, crop])
+        return list(crops)
+    if tta == "multiscale":
+        # the same net at 0.875x, 1x and 1.143x the eval size (Simonyan & Zisserman 2015, 3.2)
+        return [F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False, antialias=True)
+                if s != 1 else images for s in (0.875, 1.0, 8 / 7)]
+    raise UserError(f"unknown test-time augmentation {tta!r}; valid choices: {', '.join(TTA_VIEWS)}")
+
+
+@torch.no_grad()
+def recompute(member: MemberRecord, data_root: str, split: str, classes, per_class, tta: str = "none",
+              batch_size: int = 128) -> MemberPredictions:
+    from models import load_checkpoint
+    from orchestrator.data.dataset import EvalStream, open_split
+    from orchestrator.train.augment import build_eval_transform
+
+    if not member.checkpoint:
+        raise UserError(f"member {member.name}: no predictions and no checkpoint to recompute them from")
+    key = hashlib.sha256(f"{member.checkpoint}|{data_root}|{split}|{classes}|{per_class}|{tta}".encode()).hexdigest()
+    cached = CACHE / "recomputed" / f"{key[:24]}.npy"
+    if cached.exists():
+        return MemberPredictions(member.name, NpyRows(str(cached)), f"recomputed ({tta}, cached)",
+                                 TTA_VIEWS[tta])
+    model, _ = load_checkpoint(local_copy(member.checkpoint, f"member {member.name} checkpoint"),
+                               expect_arch=member.arch)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    ev = member.eval
+    data = open_split(data_root, split, classes, per_class)
+    loader = torch.utils.data.DataLoader(
+        EvalStream(data, build_eval_transform(ev.resize, ev.crop, ev.mean, ev.std)), batch_size=batch_size,
+        num_workers=min(4, os.cpu_count() or 1))
+    out = np.zeros((len(data), data.num_classes), dtype=np.float16)
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"{member.name}: predicting ({tta})", total=len(data))
+        for idx, images, _ in loader:
+            images = images.to(device)
+            probs = sum(model(v).float().softmax(1) for v in _views(images, tta, ev.crop)) / TTA_VIEWS[tta]
+            out[idx.numpy()] = probs.cpu().numpy().astype(np.float16)
+            bar.advance(task, len(idx))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cached, out)
+    return MemberPredictions(member.name, out, f"recomputed ({tta})", TTA_VIEWS[tta])

@@ -1,0 +1,116 @@
+"""The evaluation report: console table, JSON (fixed schema), CSV and PNG plots."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+console = Console(width=None if Console().is_terminal else 120)
+
+
+def print_table(report: dict) -> None:
+    ds = report["dataset"]
+    table = Table(title=f"{ds['name']} {ds['split']}: {ds['samples']} samples, {ds['num_classes']} classes")
+    for col in ("model", "top-1 err", "top-5 err", "NLL", "ECE"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in report["members"]:
+        table.add_row(m["name"], f"{m['top1_err']:.2%}", f"{m['top5_err']:.2%}", f"{m['nll']:.3f}", f"{m['ece']:.3f}")
+    e, best = report["ensemble"], report["best_member"]
+    table.add_row(f"[bold]ensemble ({e['method']}, {len(set(e['members']))} members)[/]", f"[bold]{e['top1_err']:.2%}",
+                  f"[bold]{e['top5_err']:.2%}", f"{e['nll']:.3f}", f"{e['ece']:.3f}")
+    console.print(table)
+    gain = best["top5_err"] - e["top5_err"]
+    rel = gain / best["top5_err"] if best["top5_err"] else 0.0
+    console.print(f"best member {best['name']}: top-5 error {best['top5_err']:.2%}; the ensemble gains "
+                  f"{gain:+.2%} ({rel:+.1%} relative); oracle top-1 error {e['oracle_top1_err']:.2%}")
+    if report.get("selection"):
+        s = report["selection"]
+        console.print(f"selection on {s['samples']} held-out samples: weights "
+                      + ", ".join(f"{k}={v:.2f}" for k, v in s["weights"].items() if v > 0))
+    if report.get("tta") and report["tta"]["mode"] != "none":
+        console.print(f"test-time augmentation {report['tta']['mode']}: {report['tta']['inference_cost']:g}x "
+                      "the inference of one view per member")
+
+
+def write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def write_csv(path: str, report: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "top1_err", "top5_err", "nll", "ece", "weight"])
+        weights = (report.get("selection") or {}).get("weights") or {}
+        for m in report["members"]:
+            w.writerow([m["name"], m["top1_err"], m["top5_err"], m["nll"], m["ece"], weights.get(m["name"], "")])
+        e = report["ensemble"]
+        w.writerow([f"ensemble:{e['method']}", e["top1_err"], e["top5_err"], e["nll"], e["ece"], ""])
+
+
+def plot_size_curve(path: str, report: dict) -> None:
+    curve = report["size_curve"]
+    ks = [c["k"] for c in curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    order = curve[0].get("order", "greedy")
+    ax.plot(ks, [c["top5_err"] for c in curve], "o-", label=f"top-5, {order} order")
+    ax.plot(ks, [c["top1_err"] for c in curve], "o-", label=f"top-1, {order} order")
+    if "random_top5_err" in curve[0]:
+        ax.plot(ks, [c["random_top5_err"] for c in curve], "--", label="top-5, mean of random orders")
+        ax.plot(ks, [c["random_top1_err"] for c in curve], "--", label="top-1, mean of random orders")
+    ax.set(xlabel="members in the ensemble", ylabel="error", title="error against ensemble size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_members(path: str, report: dict) -> None:
+    names = [m["name"] for m in report["members"]] + ["ensemble"]
+    top5 = [m["top5_err"] for m in report["members"]] + [report["ensemble"]["top5_err"]]
+    top1 = [m["top1_err"] for m in report["members"]] + [report["ensemble"]["top1_err"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], top1, 0.4, label="top-1 error")
+    ax.bar([i + 0.2 for i in x], top5, 0.4, label="top-5 error")
+    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="error", title="members and their ensemble")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(path: str, reliability: dict) -> None:
+    conf, acc, count = reliability["confidence"], reliability["accuracy"], reliability["count"]
+    keep = [i for i, c in enumerate(count) if c > 0]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k:", label="perfect calibration")
+    ax.bar([conf[i] for i in keep], [acc[i] for i in keep], width=1 / len(count), alpha=0.7, edgecolor="k",
+           label="ensemble")
+    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability (15 bins)", xlim=(0, 1), ylim=(0, 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_folder(out: str, report: dict, reliability: dict) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    paths = {name: os.path.join(out, name) for name in
+             ("report.json", "report.csv", "size_curve.png", "members.png", "reliability.png")}
+    write_json(paths["report.json"], report)
+    write_csv(paths["report.csv"], report)
+    plot_size_curve(paths["size_curve.png"], report)
+    plot_members(paths["members.png"], report)
+    plot_reliability(paths["reliability.png"], reliability)
+    return list(paths.values())
