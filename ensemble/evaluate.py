@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 import numpy as np
 
@@ -57,9 +56,8 @@ def load_members(runs: RunsFile, args) -> tuple[list, list[MemberPredictions]]:
     records, preds = [], []
     for m in runs.members:
         if m.status != "finished":
-            warnings.warn(f"skipping member {m.name}: status {m.status} ({m.error or 'no error recorded'})",
-                          stacklevel=1)
-            print(f"warning: skipping member {m.name}: status {m.status}", file=sys.stderr)
+            print(f"warning: skipping member {m.name}: status {m.status} ({m.error or 'no error recorded'})",
+                  file=sys.stderr)
             continue
         if args.tta != "none" or args.recompute or not m.predictions:
             ds = runs.dataset
