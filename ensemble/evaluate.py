@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rows the size curve is scored on (a seeded subset; default: %(default)s)")
     p.add_argument("--recompute", action="store_true", help="ignore cached predictions, run the checkpoints")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the MLflow parent run")
+    p.add_argument("--log-model", action="store_true",
+                   help="also log the ensemble as one MLflow pyfunc model (members, transforms, weights)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -179,13 +181,18 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
     return report, scored["ensemble"].reliability_curve()
 
 
-def log_to_mlflow(runs: RunsFile, report: dict, files: list[str]) -> str | None:
+def mlflow_target(runs: RunsFile) -> tuple[str | None, str | None]:
     import os
-
-    from mlflow.tracking import MlflowClient
 
     uri = (runs.mlflow.tracking_uri if runs.mlflow else None) or os.environ.get("MLFLOW_TRACKING_URI")
     parent = runs.mlflow.parent_run_id if runs.mlflow else None
+    return uri, parent
+
+
+def log_to_mlflow(runs: RunsFile, report: dict, files: list[str]) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    uri, parent = mlflow_target(runs)
     if not uri or not parent:
         return None
     client = MlflowClient(uri)
@@ -217,6 +224,13 @@ def main(argv=None) -> int:
         run = log_to_mlflow(runs, report, files)
         if run:
             print(f"logged to MLflow run {run}")
+        if run and args.log_model:
+            from ensemble.serve import log_ensemble_model
+
+            weights = [report["selection"]["weights"][r.name] for r in records] if report["selection"] and \
+                report["selection"].get("weights") else [r.weight if args.method == "weighted" else 1.0 for r in records]
+            uri = log_ensemble_model(runs, records, weights, run, mlflow_target(runs)[0])
+            print(f"ensemble model: {uri}  (mlflow.pyfunc.load_model(uri).predict(images))")
     return 0
 
 

@@ -122,6 +122,12 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
     assert len(children_of(client, parent)) == 2
     assert load_runs(runs_uri).members == runs.members
 
+    # the evaluation reads runs.yaml and predictions from S3 and logs to the parent run
+    out = subprocess.run(["python", "-m", "ensemble.evaluate", "--members", runs_uri, "--out", "/tmp/e2e-report-" + run_id],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ensemble_top5_err" in client.get_run(parent.info.run_id).data.metrics
+
 
 @pytest.mark.stack
 @pytest.mark.slow
@@ -154,3 +160,46 @@ def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
     assert len(children_of(client, parent)) == 2
     assert (tmp_path / "outputs" / "smoke" / "runs.yaml").exists()
     assert any((tmp_path / "mlruns" / "artifacts").rglob("predictions.npy"))
+    check_evaluation(tmp_path, runs, client)
+
+
+def check_evaluation(tmp_path, runs, client):
+    """`python -m ensemble.evaluate --members runs.yaml` on the smoke job's runs file: the
+    report, its MLflow logging, the recompute path agreeing with the cached predictions,
+    and the served ensemble agreeing with the report's combination."""
+    import mlflow
+
+    from ensemble.predictions import recompute
+    from orchestrator.data.dataset import open_split
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    out = subprocess.run(["python", "-m", "ensemble.evaluate", "--members", str(tmp_path / "runs.yaml"),
+                          "--out", str(tmp_path / "report"), "--json", str(tmp_path / "report.json"), "--log-model"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["dataset"]["samples"] == runs.dataset.samples
+    for member, row in zip(runs.members, report["members"]):
+        assert row["top1_err"] == pytest.approx(member.metrics["top1_err"])  # same split, same numbers
+    parent = client.get_run(runs.mlflow.parent_run_id)
+    assert parent.data.metrics["ensemble_top5_err"] == pytest.approx(report["ensemble"]["top5_err"])
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "ensemble_report")}
+    assert "ensemble_report/size_curve.png" in logged and "ensemble_report/reliability.png" in logged
+
+    # recompute from the checkpoint with the member's own eval transform == cached predictions
+    member, ds = runs.members[0], runs.dataset
+    fresh = recompute(member, ds.uri, ds.split, ds.classes, ds.per_class)
+    cached = np.load(member.predictions).astype(np.float32)
+    assert np.abs(fresh.rows(np.arange(len(cached))).numpy() - cached).max() < 2e-2
+    assert (np.asarray(fresh.array).argmax(1) == cached.argmax(1)).mean() > 0.95
+
+    # the logged pyfunc ensemble: top-5 classes with probabilities, equal to the mean softmax
+    model_uri = out.stdout.split("ensemble model: ")[1].split()[0]
+    mlflow.set_tracking_uri(runs.mlflow.tracking_uri)
+    served = mlflow.pyfunc.load_model(model_uri)
+    split = open_split(ds.uri, ds.split, ds.classes, ds.per_class)
+    pred = served.predict([s.data for s in split.records[:4]])
+    mean = sum(np.load(m.predictions).astype(np.float32) for m in runs.members) / len(runs.members)
+    for i in range(4):
+        assert pred["top5_classes"][i][0] == ds.class_names[int(mean[i].argmax())]
+        assert pred["top5_probs"][i][0] == pytest.approx(float(mean[i].max()), abs=1e-2)
