@@ -14,7 +14,6 @@ from typing import Callable
 
 import fsspec
 import torch
-import timm
 import torchvision.models as tvm
 from torch import nn
 
@@ -119,7 +118,12 @@ def _tv(fn, **fixed):
 
 
 def _timm(name):
-    return lambda *, num_classes: timm.create_model(name, pretrained=False, num_classes=num_classes)
+    def build(*, num_classes):
+        import timm  # imported on use: it adds ~2 s to every Ray worker's start-up
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+    return build
 
 
 _STD = EvalTransform(224, 256, 224)

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from models import get_spec
-from orchestrator import plots, storage
+from orchestrator import storage
 from orchestrator.config import ResolvedMember
 from orchestrator.errors import UserError
 from orchestrator.ray_train import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE, train_loop_per_worker
@@ -64,6 +64,8 @@ def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> Torc
 
 def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ckpt, history: list[dict],
                    steps_per_epoch: int, ctx: dict) -> None:
+    from orchestrator import plots  # matplotlib only where plots are drawn
+
     with tempfile.TemporaryDirectory() as tmp:
         local = ckpt.to_directory(os.path.join(tmp, "checkpoint"))
         for name in (PREDICTIONS_FILE, LABELS_FILE):
