@@ -48,6 +48,8 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             resume = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+        if rank == 0:
+            print(f"member {member.name}: resuming after epoch {resume['epoch']} from {checkpoint.path}", flush=True)
 
     data = open_member_data(Data.model_validate(config["data"]))
     run_id = config.get("mlflow_run_id")
