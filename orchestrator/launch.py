@@ -123,27 +123,39 @@ def member_trial(config: dict, ctx: dict) -> None:
                  "val_samples": final["val_samples"]}))
 
 
-def member_demand(member: ResolvedMember) -> dict[str, float]:
+def worker_demand(member: ResolvedMember) -> dict[str, float]:
+    """What the member's Ray Train worker group holds (gang-scheduled as one placement group)."""
     r = member.resources
-    demand = {"CPU": TRIAL_CPUS + r.workers * r.cpus_per_worker}
+    demand = {"CPU": r.workers * r.cpus_per_worker}
     if r.use_gpu:
         demand["GPU"] = r.workers * r.gpus_per_worker
     return demand
 
 
 def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | None) -> int:
-    """How many members can run at once without their TorchTrainers starving each other
-    (a trial holding its CPU while its workers wait forever); refuses requests that can
-    never be met, such as more GPUs than the cluster has."""
-    worst: dict[str, float] = {}
-    for m in members:
-        for res, amount in member_demand(m).items():
-            if amount > cluster.get(res, 0):
-                raise UserError(f"member {m.name} needs {amount:g} {res} but the cluster has "
+    """How many member trials to run at once.
+
+    Each trial holds TRIAL_CPUS while its worker group waits for resources, so too many
+    trials could hold the CPUs the worker groups need, and none would ever start. Worker
+    groups are gang-scheduled (all or nothing), so progress is guaranteed while the CPUs
+    left over by the waiting trials fit the largest worker group:
+        trials x TRIAL_CPUS + largest group <= cluster CPUs.
+    Beyond that, no more trials than could train at once. A member that can never fit
+    (more GPUs than the cluster has) is refused here, not left pending forever.
+    """
+    demands = [worker_demand(m) for m in members]
+    for m, d in zip(members, demands):
+        for res, amount in d.items():
+            need = amount + (TRIAL_CPUS if res == "CPU" else 0)
+            if need > cluster.get(res, 0):
+                raise UserError(f"member {m.name} needs {need:g} {res} but the cluster has "
                                 f"{cluster.get(res, 0):g}; lower its resources.workers or *_per_worker")
-            worst[res] = max(worst.get(res, 0), amount)
-    fit = min(math.floor(cluster[res] / amount) for res, amount in worst.items() if amount > 0)
-    return max(1, min(fit, cap or fit, len(members)))
+    largest_cpu = max(d["CPU"] for d in demands)
+    safe = math.floor((cluster["CPU"] - largest_cpu) / TRIAL_CPUS + 1e-9)
+    useful = math.floor(cluster["CPU"] / min(d["CPU"] + TRIAL_CPUS for d in demands) + 1e-9)
+    if all("GPU" in d for d in demands):
+        useful = min(useful, math.floor(cluster["GPU"] / min(d["GPU"] for d in demands) + 1e-9))
+    return max(1, min(safe, useful, cap or len(members), len(members)))
 
 
 def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str):
