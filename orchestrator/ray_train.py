@@ -73,6 +73,13 @@ def train_loop_per_worker(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)  # RAY: metrics to Tune, checkpoint to storage
 
+    if resume and resume["epoch"] >= member.recipe.epochs:
+        # Killed after its final checkpoint but before the job recorded it: hand the final
+        # checkpoint (model, predictions) back as this run's result instead of retraining.
+        with tempfile.TemporaryDirectory() as tmp:
+            final = checkpoint.to_directory(tmp) if rank == 0 else None
+            ray.train.report(resume["metrics"], checkpoint=ray.train.Checkpoint.from_directory(final) if final else None)
+        return
     train_member(member, data, device=device, rank=rank, world=world, resume=resume,
                  prepare_model=ray.train.torch.prepare_model,  # RAY: DDP when world > 1
                  on_epoch_end=on_epoch_end)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 
 import boto3
@@ -127,6 +128,44 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ensemble_top5_err" in client.get_run(parent.info.run_id).data.metrics
+
+
+@pytest.mark.stack
+def test_a_stopped_job_resubmitted_resumes_its_members(stack, s3_data):
+    """The job is stopped (its driver, trials and workers killed) once a member has its
+    first checkpoint; the same submission again resumes from that checkpoint, keeps each
+    member's MLflow child run, and completes runs.yaml."""
+    run_id = uuid.uuid4().hex[:8]
+    storage = f"s3://{stack['bucket']}/resume-{run_id}"
+    env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"resume-{run_id}"}
+    job = f"resume-{run_id}"
+    runtime_env = json.dumps({"env_vars": env, "excludes": RUNTIME_EXCLUDES})
+    subprocess.run(["ray", "job", "submit", "--address", stack["dashboard"], "--working-dir", ".", "--no-wait",
+                    "--submission-id", job, "--runtime-env-json", runtime_env, "--", "python",
+                    "jobs/train_ensemble.py", "--config", "configs/smoke.yaml"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    fs = s3fs.S3FileSystem()
+    deadline = time.time() + 600
+    while not fs.glob(f"{storage}/smoke/train/*/checkpoint_*/model.pt"):
+        assert time.time() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.5)
+        fs.invalidate_cache()
+    subprocess.run(["ray", "job", "stop", "--address", stack["dashboard"], job], check=True, capture_output=True,
+                   timeout=120)
+    assert not fs.exists(f"{storage}/smoke/runs.yaml")
+
+    again = submit(stack, "configs/smoke.yaml", env, f"{storage}/runs.yaml", timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "resuming after epoch" in again.stdout
+    runs = load_runs(f"{storage}/runs.yaml")
+    check_runs_file(runs, 2, 10)
+    client = MlflowClient(stack["mlflow"])
+    parent = client.get_run(runs.mlflow.parent_run_id)
+    children = children_of(client, parent)
+    assert len(children) == 2  # the resumed member continued its own child run
+    for child in children:
+        steps = [h.step for h in client.get_metric_history(child.info.run_id, "val_top1_err")]
+        assert sorted(set(steps)) == [1, 2]
 
 
 @pytest.mark.stack
