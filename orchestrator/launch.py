@@ -17,6 +17,7 @@ import os
 import tempfile
 import traceback
 
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray import train, tune
@@ -62,12 +63,15 @@ def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> Torc
     )
 
 
-def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ckpt, history: list[dict],
-                   steps_per_epoch: int, ctx: dict) -> None:
+def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ckpt, steps_per_epoch: int,
+                   ctx: dict) -> list[dict]:
+    """Log the final checkpoint's files and the member's plots; returns its per-epoch
+    history, read from the checkpoint (complete even when the member was resumed)."""
     from orchestrator import plots  # matplotlib only where plots are drawn
 
     with tempfile.TemporaryDirectory() as tmp:
         local = ckpt.to_directory(os.path.join(tmp, "checkpoint"))
+        history = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)["history"]
         for name in (PREDICTIONS_FILE, LABELS_FILE):
             client.log_artifact(run_id, os.path.join(local, name), "predictions")
         if ctx.get("log_checkpoint", True):
@@ -81,6 +85,7 @@ def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ck
             yaml.safe_dump(member.model_dump(mode="json"), f, sort_keys=False)
         for name in ("lr_schedule.png", "curves.png", "member.yaml"):
             client.log_artifact(run_id, os.path.join(tmp, name), "plots" if name.endswith(".png") else None)
+    return history
 
 
 def _record(member: ResolvedMember, ctx: dict, run_id: str | None, **fields) -> dict:
@@ -106,11 +111,10 @@ def member_trial(config: dict, ctx: dict) -> None:
                                                                             error=message))
         traceback.print_exc()
         raise
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     final = result.metrics
     ckpt_uri = storage.checkpoint_uri(ctx["storage"], result.checkpoint.path)
     steps_per_epoch = int(final["steps_per_epoch"])
-    _log_artifacts(client, run_id, member, result.checkpoint, history, steps_per_epoch, ctx)
+    history = _log_artifacts(client, run_id, member, result.checkpoint, steps_per_epoch, ctx)
     client.set_tag(run_id, "checkpoint_uri", storage.join(ckpt_uri, CHECKPOINT_FILE))
     client.set_terminated(run_id, "FINISHED")
     minutes = sum(h.get("epoch_minutes", 0.0) for h in history)
