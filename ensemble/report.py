@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -67,6 +68,7 @@ def plot_size_curve(path: str, report: dict) -> None:
         ax.plot(ks, [c["random_top5_err"] for c in curve], "--", label="top-5, mean of random orders")
         ax.plot(ks, [c["random_top1_err"] for c in curve], "--", label="top-1, mean of random orders")
     ax.set(xlabel="members in the ensemble", ylabel="error", title="error against ensemble size")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
