@@ -145,3 +145,20 @@ def test_predictions_labels_match_dataset_order(val_subset):
     from orchestrator.train.member import split_labels
 
     assert np.array_equal(split_labels(val_subset), [s.label for s in val_subset.records])
+
+
+@pytest.mark.parametrize("flat_val", [False, True])
+def test_an_imagefolder_layout_is_read_in_place(tmp_path, val_subset, flat_val):
+    """train/<wnid>/*.JPEG and val as folders or with a labels file, without `prepare`."""
+    src = _make_folder(tmp_path, val_subset, flat_val)
+    train = open_split(str(src), "train")
+    assert train.records is None and len(train) == 15 and train.num_classes == 3
+    assert sorted(s.label for s in train.iter_samples()) == sorted(s.label for s in val_subset.records if s.label < 3)
+    val = open_split(str(src), "val", per_class=2)
+    assert collections.Counter(s.label for s in val.records) == {0: 2, 1: 2, 2: 2}
+    whole_val = open_split(str(src), "val")
+    seen = [int(i) for rank in range(2) for idx, _, _ in DataLoader(
+        EvalStream(whole_val, lambda img: img[:, :4, :4], rank, 2), batch_size=4, num_workers=2) for i in idx]
+    assert sorted(seen) == list(range(15))
+    stream = iter(TrainStream(train, identity, 1, 2, seed=0))
+    assert all(next(stream)[0].shape[0] == 3 for _ in range(7))

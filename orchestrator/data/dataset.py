@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from orchestrator.data.manifest import Manifest, check_shards_exist, load_manifest
-from orchestrator.data.sources import Sample, iter_shard
+from orchestrator.data.manifest import FOLDER_PREFIX, Manifest, check_shards_exist, load_manifest
+from orchestrator.data.sources import Sample, iter_shard, list_folder_split
 from orchestrator.errors import UserError
 
 
@@ -72,16 +72,38 @@ class Split:
     def urls(self) -> list[str]:
         return [self.manifest.url(s) for s in self.manifest.shards(self.split)]
 
-    def iter_samples(self, urls: list[str] | None = None) -> Iterator[Sample]:
-        """Samples in dataset order (from memory, or streamed from `urls`)."""
+    def iter_raw(self, url: str) -> Iterator[Sample]:
+        """One shard's samples with original labels; a folder split's without their bytes
+        (read with `_read(key)` only for the samples kept)."""
+        if url.startswith(FOLDER_PREFIX):
+            wnids = [c["wnid"] for c in self.manifest.classes]
+            for path, label in list_folder_split(self.manifest.root, url.removeprefix(FOLDER_PREFIX), wnids):
+                yield Sample(path, b"", label)
+        else:
+            yield from iter_shard(url)
+
+    def iter_samples(self, urls: list[str] | None = None, keep=None) -> Iterator[Sample]:
+        """Samples in dataset order (from memory, or streamed from `urls`); with `keep`,
+        only those whose position i in this stream has keep(i) (a folder source then
+        reads no other file)."""
         if self.records is not None:
-            yield from self.records
+            yield from (s for i, s in enumerate(self.records) if keep is None or keep(i))
             return
         remap = {c: i for i, c in enumerate(self.kept)}
+        i = 0
         for url in urls if urls is not None else self.urls():
-            for s in iter_shard(url):
-                if s.label in remap:
-                    yield Sample(s.key, s.data, remap[s.label])
+            for s in self.iter_raw(url):
+                if s.label not in remap:
+                    continue
+                if keep is None or keep(i):
+                    data = s.data or _read(s.key)
+                    yield Sample(s.key, data, remap[s.label])
+                i += 1
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def open_split(root: str, split: str, classes=None, per_class: int | None = None,
@@ -105,12 +127,12 @@ def _read_subset(split: Split) -> list[Sample]:
     cap = split.per_class or float("inf")
     out: list[Sample] = []
     for url in split.urls():
-        for s in iter_shard(url):
+        for s in split.iter_raw(url):
             i = remap.get(s.label)
             if i is None or counts[i] >= cap:
                 continue
             counts[i] += 1
-            out.append(Sample(s.key, s.data, i))
+            out.append(Sample(s.key, s.data or _read(s.key), i))
         if split.per_class and all(c >= cap for c in counts):
             break
     empty = [split.class_names[i] for i, c in enumerate(counts) if c == 0]
@@ -150,7 +172,7 @@ class TrainStream(IterableDataset):
         if len(urls) >= total:  # shard-level split: each shard read by one slot only
             stream = self.split.iter_samples(urls[me::total])
         else:  # fewer shards than readers: sample-level split
-            stream = (s for i, s in enumerate(self.split.iter_samples(urls)) if i % total == me)
+            stream = self.split.iter_samples(urls, keep=lambda i: i % total == me)
         buffer: list[Sample] = []
         for s in stream:
             buffer.append(s)
@@ -178,6 +200,6 @@ class EvalStream(IterableDataset):
     def __iter__(self):
         slot, nslots = _slots()
         total, me = self.world * nslots, self.rank * nslots + slot
-        for i, s in enumerate(self.split.iter_samples()):
-            if i % total == me:
-                yield i, self.transform(decode_rgb(s.data)), s.label
+        kept = self.split.iter_samples(keep=lambda i: i % total == me)
+        for j, s in enumerate(kept):  # the j-th kept sample is sample me + j * total
+            yield me + j * total, self.transform(decode_rgb(s.data)), s.label

@@ -39,11 +39,28 @@ class Manifest:
         return self.splits[split]
 
     def url(self, shard: Shard) -> str:
-        return join(self.root, shard.file)
+        return shard.file if shard.file.startswith(FOLDER_PREFIX) else join(self.root, shard.file)
 
 
 def join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
+
+
+FOLDER_PREFIX = "folder:"  # a "shard" standing for a whole split of an ImageFolder layout
+
+
+def folder_manifest(root: str) -> Manifest:
+    """A manifest for an ILSVRC/ImageFolder layout read in place (local folders only)."""
+    import os
+
+    from orchestrator.data.sources import list_folder_classes, list_folder_split
+
+    wnids = list_folder_classes(root)
+    splits = {split: [Shard(f"{FOLDER_PREFIX}{split}", len(list_folder_split(root, split, wnids)))]
+              for split in sorted(os.listdir(root)) if split in ("train", "val", "test")
+              and os.path.isdir(os.path.join(root, split))}
+    return Manifest(root=root, name=os.path.basename(root.rstrip("/")),
+                    classes=[{"index": i, "wnid": w, "name": w} for i, w in enumerate(wnids)], splits=splits)
 
 
 def load_manifest(root: str) -> Manifest:
@@ -52,6 +69,10 @@ def load_manifest(root: str) -> Manifest:
         with fsspec.open(url, "r") as f:
             raw = json.load(f)
     except FileNotFoundError:
+        import os
+
+        if "://" not in root and os.path.isdir(os.path.join(root, "train")):
+            return folder_manifest(root)
         raise UserError(f"data path {root!r} has no manifest.json (run `python -m orchestrator.data.prepare` "
                         "to make shards from a folder layout)") from None
     except json.JSONDecodeError as exc:
@@ -71,6 +92,8 @@ def load_manifest(root: str) -> Manifest:
 def check_shards_exist(manifest: Manifest, split: str) -> None:
     """Fail before training, not an hour in, when a shard named in the manifest is missing."""
     for shard in manifest.shards(split):
+        if shard.file.startswith(FOLDER_PREFIX):
+            continue
         fs, path = fsspec.core.url_to_fs(manifest.url(shard))
         if not fs.exists(path):
             raise UserError(f"shard {manifest.url(shard)} named in the manifest is missing")
