@@ -25,6 +25,9 @@ console = Console(width=None if Console().is_terminal else 120)
 
 def load_and_check(path: str) -> tuple[EnsembleConfig, list[ResolvedMember]]:
     cfg = load_config(path)
+    # Relative local paths are relative to where the job was started; Ray workers run
+    # elsewhere, so they get absolute ones.
+    cfg.data.root = storage.absolute(cfg.data.root)
     members = resolve_members(cfg)  # unknown arch / recipe / policy / preset -> UserError
     manifest = load_manifest(cfg.data.root)
     if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:

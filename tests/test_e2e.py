@@ -186,7 +186,8 @@ def test_twenty_three_members_from_every_family(stack, s3_data):
 def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
     """No Ray cluster, no MLflow server, no S3: a local Ray instance, ./mlruns, ./outputs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    env.update(RAY_ADDRESS="local", DATA_ROOT=str(TINY.parent), ENSEMBLE_STORAGE="./outputs")
+    # relative paths, as in the shipped configs: workers run in another folder than the driver
+    env.update(RAY_ADDRESS="local", DATA_ROOT=os.path.relpath(TINY.parent, tmp_path), ENSEMBLE_STORAGE="./outputs")
     out = subprocess.run(["python", str(ROOT / "jobs/train_ensemble.py"), "--config", str(ROOT / "configs/smoke.yaml")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
