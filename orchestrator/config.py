@@ -69,15 +69,55 @@ class Augment(Strict):
         return augment.resolve(self.preset, self.overrides)
 
 
+class Teacher(Strict):
+    """A trained member to learn from: its name in a runs file (an ensemble's or a search's)."""
+
+    runs: str
+    member: str
+
+
+class CamCrops(Strict):
+    """Supervised data augmentation (Hikvision, ILSVRC 2016): crop centres are sampled in
+    proportion to the teacher's class activation map of the true class."""
+
+    teacher: Teacher
+    probability: float = Field(1.0, ge=0, le=1, description="share of crops that are CAM-guided")
+
+
+class ConfusionPrior(Strict):
+    """Label smoothing whose mass (augment `label_smoothing`) goes to the k classes the
+    teacher confuses most with the true one, instead of to all classes (Hikvision)."""
+
+    teacher: Teacher
+    k: int = Field(5, ge=1)
+
+
 class Recipe(Strict):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=1, description="per worker")
     optimizer: Optimizer = Optimizer()
     schedule: Schedule = Schedule()
     augment: Augment = Augment()
+    # Hikvision 2016 options (../shared/docs/BACKGROUND.md)
+    label_shuffling: bool = False  # every class N samples per epoch, N = the largest class
+    cam_crops: CamCrops | None = None
+    confusion_prior: ConfusionPrior | None = None
+    plain_last_epochs: int = Field(0, ge=0, description="strong augmentation off for the last k epochs")
+    multiscale: list[int] = Field([], description="train each batch at one of these sizes (px)")
     compile: bool = False  # torch.compile: ~40% faster ResNet-50 on GPU, ~50 s to compile
     channels_last: bool = True  # GPU only
     bf16: bool = True  # autocast on GPU only
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.confusion_prior and self.augment.fields().label_smoothing <= 0:
+            raise UserError("recipe.confusion_prior spreads the label_smoothing mass: set augment "
+                            "overrides.label_smoothing > 0")
+        if self.plain_last_epochs > self.epochs:
+            raise UserError(f"recipe.plain_last_epochs ({self.plain_last_epochs}) exceeds epochs ({self.epochs})")
+        if any(s < 16 for s in self.multiscale):
+            raise UserError(f"recipe.multiscale sizes must be >= 16 px, got {self.multiscale}")
+        return self
 
 
 class Resources(Strict):

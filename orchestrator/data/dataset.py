@@ -21,6 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from orchestrator.data.manifest import FOLDER_PREFIX, Manifest, check_shards_exist, load_manifest
+from orchestrator.data.sampling import epoch_length, epoch_order, rank_part
 from orchestrator.data.sources import Sample, iter_shard, list_folder_split
 from orchestrator.errors import UserError
 
@@ -149,22 +150,39 @@ def _slots() -> tuple[int, int]:
 class TrainStream(IterableDataset):
     """Endless training stream for one rank: pass after pass, reshuffled per pass
     (seed + pass), each pass this rank's disjoint part. The loop takes a fixed number of
-    steps per epoch, so every DDP rank steps equally even when shard sizes differ."""
+    steps per epoch, so every DDP rank steps equally even when shard sizes differ.
+
+    `label_shuffling` balances classes per pass (in-memory splits only: it needs every
+    sample's label up front). From pass `plain_from_pass` on, `plain_transform` replaces
+    `transform` (strong augmentation off for the last epochs). A transform with
+    `keyed = True` is called with the sample's key too (CAM-guided crops look up its map).
+    """
 
     def __init__(self, split: Split, transform, rank: int, world: int, seed: int, start_pass: int = 0,
-                 shuffle_buffer: int = 2000):
+                 shuffle_buffer: int = 2000, label_shuffling: bool = False, plain_transform=None,
+                 plain_from_pass: int | None = None):
+        if label_shuffling and split.records is None:
+            raise UserError("label_shuffling needs the split's labels up front: select a subset "
+                            "(data.classes or data.train_per_class) so it is held in memory")
         self.split, self.transform, self.rank, self.world = split, transform, rank, world
         self.seed, self.start_pass, self.shuffle_buffer = seed, start_pass, shuffle_buffer
+        self.label_shuffling = label_shuffling
+        self.plain_transform, self.plain_from_pass = plain_transform, plain_from_pass
+
+    def samples_per_pass(self) -> int:
+        if self.split.records is None:
+            return len(self.split)
+        return epoch_length([s.label for s in self.split.records], self.label_shuffling)
 
     def _one_pass(self, p: int, slot: int, nslots: int) -> Iterator[Sample]:
-        rng = random.Random(self.seed * 1_000_003 + p)
+        pass_seed = self.seed * 1_000_003 + p
         if self.split.records is not None:
-            order = list(range(len(self.split.records)))
-            rng.shuffle(order)
-            mine = order[self.rank::self.world][: len(order) // self.world]  # equal length per rank
+            labels = [s.label for s in self.split.records]
+            mine = rank_part(epoch_order(labels, pass_seed, self.label_shuffling), self.rank, self.world)
             for i in mine[slot::nslots]:
                 yield self.split.records[i]
             return
+        rng = random.Random(pass_seed)
         urls = self.split.urls()
         rng.shuffle(urls)
         total = self.world * nslots
@@ -181,12 +199,19 @@ class TrainStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    def transform_for(self, p: int):
+        plain = self.plain_transform is not None and self.plain_from_pass is not None and p >= self.plain_from_pass
+        return self.plain_transform if plain else self.transform
+
     def __iter__(self):
         slot, nslots = _slots()
         p = self.start_pass
         while True:
+            tf = self.transform_for(p)
+            keyed = getattr(tf, "keyed", False)
             for s in self._one_pass(p, slot, nslots):
-                yield self.transform(decode_rgb(s.data)), s.label
+                img = decode_rgb(s.data)
+                yield (tf(img, s.key) if keyed else tf(img)), s.label
             p += 1
 
 

@@ -8,7 +8,7 @@ transform. Sources are cited per field.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -31,6 +31,7 @@ class AugmentFields:
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing (Zhang et al. 2018); 0 = off
     cutmix_alpha: float = 0.0  # (Yun et al. 2019); 0 = off
     label_smoothing: float = 0.0  # (Szegedy et al. 2016, Inception-v3: 0.1)
+    random_interpolation: bool = False  # resize with a random filter per image (Hikvision 2016)
 
 
 PRESETS: dict[str, dict] = {
@@ -95,9 +96,64 @@ def _auto_augment(f: AugmentFields) -> list:
     return []
 
 
-def build_train_transform(f: AugmentFields, size: int, mean, std) -> v2.Compose:
-    """uint8 CHW image tensor -> normalised float tensor of `size` x `size`."""
-    ops: list = [v2.RandomResizedCrop(size, scale=f.crop_scale, ratio=f.crop_ratio, antialias=True)]
+INTERPOLATIONS = (v2.InterpolationMode.NEAREST, v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC)
+
+
+def plain_fields(f: AugmentFields) -> AugmentFields:
+    """The consistency phase of the Hikvision recipe: strong augmentation off (whole-image
+    crop as at test time, flip kept), the loss (label smoothing) unchanged."""
+    return replace(AugmentFields(), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=f.hflip,
+                   label_smoothing=f.label_smoothing)
+
+
+def _crop(f: AugmentFields, size: int, cam_maps=None, cam_probability: float = 1.0):
+    from orchestrator.train.cam import CamGuidedCrop
+
+    modes = INTERPOLATIONS if f.random_interpolation else (v2.InterpolationMode.BILINEAR,)
+    if cam_maps is not None:
+        crops = [CamGuidedCrop(size, f.crop_scale, f.crop_ratio, cam_maps, cam_probability, m) for m in modes]
+    else:
+        crops = [v2.RandomResizedCrop(size, scale=f.crop_scale, ratio=f.crop_ratio, interpolation=m,
+                                      antialias=True) for m in modes]
+    return crops[0] if len(crops) == 1 else RandomChoiceKeyed(crops)
+
+
+class RandomChoiceKeyed:
+    """One of `ops` per image, uniformly; passes the sample key on to keyed ops."""
+
+    def __init__(self, ops: list):
+        self.ops, self.keyed = ops, getattr(ops[0], "keyed", False)
+
+    def __call__(self, img, key=None):
+        op = self.ops[int(torch.randint(len(self.ops), (1,)))]
+        return op(img, key) if self.keyed else op(img)
+
+
+class KeyedCompose:
+    """A keyed first op (the CAM-guided crop) followed by ordinary transforms."""
+
+    keyed = True
+
+    def __init__(self, first, rest: v2.Compose):
+        self.first, self.rest = first, rest
+
+    def __call__(self, img, key):
+        return self.rest(self.first(img, key))
+
+
+def build_train_transform(f: AugmentFields, size: int, mean, std, cam_maps=None, cam_probability: float = 1.0):
+    """uint8 CHW image tensor -> normalised float tensor of `size` x `size`. With
+    `cam_maps` ({sample key: CAM}) the crop is CAM-guided and the result is a keyed
+    transform, called as t(img, key)."""
+    crop = _crop(f, size, cam_maps, cam_probability)
+    rest = v2.Compose(_after_crop(f, mean, std))
+    if getattr(crop, "keyed", False):
+        return KeyedCompose(crop, rest)
+    return v2.Compose([crop, *rest.transforms])
+
+
+def _after_crop(f: AugmentFields, mean, std) -> list:
+    ops: list = []
     if f.hflip > 0:
         ops.append(v2.RandomHorizontalFlip(f.hflip))
     ops += _auto_augment(f)
@@ -110,7 +166,7 @@ def build_train_transform(f: AugmentFields, size: int, mean, std) -> v2.Compose:
     ops.append(v2.Normalize(mean, std))
     if f.random_erasing > 0:
         ops.append(v2.RandomErasing(f.random_erasing))
-    return v2.Compose(ops)
+    return ops
 
 
 def build_eval_transform(resize: int, crop: int, mean, std) -> v2.Compose:

@@ -8,9 +8,10 @@ When torch.distributed is initialised (Ray Train does it), metrics are summed ov
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,8 +53,16 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
+def scale_at(step: int, sizes: Sequence[int]) -> int | None:
+    """Multi-scale training: the batch size in px at `step`, a pure function of the step
+    (so every DDP rank picks the same size without communicating); None = unchanged."""
+    if not sizes:
+        return None
+    return sizes[random.Random(step).randrange(len(sizes))]
+
+
 def train_epoch(model, optimizer, batches: Iterator, steps: int, lr_at: Callable[[int], float], state: FitState,
-                device, criterion, mix=None, bf16=True, channels_last=False) -> dict:
+                device, criterion, mix=None, bf16=True, channels_last=False, multiscale: Sequence[int] = ()) -> dict:
     model.train()
     loss_sum, seen, start = 0.0, 0, time.perf_counter()
     for _ in range(steps):
@@ -61,6 +70,9 @@ def train_epoch(model, optimizer, batches: Iterator, steps: int, lr_at: Callable
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if mix is not None:
             images, labels = mix(images, labels)
+        size = scale_at(state.step, multiscale)
+        if size is not None and size != images.shape[-1]:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         lr = lr_at(state.step)
@@ -118,8 +130,11 @@ def build_criterion(label_smoothing: float) -> nn.Module:
 
 def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epochs: int, base_lr: float,
         schedule, val_loader, device, criterion, state: FitState | None = None, mix=None,
-        bf16=True, channels_last=False, on_epoch_end: Callable[[FitState, dict], None] | None = None) -> FitState:
-    """Train from `state` (a resumed one, or fresh) to `epochs`; returns the final state."""
+        bf16=True, channels_last=False, on_epoch_end: Callable[[FitState, dict], None] | None = None,
+        plain_last_epochs: int = 0, multiscale: Sequence[int] = ()) -> FitState:
+    """Train from `state` (a resumed one, or fresh) to `epochs`; returns the final state.
+    In the last `plain_last_epochs` epochs the batch mix (mixup/cutmix) is off, as the
+    data stream's strong augmentation is (Hikvision's train/test consistency)."""
     state = state or FitState()
     total = epochs * steps_per_epoch
     warmup = round(schedule.warmup_epochs * steps_per_epoch)
@@ -129,8 +144,9 @@ def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epoc
 
     while state.epoch < epochs:
         start = time.perf_counter()
+        plain = state.epoch >= epochs - plain_last_epochs
         metrics = train_epoch(model, optimizer, train_batches, steps_per_epoch, lr_at, state, device, criterion,
-                              mix, bf16, channels_last)
+                              None if plain else mix, bf16, channels_last, multiscale)
         val, _ = evaluate(model, val_loader, device, bf16, channels_last)
         state.epoch += 1
         metrics.update(val, epoch=state.epoch, epoch_minutes=(time.perf_counter() - start) / 60,

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from models import build_model, get_spec
 from orchestrator.config import Data, ResolvedMember
 from orchestrator.data.dataset import EvalStream, Split, TrainStream, open_split
-from orchestrator.train import augment, loop, lr
+from orchestrator.train import augment, confusion, loop, lr, teacher
 from orchestrator.train.optim import build_optimizer
 
 
@@ -81,14 +81,22 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
 
     fields = recipe.augment.fields()
     ev, eval_tf = eval_transform_of(member)
-    train_tf = augment.build_train_transform(fields, member.input_size, ev.mean, ev.std)
+    cam_maps = teacher.load_cam_maps(recipe, data.train, device)
+    train_tf = augment.build_train_transform(fields, member.input_size, ev.mean, ev.std, cam_maps,
+                                             recipe.cam_crops.probability if recipe.cam_crops else 1.0)
+    plain_tf = augment.build_train_transform(augment.plain_fields(fields), member.input_size, ev.mean, ev.std)
     workers = member.resources.loader_workers
-    stream = TrainStream(data.train, train_tf, rank, world, seed=member.seed, start_pass=state.epoch)
+    stream = TrainStream(data.train, train_tf, rank, world, seed=member.seed, start_pass=state.epoch,
+                         label_shuffling=recipe.label_shuffling, plain_transform=plain_tf,
+                         plain_from_pass=recipe.epochs - recipe.plain_last_epochs if recipe.plain_last_epochs else None)
     train_batches = iter(DataLoader(stream, batch_size=recipe.batch_size, num_workers=workers, drop_last=True,
                                     pin_memory=device.type == "cuda", persistent_workers=workers > 0))
-    steps_per_epoch = max(len(data.train) // global_batch, 1)
+    steps_per_epoch = max(stream.samples_per_pass() // global_batch, 1)
     val_loader = build_eval_loader(data.val, eval_tf, recipe.batch_size * 2, workers, rank, world)
     bf16, cl = recipe.bf16, recipe.channels_last and device.type == "cuda"
+    smoothing = teacher.load_confusion_smoothing(recipe, data.train.class_names)
+    criterion = (confusion.PriorSmoothingLoss(smoothing).to(device) if smoothing is not None
+                 else loop.build_criterion(fields.label_smoothing))
 
     def epoch_end(st, metrics):
         if on_epoch_end:
@@ -96,9 +104,10 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
 
     state = loop.fit(model, optimizer, train_batches=train_batches, steps_per_epoch=steps_per_epoch,
                      epochs=recipe.epochs, base_lr=base_lr, schedule=recipe.schedule, val_loader=val_loader,
-                     device=device, criterion=loop.build_criterion(fields.label_smoothing), state=state,
+                     device=device, criterion=criterion, state=state,
                      mix=augment.build_batch_mix(fields, data.num_classes), bf16=bf16, channels_last=cl,
-                     on_epoch_end=epoch_end)
+                     on_epoch_end=epoch_end, plain_last_epochs=recipe.plain_last_epochs,
+                     multiscale=recipe.multiscale)
     return model, state
 
 

@@ -1,0 +1,71 @@
+"""Knowledge a recipe borrows from an already trained member (its "teacher"): the CAMs
+that guide crops and the confusion prior that guides label smoothing.
+
+A teacher is named by a runs file and a member name in it, so any finished member of an
+ensemble or a search can serve; its class set must be the one being trained.
+"""
+from __future__ import annotations
+
+import io
+
+import fsspec
+import numpy as np
+import torch
+
+from orchestrator.config import Recipe, Teacher
+from orchestrator.errors import UserError, unknown_name
+from orchestrator.runs_file import MemberRecord, RunsFile, load_runs
+
+
+def find_teacher(teacher: Teacher) -> tuple[RunsFile, MemberRecord]:
+    runs = load_runs(teacher.runs)
+    by_name = {m.name: m for m in runs.members if m.status == "finished"}
+    if teacher.member not in by_name:
+        raise unknown_name(f"finished member of {teacher.runs}", teacher.member, by_name)
+    return runs, by_name[teacher.member]
+
+
+def _check_classes(runs: RunsFile, class_names: list[str], what: str) -> None:
+    if runs.dataset.num_classes != len(class_names) or (
+            runs.dataset.class_names and runs.dataset.class_names != class_names):
+        raise UserError(f"{what}: the teacher was trained on {runs.dataset.num_classes} classes"
+                        f"{' (other wnids)' if runs.dataset.num_classes == len(class_names) else ''}, "
+                        f"this member on {len(class_names)}; use a teacher of the same class set")
+
+
+def _load_npy(uri: str) -> np.ndarray:
+    with fsspec.open(uri, "rb") as f:
+        return np.load(io.BytesIO(f.read()))
+
+
+def load_confusion_smoothing(recipe: Recipe, class_names: list[str]) -> torch.Tensor | None:
+    """The smoothing matrix S (targets = S[y]) of a recipe with a confusion prior, else None."""
+    from orchestrator.train.confusion import confusion_prior, smoothing_matrix
+
+    cp = recipe.confusion_prior
+    if cp is None:
+        return None
+    runs, member = find_teacher(cp.teacher)
+    _check_classes(runs, class_names, "confusion_prior")
+    if not member.predictions:
+        raise UserError(f"confusion_prior: member {member.name} of {cp.teacher.runs} has no cached predictions")
+    probs, labels = _load_npy(member.predictions), _load_npy(runs.dataset.labels)
+    prior = confusion_prior(probs, labels, cp.k)
+    return smoothing_matrix(prior, recipe.augment.fields().label_smoothing)
+
+
+def load_cam_maps(recipe: Recipe, split, device) -> dict[str, torch.Tensor] | None:
+    """{train sample key: CAM of its true class} from the recipe's CAM teacher, else None."""
+    from models import load_checkpoint
+    from orchestrator.train.cam import compute_maps
+
+    cc = recipe.cam_crops
+    if cc is None:
+        return None
+    runs, member = find_teacher(cc.teacher)
+    _check_classes(runs, split.class_names, "cam_crops")
+    if not member.checkpoint:
+        raise UserError(f"cam_crops: member {member.name} of {cc.teacher.runs} has no checkpoint")
+    model, _ = load_checkpoint(member.checkpoint)
+    ev = member.eval
+    return compute_maps(model, split.iter_samples(), ev.input_size, ev.mean, ev.std, device)
