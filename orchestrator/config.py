@@ -177,6 +177,74 @@ class RayOpts(Strict):
     max_failures: int = Field(2, ge=0, description="Ray Train restarts of a member's worker group")
 
 
+SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+class Dimension(Strict):
+    """One searched field: exactly one of choice / grid (lists), uniform / loguniform /
+    randint ([low, high], randint inclusive)."""
+
+    choice: list | None = None
+    grid: list | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        given = [k for k in SPACE_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise UserError(f"a search dimension needs exactly one of {', '.join(SPACE_KINDS)}; "
+                            f"got {', '.join(given) or 'none'}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SPACE_KINDS if getattr(self, k) is not None)
+
+    @property
+    def values(self) -> list:
+        return list(getattr(self, self.kind))
+
+
+class Asha(Strict):
+    grace_period: int = Field(1, ge=1, description="epochs every trial trains before it can be stopped")
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class Pbt(Strict):
+    perturbation_interval: int = Field(1, ge=1, description="epochs between exploit/explore steps")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    mutate: list[str] | None = None  # searched paths PBT perturbs; default: LR and augmentation fields
+
+
+class Select(Strict):
+    size: int = Field(4, ge=1, description="how many trials become members")
+    metric: Literal["nll", "top1", "top5"] = "nll"  # greedy selection's loss on the selection split
+    selection_fraction: float = Field(0.5, gt=0, lt=1, description="val share used to choose; the rest reports")
+
+
+class Search(Strict):
+    space: dict[str, Dimension] = Field(min_length=1)
+    num_samples: int = Field(8, ge=1, description="samples per base member (x the grid dimensions)")
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    asha: Asha = Asha()
+    pbt: Pbt = Pbt()
+    algorithm: Literal["random", "optuna"] = "random"
+    metric: Literal["val_top1_err", "val_top5_err", "val_loss"] = "val_top1_err"
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    select: Select = Select()
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        from orchestrator.search.space import check_dimension
+
+        for path, dim in self.space.items():
+            check_dimension(path, dim)
+        return self
+
+
 class EnsembleConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     data: Data
@@ -187,11 +255,13 @@ class EnsembleConfig(Strict):
     defaults: Member = Member()
     members: list[Member] = []
     grid: Grid | None = None
+    search: Search | None = None  # used by jobs/search.py
+    imported_runs: list[str] = Field([], description="runs files whose finished members join as they are")
 
     @model_validator(mode="after")
     def _members_present(self):
-        if not self.members and self.grid is None:
-            raise UserError("config has no members: give `members:` or `grid:`")
+        if not self.members and self.grid is None and not self.imported_runs:
+            raise UserError("config has no members: give `members:`, `grid:` or `imported_runs:`")
         return self
 
 
@@ -238,10 +308,17 @@ def parse_config(raw: dict) -> EnsembleConfig:
     try:
         return EnsembleConfig.model_validate(raw)
     except ValidationError as exc:
-        cause = exc.errors()[0].get("ctx", {}).get("error")
-        if isinstance(cause, UserError):
-            raise cause from None
         raise UserError(_format_error(exc)) from None
+
+
+def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = ".".join(["recipe", *(str(p) for p in err["loc"])])
+        what = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise UserError(f"{where}: {path}: {what}") from None
 
 
 def load_config(path: str) -> EnsembleConfig:

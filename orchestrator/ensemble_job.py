@@ -29,6 +29,13 @@ def load_and_check(path: str) -> tuple[EnsembleConfig, list[ResolvedMember]]:
     # elsewhere, so they get absolute ones.
     cfg.data.root = storage.absolute(cfg.data.root)
     members = resolve_members(cfg)  # unknown arch / recipe / policy / preset -> UserError
+    check_data(cfg)
+    imported(cfg, members)
+    return cfg, members
+
+
+def check_data(cfg: EnsembleConfig) -> None:
+    """The data the config names exists and agrees with it (before anything starts)."""
     manifest = load_manifest(cfg.data.root)
     if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
         raise UserError(f"data.num_classes is {cfg.data.num_classes} but {cfg.data.root}/manifest.json "
@@ -36,7 +43,41 @@ def load_and_check(path: str) -> tuple[EnsembleConfig, list[ResolvedMember]]:
     select_classes(manifest, cfg.data.classes)
     for split in (cfg.data.train_split, cfg.data.val_split):
         check_shards_exist(manifest, split)
-    return cfg, members
+
+
+def dataset_ref(cfg: EnsembleConfig, labels: str, samples: int | None) -> DatasetRef:
+    manifest = load_manifest(cfg.data.root)
+    kept = select_classes(manifest, cfg.data.classes)
+    return DatasetRef(name=manifest.name, uri=cfg.data.root, split=cfg.data.val_split, num_classes=len(kept),
+                      samples=samples, labels=labels, classes=cfg.data.classes, per_class=cfg.data.val_per_class,
+                      class_names=[manifest.classes[i]["wnid"] for i in kept])
+
+
+def imported(cfg: EnsembleConfig, members: list[ResolvedMember]) -> list[MemberRecord]:
+    """Finished members of the config's `imported_runs` (a search's chosen trials, another
+    ensemble): they join this ensemble's runs file as they are, if they were scored on
+    the same split, subset and classes, in the same order."""
+    from orchestrator.runs_file import load_runs
+
+    out: list[MemberRecord] = []
+    names = {m.name for m in members}
+    for path in cfg.imported_runs:
+        runs = load_runs(path)
+        d = runs.dataset
+        ours = (storage.absolute(cfg.data.root), cfg.data.val_split, cfg.data.classes, cfg.data.val_per_class)
+        theirs = (storage.absolute(d.uri), d.split, d.classes, d.per_class)
+        if ours != theirs:
+            raise UserError(f"imported_runs {path}: its members were scored on {theirs[0]} split {d.split} "
+                            f"(classes {d.classes}, per class {d.per_class}); this ensemble uses {ours[0]} split "
+                            f"{ours[1]} (classes {ours[2]}, per class {ours[3]})")
+        for m in runs.members:
+            if m.status != "finished":
+                continue
+            if m.name in names:
+                raise UserError(f"imported_runs {path}: member name {m.name!r} is already used in this ensemble")
+            names.add(m.name)
+            out.append(m)
+    return out
 
 
 def print_plan(cfg: EnsembleConfig, members: list[ResolvedMember]) -> None:
@@ -120,13 +161,14 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
         launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     records, failed = _collect(ctx, members)
-    runs = _runs_file(cfg, ctx, records, tracking_uri, parent)
+    extra = imported(cfg, members)
+    runs = _runs_file(cfg, ctx, records, tracking_uri, parent, extra)
     write_runs(runs_path, runs)
     # a copy beside the members' records: under `ray job submit` the driver's working
     # directory is a temporary copy, so this is the one a user can always find
     write_runs(storage.join(root, cfg.name, "runs.yaml"), runs)
     _log_runs_file(client, parent, runs)
-    console.print(_result_table(records))
+    console.print(_result_table(records + [m.model_dump() for m in extra]))
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
     console.print(f"runs file: {storage.join(root, cfg.name, 'runs.yaml')}")
     if failed:
@@ -174,14 +216,17 @@ def _collect(ctx: dict, members: list[ResolvedMember]) -> tuple[list[dict], list
     return records, failed
 
 
-def _runs_file(cfg: EnsembleConfig, ctx: dict, records: list[dict], tracking_uri: str, parent: str) -> RunsFile:
+def _runs_file(cfg: EnsembleConfig, ctx: dict, records: list[dict], tracking_uri: str, parent: str,
+               extra: list[MemberRecord]) -> RunsFile:
     finished = [r for r in records if r["status"] == "finished"]
-    manifest = load_manifest(cfg.data.root)
-    kept = select_classes(manifest, cfg.data.classes)
     labels = finished[0]["labels"] if finished else ""
     samples = int(finished[0]["metrics"]["val_samples"]) if finished else None
-    dataset = DatasetRef(name=manifest.name, uri=cfg.data.root, split=cfg.data.val_split, num_classes=len(kept),
-                         samples=samples, labels=labels, classes=cfg.data.classes, per_class=cfg.data.val_per_class, class_names=[manifest.classes[i]["wnid"] for i in kept])
-    members = [MemberRecord(**{k: v for k, v in r.items() if k != "labels"}) for r in records]
+    if not finished and extra:
+        from orchestrator.runs_file import load_runs
+
+        d = load_runs(cfg.imported_runs[0]).dataset
+        labels, samples = d.labels, d.samples
+    dataset = dataset_ref(cfg, labels, samples)
+    members = [MemberRecord(**{k: v for k, v in r.items() if k != "labels"}) for r in records] + extra
     return RunsFile(ensemble=cfg.name, dataset=dataset, members=members,
                     mlflow=MlflowRef(tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment, parent_run_id=parent))

@@ -38,3 +38,65 @@ def plot_curves(path: str, history: list[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_lr_policies(path: str, warmup_fraction: float = 0.05) -> None:
+    """Every registered LR policy over a run (default hyperparameters, with and without a
+    linear warm-up): what a search's `recipe.schedule.policy` chooses between."""
+    total = 1000
+    names = lr_policies.list_policies()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, warm in zip(axes, (0, round(warmup_fraction * total))):
+        for name in names:
+            ax.plot([s / total for s in range(total)],
+                    [lr_policies.multiplier(name, s, total, warm) for s in range(total)], label=name)
+        ax.set(xlabel="fraction of training", title=f"warm-up {warm / total:.0%}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("LR / peak LR")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_trials(path: str, histories: dict[str, list[dict]], metric: str = "val_top1_err") -> None:
+    """Every trial's val metric per epoch: ASHA's early stops show as short lines, PBT's
+    exploit steps as jumps."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, hist in histories.items():
+        ax.plot([h["epoch"] for h in hist], [h[metric] for h in hist], marker="o", ms=3, label=name)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"search trials ({len(histories)})")
+    ax.grid(alpha=0.3)
+    if len(histories) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_parallel(path: str, rows: list[dict], keys: list[str], metric: str) -> None:
+    """Parallel coordinates of the searched fields, one line per trial coloured by its
+    final metric (lower = darker); categorical fields are placed by their order."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(6, 2 * len(keys) + 2), 4))
+    axes = keys + [metric]
+    scaled = []
+    for k in axes:
+        vals = [r.get(k) for r in rows]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            lo, hi = min(vals), max(vals)
+            scaled.append([(v - lo) / (hi - lo) if hi > lo else 0.5 for v in vals])
+        else:
+            cats = sorted({str(v) for v in vals})
+            scaled.append([(cats.index(str(v)) + 0.5) / len(cats) for v in vals])
+    final = np.array([r[metric] for r in rows], dtype=float)
+    norm = (final - final.min()) / (np.ptp(final) or 1.0)
+    for j in range(len(rows)):
+        ax.plot(range(len(axes)), [s[j] for s in scaled], color=plt.cm.viridis(norm[j]), alpha=0.8)
+    ax.set_xticks(range(len(axes)), [a.rsplit(".", 1)[-1] for a in axes], rotation=20)
+    ax.set_yticks([])
+    ax.set_title("searched fields (scaled per axis) -> " + metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import flatten
 
-PARENT_TAG, MEMBER_TAG = "ensemble.name", "member.key"
+PARENT_TAG, MEMBER_TAG, TRIAL_TAG = "ensemble.name", "member.key", "trial.id"
 
 
 def resolve_tracking_uri(configured: str | None, local_root: str = "./mlruns") -> str:
@@ -60,16 +60,18 @@ def git_commit() -> str:
         return "unknown"
 
 
-def get_or_create_parent(client: MlflowClient, experiment_id: str, ensemble: str, tags: dict) -> str:
-    """The parent run of this ensemble: the existing one (a re-run resumes it) or a new one."""
-    found = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{ensemble}' and tags.`ensemble.kind` = 'parent'",
+def get_or_create_parent(client: MlflowClient, experiment_id: str, ensemble: str, tags: dict,
+                         kind: str = "parent") -> str:
+    """The parent run of this ensemble (kind "parent") or search (kind "search"): the
+    existing one (a re-run resumes it) or a new one."""
+    found = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{ensemble}' and tags.`ensemble.kind` = '{kind}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=ensemble,
-                                   tags={PARENT_TAG: ensemble, "ensemble.kind": "parent"}).info.run_id
+                                   tags={PARENT_TAG: ensemble, "ensemble.kind": kind}).info.run_id
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     return run_id
 
@@ -95,3 +97,24 @@ def log_epoch(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> N
     ts = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()
                                       if isinstance(v, (int, float))])
+
+
+def get_or_create_trial_run(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, member,
+                            overrides: dict) -> str:
+    """A search trial's child run, reused when the trial restarts (a failure, or a PBT
+    exploit step: the trial keeps its run; the perturbed values are logged as metrics
+    `hp/<field>` per epoch, since MLflow params are write-once)."""
+    found = client.search_runs([experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                               f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"{member.name}-{trial_id}", tags={
+        "mlflow.parentRunId": parent_id, TRIAL_TAG: trial_id, MEMBER_TAG: member.key, "arch": member.arch,
+        "member.name": member.name})
+    params = {**{f"search.{k}": v for k, v in overrides.items()},
+              **flatten(member.model_dump(exclude={"key"}))}
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id

@@ -77,6 +77,14 @@ def load_manifest(root: str) -> Manifest:
                         "to make shards from a folder layout)") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{url} is not valid JSON: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # botocore's NoCredentialsError, EndpointConnectionError, ...
+        if type(exc).__module__.split(".")[0] not in ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs"):
+            raise
+        hint = " (set AWS credentials in the environment or the instance role)" if "Credentials" in type(
+            exc).__name__ else ""
+        raise UserError(f"cannot read {url}: {type(exc).__name__}{hint}") from None
     try:
         splits = {name: [Shard(s["file"], int(s["samples"]), s.get("sha256"), s.get("bytes")) for s in info["shards"]]
                   for name, info in raw["splits"].items()}

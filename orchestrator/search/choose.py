@@ -1,0 +1,34 @@
+"""Which search trials become ensemble members: by their own error, or by what they add.
+
+The top-k trials by their own error tend to be near-copies of one configuration; an
+ensemble gains most from members that are good *and* different (Hansen & Salamon 1990;
+Caruana et al. 2004). Both choices are made on a selection part of the val split from
+the trials' cached predictions (no retraining, no data read), and both are reported on
+the held-out rest, so the comparison is not biased by the choosing.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ensemble.evaluate import split_rows
+from ensemble.math import combine, forward_selection, topk_error
+
+
+def _ensemble_errors(preds: list[np.ndarray], chosen: list[int], labels: np.ndarray, rows: np.ndarray) -> dict:
+    probs = combine([preds[i][rows] for i in chosen])
+    best = min(topk_error(preds[i][rows], labels[rows], 1) for i in chosen)
+    return {"top1_err": topk_error(probs, labels[rows], 1), "top5_err": topk_error(probs, labels[rows], 5),
+            "best_member_top1_err": best}
+
+
+def compare(preds: list[np.ndarray], labels: np.ndarray, size: int, metric: str, fraction: float,
+            seed: int = 0) -> dict:
+    """{"topk": {...}, "greedy": {...}, "selection_rows", "report_rows"}: each choice's
+    trial indices and its ensemble's errors on the held-out rows."""
+    sel, rows = split_rows(len(labels), fraction, True, seed)
+    own = [topk_error(p[sel], labels[sel], 1) for p in preds]
+    topk = [int(i) for i in np.argsort(own, kind="stable")[:size]]
+    greedy, curve = forward_selection(lambda i: preds[i][sel], len(preds), labels[sel], size, metric)
+    return {"topk": {"chosen": topk, **_ensemble_errors(preds, topk, labels, rows)},
+            "greedy": {"chosen": greedy, "selection_curve": curve, **_ensemble_errors(preds, greedy, labels, rows)},
+            "selection_rows": len(sel), "report_rows": len(rows)}

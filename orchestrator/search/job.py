@@ -1,0 +1,283 @@
+"""The search job's driver: check the space, run the Tune search, choose members, write
+runs files, log the search to MLflow.
+
+`jobs/search.py` only parses arguments and calls `run`. The search is tracked as one
+MLflow parent run (tag ensemble.kind = search) with a child per trial; its output is a
+runs file of the chosen trials (checkpoints and cached predictions reused, nothing
+retrained), which `ensemble.evaluate` reads and an ensemble config can import
+(`imported_runs:`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from orchestrator import storage
+from orchestrator.config import EnsembleConfig, ResolvedMember, Search, load_config, resolve_members
+from orchestrator.errors import UserError
+from orchestrator.ray_train import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
+from orchestrator.runs_file import EvalRef, MemberRecord, MlflowRef, RunsFile, write_runs
+from orchestrator.search import space
+
+MUTABLE_PREFIXES = ("recipe.optimizer.lr", "recipe.augment.overrides.")  # PBT's default: LR and augmentation
+
+
+def load_and_check(path: str) -> tuple[EnsembleConfig, list[ResolvedMember]]:
+    from orchestrator.ensemble_job import check_data
+
+    cfg = load_config(path)
+    if cfg.search is None:
+        raise UserError(f"{path} has no `search:` section (see configs/search/ for examples)")
+    cfg.data.root = storage.absolute(cfg.data.root)
+    bases = resolve_members(cfg)
+    for b in bases:
+        if b.resources.workers != 1:
+            raise UserError(f"member {b.name}: search trials run one worker each (a GPU or a share of one); "
+                            f"set resources.workers: 1 and train data-parallel members with train_ensemble.py")
+        space.check_space(cfg.search.space, b)
+    _check_scheduler(cfg.search)
+    check_data(cfg)
+    return cfg, bases
+
+
+def mutable_paths(search: Search) -> list[str]:
+    if search.pbt.mutate is not None:
+        return search.pbt.mutate
+    return [p for p in search.space if p.startswith(MUTABLE_PREFIXES) and search.space[p].kind != "grid"]
+
+
+def _check_scheduler(search: Search) -> None:
+    if search.scheduler != "pbt":
+        return
+    if search.algorithm != "random":
+        raise UserError("search.scheduler pbt samples its own population: use search.algorithm random")
+    paths = mutable_paths(search)
+    for p in paths:
+        if p not in search.space:
+            raise unknown_path(p, search)
+        if search.space[p].kind == "grid":
+            raise UserError(f"search.pbt.mutate: {p!r} is a grid dimension; PBT perturbs choice and range ones")
+    if not paths:
+        raise UserError("search.scheduler pbt needs something to perturb: search recipe.optimizer.lr or an "
+                        "augmentation field, or list fields in search.pbt.mutate")
+
+
+def unknown_path(p: str, search: Search) -> UserError:
+    return UserError(f"search.pbt.mutate: {p!r} is not searched; searched fields: {', '.join(search.space)}")
+
+
+def build_scheduler(search: Search, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if search.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=search.asha.grace_period,
+                             reduction_factor=search.asha.reduction_factor)
+    if search.scheduler == "pbt":
+        return PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=search.pbt.perturbation_interval,
+            hyperparam_mutations={p: space.to_tune(search.space[p]) for p in mutable_paths(search)},
+            quantile_fraction=search.pbt.quantile_fraction, resample_probability=search.pbt.resample_probability,
+            synch=True)  # synchronous: every trial reaches the interval before any exploits (reproducible)
+    return FIFOScheduler()
+
+
+def build_search_alg(search: Search):
+    if search.algorithm == "random":
+        return None  # Tune's BasicVariantGenerator: random sampling, grid dimensions expanded
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UserError("search.algorithm optuna needs the optuna package (pip install optuna); "
+                        "valid choices without it: random") from None
+    return OptunaSearch()
+
+
+def _resources(bases: dict[str, ResolvedMember]):
+    def per_trial(config: dict) -> dict:
+        r = bases[config["base"]].resources
+        return {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    return per_trial
+
+
+def run_search(cfg: EnsembleConfig, bases: list[ResolvedMember], ctx: dict, run_name: str):
+    from ray import tune
+
+    from orchestrator.search.trial import search_trial
+
+    search = cfg.search
+    by_key = {b.key: b for b in bases}
+    epochs = max(b.recipe.epochs for b in bases)
+    param_space = {"base": tune.grid_search(list(by_key)), **space.param_space(search.space)}
+    trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), _resources(by_key))
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=search.metric, mode="min", scheduler=build_scheduler(search, epochs),
+                                    search_alg=build_search_alg(search), num_samples=search.num_samples,
+                                    max_concurrent_trials=search.max_concurrent_trials),
+        run_config=tune.RunConfig(name=run_name, storage_path=storage.join(ctx["storage"], cfg.name, "search"),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    return tuner.fit()
+
+
+def collect(results, bases: dict[str, ResolvedMember], root: str) -> list[dict]:
+    """One row per trial: its overrides, epochs trained, final metrics, history, and (when
+    it trained every epoch) the URIs of its final checkpoint and predictions."""
+    rows = []
+    for r in results:
+        if r.metrics is None or "epoch" not in r.metrics:
+            continue
+        base = bases[r.config["base"]]
+        overrides = {k: v for k, v in r.config.items() if k != "base"}
+        member = space.apply(base, overrides)
+        hist = r.metrics_dataframe.sort_values("training_iteration") if r.metrics_dataframe is not None else None
+        history = ([{k: row[k] for k in ("epoch", "val_top1_err", "val_top5_err", "val_loss", "train_loss",
+                                         "epoch_minutes")}
+                    for _, row in hist.iterrows()] if hist is not None else [])
+        row = {"trial_id": r.metrics["trial_id"], "base": base.name, "member": member, "overrides": overrides,
+               "epochs": int(r.metrics["epoch"]), "complete": int(r.metrics["epoch"]) >= member.recipe.epochs,
+               "metrics": {k: float(r.metrics[k]) for k in ("val_top1_err", "val_top5_err", "val_loss",
+                                                            "images_per_s", "val_samples")},
+               "history": history, "restored_from": r.metrics.get("restored_from", "")}
+        if row["complete"] and r.checkpoint is not None:
+            uri = storage.checkpoint_uri(root, r.checkpoint.path)
+            row.update(checkpoint=storage.join(uri, CHECKPOINT_FILE), predictions=storage.join(uri, PREDICTIONS_FILE),
+                       labels=storage.join(uri, LABELS_FILE))
+        rows.append(row)
+    return rows
+
+
+def _load_npy(uri: str) -> np.ndarray:
+    import io
+
+    import fsspec
+
+    with fsspec.open(uri, "rb") as f:
+        return np.load(io.BytesIO(f.read()))
+
+
+def member_record(row: dict, run_ids: dict[str, str]) -> MemberRecord:
+    from models import get_spec
+
+    m: ResolvedMember = row["member"]
+    ev = get_spec(m.arch).eval_transform(m.low_res, m.input_size)
+    minutes = sum(h.get("epoch_minutes", 0.0) for h in row["history"])
+    return MemberRecord(
+        name=f"{m.name}-{row['trial_id']}", key=m.key, arch=m.arch, checkpoint=row["checkpoint"],
+        predictions=row["predictions"], eval=EvalRef(**ev.to_dict()), low_res=m.low_res, weight=m.weight,
+        mlflow_run_id=run_ids.get(row["trial_id"]), seed=m.seed, recipe=f"search:{row['trial_id']}",
+        metrics={"top1_err": row["metrics"]["val_top1_err"], "top5_err": row["metrics"]["val_top5_err"],
+                 "val_loss": row["metrics"]["val_loss"], "images_per_s": row["metrics"]["images_per_s"],
+                 "minutes": minutes, "epochs": row["epochs"], "val_samples": row["metrics"]["val_samples"]})
+
+
+def runs_files(cfg: EnsembleConfig, rows: list[dict], choice: dict, ctx: dict, run_ids: dict) -> dict[str, RunsFile]:
+    from orchestrator.ensemble_job import dataset_ref
+
+    complete = [r for r in rows if r.get("predictions")]
+    dataset = dataset_ref(cfg, complete[0]["labels"], int(complete[0]["metrics"]["val_samples"]))
+    mlflow = MlflowRef(tracking_uri=ctx["tracking_uri"], experiment=cfg.mlflow.experiment,
+                       parent_run_id=ctx["parent_run_id"])
+    return {kind: RunsFile(ensemble=f"{cfg.name}-{kind}", mlflow=mlflow, dataset=dataset,
+                           members=[member_record(complete[i], run_ids) for i in choice[kind]["chosen"]])
+            for kind in ("greedy", "topk")}
+
+
+def trial_run_ids(client, experiment_id: str, parent: str) -> dict[str, str]:
+    runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000)
+    return {r.data.tags.get("trial.id"): r.info.run_id for r in runs if r.data.tags.get("trial.id")}
+
+
+def log_search(client, parent: str, cfg: EnsembleConfig, rows: list[dict], choice: dict | None) -> None:
+    import csv
+
+    from mlflow.entities import Metric
+
+    from orchestrator import plots
+
+    keys = list(cfg.search.space)
+    table = [{"trial": r["trial_id"], "base": r["base"], **r["overrides"], "epochs": r["epochs"], **r["metrics"]}
+             for r in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "trials.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(table[0]))
+            w.writeheader()
+            w.writerows(table)
+        plots.plot_lr_policies(os.path.join(tmp, "lr_policies.png"))
+        plots.plot_trials(os.path.join(tmp, "trial_curves.png"), {r["trial_id"]: r["history"] for r in rows})
+        plots.plot_parallel(os.path.join(tmp, "parallel_coordinates.png"), table, keys, cfg.search.metric)
+        for name in ("trials.csv", "lr_policies.png", "trial_curves.png", "parallel_coordinates.png"):
+            client.log_artifact(parent, os.path.join(tmp, name), "search")
+    if choice:
+        ts = int(time.time() * 1000)
+        client.log_batch(parent, metrics=[Metric(f"{kind}_{k}", float(choice[kind][k]), ts, 0)
+                                          for kind in ("greedy", "topk")
+                                          for k in ("top1_err", "top5_err", "best_member_top1_err")])
+
+
+def print_choice(console, rows: list[dict], choice: dict, size: int) -> None:
+    from rich.table import Table
+
+    complete = [r for r in rows if r.get("predictions")]
+    table = Table(title=f"choosing {size} members from {len(complete)} complete trials "
+                        f"(held-out rows: {choice['report_rows']})")
+    for col in ("choice", "trials", "ensemble top-1 err", "ensemble top-5 err", "best member top-1 err"):
+        table.add_column(col)
+    for kind, label in (("topk", "top-k by own error"), ("greedy", "greedy marginal gain")):
+        c = choice[kind]
+        table.add_row(label, ", ".join(complete[i]["trial_id"] for i in c["chosen"]), f"{c['top1_err']:.2%}",
+                      f"{c['top5_err']:.2%}", f"{c['best_member_top1_err']:.2%}")
+    console.print(table)
+
+
+def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs_path: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+    from orchestrator.ensemble_job import _job_id, _log_config, _ray_init, console
+    from orchestrator.search.choose import compare
+
+    root = storage.absolute(cfg.storage.path)
+    storage.check_writable(root)
+    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = tracking.get_experiment_id(client, cfg.mlflow.experiment)
+    _ray_init(cfg)
+    parent = tracking.get_or_create_parent(client, experiment_id, cfg.name, {
+        "mlflow.source.git.commit": tracking.git_commit(), "ray.job_id": _job_id(),
+        "search.scheduler": cfg.search.scheduler, "ensemble.config": os.path.basename(config_path)}, kind="search")
+    _log_config(client, parent, cfg)
+    ctx = {"storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
+           "experiment_id": experiment_id, "parent_run_id": parent, "bases": {b.key: b.model_dump() for b in bases}}
+    console.print(f"search [bold]{cfg.name}[/]: {cfg.search.scheduler}, {cfg.search.num_samples} samples x "
+                  f"{len(bases)} base member(s); MLflow {tracking_uri} run {parent}")
+    results = run_search(cfg, bases, ctx, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    rows = collect(results, {b.key: b for b in bases}, root)
+    if not rows:
+        client.set_terminated(parent, "FAILED")
+        raise RuntimeError("no search trial reported a result")
+    complete = [r for r in rows if r.get("predictions")]
+    choice = None
+    if complete:
+        labels = _load_npy(complete[0]["labels"])
+        preds = [_load_npy(r["predictions"]) for r in complete]
+        sel = cfg.search.select
+        choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction)
+        files = runs_files(cfg, rows, choice, ctx, trial_run_ids(client, experiment_id, parent))
+        write_runs(runs_path, files["greedy"])
+        write_runs(storage.join(root, cfg.name, "runs.yaml"), files["greedy"])
+        write_runs(storage.join(root, cfg.name, "runs-topk.yaml"), files["topk"])
+        print_choice(console, rows, choice, sel.size)
+    log_search(client, parent, cfg, rows, choice)
+    client.set_terminated(parent, "FINISHED")
+    stopped = sum(not r["complete"] for r in rows)
+    cloned = sum(bool(r["restored_from"]) and r["restored_from"] != r["trial_id"] for r in rows)
+    console.print(f"{len(rows)} trials: {len(complete)} complete, {stopped} stopped early, {cloned} cloned by PBT")
+    if complete:
+        console.print(f"runs file (greedy choice): {storage.join(root, cfg.name, 'runs.yaml')}; top-k choice: "
+                      f"{storage.join(root, cfg.name, 'runs-topk.yaml')}")
+    return {"rows": rows, "choice": choice, "parent_run_id": parent}

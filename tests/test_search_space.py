@@ -1,0 +1,158 @@
+"""The search space and the choice of members, without Ray: bad spaces are refused with one
+line; a trial's member is the base plus its overrides; ensemble-aware choice beats top-k
+when the top trials are near-copies."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import yaml
+
+from ensemble.math import forward_selection
+from orchestrator.config import parse_config, resolve_members
+from orchestrator.errors import UserError
+from orchestrator.search import space
+from orchestrator.search.choose import compare
+from orchestrator.search.job import load_and_check
+from tests.conftest import ROOT, run_cli
+
+SMOKE = ROOT / "configs" / "search" / "smoke.yaml"
+
+
+def smoke_raw(tiny_root) -> dict:
+    raw = yaml.safe_load(SMOKE.read_text().replace("${DATA_ROOT:-../shared/data}/tiny-imagenet-200", tiny_root))
+    return raw
+
+
+def check(raw: dict, tmp_path):
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_and_check(str(path))
+
+
+@pytest.mark.parametrize("field, dim, message", [
+    ("recipe.augment.overrides.colour_jitter", {"uniform": [0, 0.4]}, "unknown augmentation field 'colour_jitter'"),
+    ("recipe.optimiser.lr", {"uniform": [0.1, 0.2]}, "recipe.optimiser: unknown field"),
+    ("recipe.optimizer.lr", {"choice": []}, "choice is empty"),
+    ("recipe.optimizer.lr", {"uniform": [0.5, 0.1]}, "range [0.5, 0.1] is empty or reversed"),
+    ("recipe.optimizer.lr", {"loguniform": [0.0, 0.1]}, "positive low bound"),
+    ("recipe.optimizer.lr", {"uniform": [0.1, 0.2], "choice": [0.1]}, "exactly one of"),
+    ("recipe.optimizer.lr", {"uniform": [-0.1, 0.2]}, "greater than 0"),
+    ("recipe.schedule.params.period", {"uniform": [1, 2]}, "no searched LR policy takes 'period'"),
+    ("recipe.epochs.max", {"choice": [1]}, "is not a section"),
+    ("arch", {"choice": ["resnet18"]}, "unknown search field 'arch'"),
+    ("recipe.schedule.policy", {"choice": ["cosine", "linear"]}, "unknown LR policy 'linear'"),
+])
+def test_bad_search_spaces_are_refused_with_one_line(tiny_root, tmp_path, field, dim, message):
+    raw = smoke_raw(tiny_root)
+    raw["search"]["space"] = {field: dim}
+    with pytest.raises(UserError) as err:
+        check(raw, tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_cli_exits_2_on_a_bad_space_and_accepts_the_smoke_search(tiny_root, tmp_path):
+    raw = smoke_raw(tiny_root)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(yaml.safe_dump(raw))
+    assert run_cli("jobs/search.py", "--config", str(ok), "--dry-run").returncode == 0
+    raw["search"]["space"]["recipe.optimizer.lr"] = {"choice": []}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    out = run_cli("jobs/search.py", "--config", str(bad), "--dry-run")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "choice is empty" in out.stderr
+
+
+def test_pbt_needs_something_to_perturb(tiny_root, tmp_path):
+    raw = smoke_raw(tiny_root)
+    raw["search"].update(scheduler="pbt", space={"recipe.schedule.policy": {"choice": ["cosine", "poly"]}})
+    with pytest.raises(UserError, match="pbt needs something to perturb"):
+        check(raw, tmp_path)
+    raw["search"]["pbt"] = {"mutate": ["recipe.optimizer.lr"]}
+    with pytest.raises(UserError, match="is not searched"):
+        check(raw, tmp_path)
+
+
+def test_search_trials_are_single_worker(tiny_root, tmp_path):
+    raw = smoke_raw(tiny_root)
+    raw["defaults"]["resources"]["workers"] = 2
+    with pytest.raises(UserError, match="one worker each"):
+        check(raw, tmp_path)
+
+
+def test_a_trial_member_is_the_base_with_its_overrides(tiny_root, tmp_path):
+    cfg, bases = check(smoke_raw(tiny_root), tmp_path)
+    base = bases[0]
+    m = space.apply(base, {"recipe.schedule.policy": "poly", "recipe.schedule.params.power": 2.5,
+                           "recipe.optimizer.lr": 0.05, "recipe.augment.overrides.color_jitter": 0.3})
+    assert m.recipe.schedule.policy == "poly" and m.recipe.schedule.params == {"power": 2.5}
+    assert m.recipe.optimizer.lr == 0.05 and m.recipe.augment.fields().color_jitter == 0.3
+    assert m.key != base.key and base.recipe.optimizer.lr == 0.2  # the base is untouched
+    cosine = space.apply(base, {"recipe.schedule.policy": "cosine", "recipe.schedule.params.power": 2.5})
+    assert cosine.recipe.schedule.params == {}  # power is poly's: dropped for a cosine trial
+    assert space.apply(base, {"recipe.optimizer.lr": 0.05}).key == space.apply(base, {"recipe.optimizer.lr": 0.05}).key
+
+
+def test_hikvision_options_are_searchable(tiny_root, tmp_path):
+    raw = smoke_raw(tiny_root)
+    raw["search"]["space"] = {"recipe.label_shuffling": {"grid": [False, True]},
+                              "recipe.plain_last_epochs": {"randint": [0, 2]},
+                              "recipe.augment.overrides.random_interpolation": {"choice": [False, True]},
+                              "recipe.augment.overrides.crop_scale": {"choice": [[0.08, 1.0], [0.35, 1.0]]}}
+    cfg, bases = check(raw, tmp_path)
+    m = space.apply(bases[0], {"recipe.label_shuffling": True, "recipe.plain_last_epochs": 2,
+                               "recipe.augment.overrides.crop_scale": [0.35, 1.0]})
+    assert m.recipe.label_shuffling and m.recipe.plain_last_epochs == 2
+    assert m.recipe.augment.fields().crop_scale == (0.35, 1.0)
+
+
+def library(n: int = 600, seed: int = 0):
+    """Three near-copies that are the best alone, and two weaker but different trials."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    def member(right: np.ndarray, noise: float) -> np.ndarray:
+        p = rng.dirichlet(np.ones(10), n) * 0.5
+        p[np.arange(n), labels] += np.where(right, 0.6, 0.0)
+        p[np.arange(n), (labels + 1) % 10] += np.where(right, 0.0, 0.6)
+        p += noise * rng.random((n, 10))
+        return (p / p.sum(1, keepdims=True)).astype(np.float16)
+    common = rng.random(n) < 0.70
+    copies = [member(common, 0.01) for _ in range(3)]
+    other = [member(rng.random(n) < 0.62, 0.01) for _ in range(2)]
+    return copies + other, labels
+
+
+def test_greedy_choice_adds_different_trials_where_top_k_takes_copies():
+    preds, labels = library()
+    out = compare(preds, labels, size=3, metric="nll", fraction=0.5)
+    assert sorted(out["topk"]["chosen"]) == [0, 1, 2]  # the near-copies: best on their own
+    assert {3, 4} & set(out["greedy"]["chosen"])  # marginal gain prefers a different member
+    assert out["greedy"]["top1_err"] < out["topk"]["top1_err"]
+    assert out["selection_rows"] + out["report_rows"] == len(labels)
+
+
+def test_forward_selection_picks_distinct_members_best_first():
+    preds, labels = library()
+    chosen, curve = forward_selection(lambda i: preds[i], len(preds), labels, 4)
+    assert len(set(chosen)) == 4 and chosen[0] in (0, 1, 2)
+    assert chosen == forward_selection(lambda i: preds[i], len(preds), labels, 4)[0]
+
+
+def test_imported_runs_must_match_the_ensembles_data(tiny_root, tmp_path):
+    from orchestrator.ensemble_job import imported
+    from orchestrator.runs_file import DatasetRef, EvalRef, MemberRecord, RunsFile, write_runs
+
+    runs = RunsFile(ensemble="s", dataset=DatasetRef(name="tiny", uri=tiny_root, num_classes=10, labels="l.npy",
+                                                     classes=10, per_class=8),
+                    members=[MemberRecord(name="t1", key="k", arch="vgg11_bn", checkpoint="c", predictions="p",
+                                          eval=EvalRef(input_size=32, resize=32, crop=32, mean=[0] * 3, std=[1] * 3))])
+    write_runs(str(tmp_path / "runs.yaml"), runs)
+    raw = {"name": "e", "data": {"root": tiny_root, "classes": 10, "val_per_class": 8},
+           "imported_runs": [str(tmp_path / "runs.yaml")]}
+    cfg = parse_config(copy.deepcopy(raw))
+    assert [m.name for m in imported(cfg, resolve_members(cfg))] == ["t1"]
+    raw["data"]["val_per_class"] = 4
+    cfg = parse_config(raw)
+    with pytest.raises(UserError, match="scored on"):
+        imported(cfg, [])
