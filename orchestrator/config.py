@@ -160,6 +160,7 @@ class Data(Strict):
     train_per_class: int | None = Field(None, ge=1)
     val_per_class: int | None = Field(None, ge=1)
     num_classes: int | None = Field(None, description="if given, must agree with the manifest")
+    max_bad_images: int = Field(50, ge=0, description="undecodable images skipped per epoch before the run fails")
 
 
 class Storage(Strict):

@@ -31,6 +31,37 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
+class TooManyBadImages(RuntimeError):
+    """More undecodable images in an epoch than data.max_bad_images allows."""
+
+
+class BadImages:
+    """Counts images that fail to decode (corrupt or truncated files), across DataLoader
+    worker processes: a shared-memory integer, inherited by the forked workers."""
+
+    def __init__(self):
+        import multiprocessing
+
+        self._count = multiprocessing.Value("l", 0)
+
+    def add(self) -> None:
+        with self._count.get_lock():
+            self._count.value += 1
+
+    @property
+    def total(self) -> int:
+        return int(self._count.value)
+
+
+def try_decode(data: bytes, bad: BadImages | None) -> torch.Tensor | None:
+    try:
+        return decode_rgb(data)
+    except RuntimeError:  # torchvision's decoders raise RuntimeError on corrupt data
+        if bad is not None:
+            bad.add()
+        return None
+
+
 def select_classes(manifest: Manifest, classes: int | list[str] | None) -> list[int]:
     """Original class indices kept, in order: the first N, or the listed wnids."""
     if classes is None:
@@ -81,7 +112,15 @@ class Split:
             for path, label in list_folder_split(self.manifest.root, url.removeprefix(FOLDER_PREFIX), wnids):
                 yield Sample(path, b"", label)
         else:
-            yield from iter_shard(url)
+            n = self.manifest.num_classes
+            for s in iter_shard(url, self._sha256().get(url)):
+                if not 0 <= s.label < n:
+                    raise UserError(f"shard {url}: sample {s.key} has label {s.label}, outside 0..{n - 1} "
+                                    f"({self.manifest.name} has {n} classes)")
+                yield s
+
+    def _sha256(self) -> dict[str, str]:
+        return {self.manifest.url(s): s.sha256 for s in self.manifest.shards(self.split) if s.sha256}
 
     def iter_samples(self, urls: list[str] | None = None, keep=None) -> Iterator[Sample]:
         """Samples in dataset order (from memory, or streamed from `urls`); with `keep`,
@@ -168,6 +207,7 @@ class TrainStream(IterableDataset):
         self.seed, self.start_pass, self.shuffle_buffer = seed, start_pass, shuffle_buffer
         self.label_shuffling = label_shuffling
         self.plain_transform, self.plain_from_pass = plain_transform, plain_from_pass
+        self.bad = BadImages()
 
     def samples_per_pass(self) -> int:
         if self.split.records is None:
@@ -210,7 +250,9 @@ class TrainStream(IterableDataset):
             tf = self.transform_for(p)
             keyed = getattr(tf, "keyed", False)
             for s in self._one_pass(p, slot, nslots):
-                img = decode_rgb(s.data)
+                img = try_decode(s.data, self.bad)
+                if img is None:
+                    continue  # skipped and counted; the loop fails the run past data.max_bad_images
                 yield (tf(img, s.key) if keyed else tf(img)), s.label
             p += 1
 
@@ -221,10 +263,15 @@ class EvalStream(IterableDataset):
 
     def __init__(self, split: Split, transform, rank: int = 0, world: int = 1):
         self.split, self.transform, self.rank, self.world = split, transform, rank, world
+        self.bad = BadImages()
 
     def __iter__(self):
         slot, nslots = _slots()
         total, me = self.world * nslots, self.rank * nslots + slot
         kept = self.split.iter_samples(keep=lambda i: i % total == me)
         for j, s in enumerate(kept):  # the j-th kept sample is sample me + j * total
-            yield me + j * total, self.transform(decode_rgb(s.data)), s.label
+            img = try_decode(s.data, self.bad)
+            if img is None:
+                # still scored (as a blank grey image), so every index keeps its row; counted
+                img = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+            yield me + j * total, self.transform(img), s.label

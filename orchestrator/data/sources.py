@@ -7,8 +7,11 @@ paths, s3:// and any other fsspec URL without temporary copies.
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,13 +29,33 @@ class Sample:
     label: int
 
 
-def iter_shard(url: str) -> Iterator[Sample]:
-    """Samples of one shard: `<key>.jpg` + `<key>.cls` members, adjacent in the tar."""
+class _Hashing:
+    """A read-only file wrapper that hashes what is read (verifying a streamed shard
+    against the manifest's sha256 costs no second read)."""
+
+    def __init__(self, raw):
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.raw.read(n)
+        self.digest.update(chunk)
+        return chunk
+
+    def drain(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+def iter_shard(url: str, sha256: str | None = None) -> Iterator[Sample]:
+    """Samples of one shard: `<key>.jpg` + `<key>.cls` members, adjacent in the tar. With
+    `sha256`, the bytes read are checked against it when the shard ends."""
     key, data, label = None, None, None
     try:
         with fsspec.open(url, "rb") as raw:
+            reader = _Hashing(raw)
             mode = "r|gz" if url.endswith((".gz", ".tgz")) else "r|"
-            with tarfile.open(fileobj=raw, mode=mode) as tar:
+            with tarfile.open(fileobj=reader, mode=mode) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -45,11 +68,23 @@ def iter_shard(url: str) -> Iterator[Sample]:
                     if ext in ("jpg", "jpeg", "png", "webp"):
                         data = payload
                     elif ext == "cls":
-                        label = int(payload.decode().strip())
+                        label = _label(payload, url, stem)
+            if sha256 and reader.drain() != sha256:
+                raise UserError(f"shard {url}: sha256 differs from the manifest's: the shard is corrupt or was "
+                                "replaced (re-run prepare, or fix manifest.json)")
     except FileNotFoundError:
         raise UserError(f"shard not found: {url}") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise UserError(f"shard {url} is truncated or corrupt: {type(exc).__name__}: {exc}") from None
     if key is not None and data is not None and label is not None:
         yield Sample(key, data, label)
+
+
+def _label(payload: bytes, url: str, key: str) -> int:
+    try:
+        return int(payload.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"shard {url}: sample {key} has a label that is not an integer: {payload[:20]!r}") from None
 
 
 def list_folder_classes(root: str) -> list[str]:

@@ -97,9 +97,12 @@ def build_search_alg(search: Search):
 
 
 def _resources(bases: dict[str, ResolvedMember]):
-    def per_trial(config: dict) -> dict:
+    """Each trial holds its base member's worker resources (fractional GPUs pack trials)."""
+    from ray.tune import PlacementGroupFactory
+
+    def per_trial(config: dict) -> PlacementGroupFactory:
         r = bases[config["base"]].resources
-        return {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+        return PlacementGroupFactory([{"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}])
     return per_trial
 
 
@@ -261,13 +264,18 @@ def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs
         client.set_terminated(parent, "FAILED")
         raise RuntimeError("no search trial reported a result")
     complete = [r for r in rows if r.get("predictions")]
+    run_ids = trial_run_ids(client, experiment_id, parent)
+    for r in rows:  # trials the scheduler stopped end their MLflow run too, marked as such
+        if not r["complete"] and r["trial_id"] in run_ids:
+            client.set_tag(run_ids[r["trial_id"]], "search.stopped_after_epoch", str(r["epochs"]))
+            client.set_terminated(run_ids[r["trial_id"]], "KILLED")
     choice = None
     if complete:
         labels = _load_npy(complete[0]["labels"])
         preds = [_load_npy(r["predictions"]) for r in complete]
         sel = cfg.search.select
         choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction)
-        files = runs_files(cfg, rows, choice, ctx, trial_run_ids(client, experiment_id, parent))
+        files = runs_files(cfg, rows, choice, ctx, run_ids)
         write_runs(runs_path, files["greedy"])
         write_runs(storage.join(root, cfg.name, "runs.yaml"), files["greedy"])
         write_runs(storage.join(root, cfg.name, "runs-topk.yaml"), files["topk"])

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from models import build_model, get_spec
 from orchestrator.config import Data, ResolvedMember
-from orchestrator.data.dataset import EvalStream, Split, TrainStream, open_split
+from orchestrator.data.dataset import EvalStream, Split, TooManyBadImages, TrainStream, open_split
 from orchestrator.train import augment, confusion, loop, lr, teacher
 from orchestrator.train.optim import build_optimizer
 
@@ -26,6 +26,7 @@ from orchestrator.train.optim import build_optimizer
 class MemberData:
     train: Split
     val: Split
+    max_bad_images: int = 50
 
     @property
     def num_classes(self) -> int:
@@ -35,7 +36,7 @@ class MemberData:
 def open_member_data(data: Data) -> MemberData:
     train = open_split(data.root, data.train_split, data.classes, data.train_per_class, data.num_classes)
     val = open_split(data.root, data.val_split, data.classes, data.val_per_class, data.num_classes)
-    return MemberData(train, val)
+    return MemberData(train, val, data.max_bad_images)
 
 
 def eval_transform_of(member: ResolvedMember):
@@ -98,7 +99,10 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     criterion = (confusion.PriorSmoothingLoss(smoothing).to(device) if smoothing is not None
                  else loop.build_criterion(fields.label_smoothing))
 
+    seen_bad = {"train": stream.bad.total, "val": val_loader.dataset.bad.total}
+
     def epoch_end(st, metrics):
+        count_bad_images(metrics, seen_bad, stream, val_loader.dataset, data.max_bad_images)
         if on_epoch_end:
             on_epoch_end(st, metrics, model, optimizer)
 
@@ -109,6 +113,17 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                      on_epoch_end=epoch_end, plain_last_epochs=recipe.plain_last_epochs,
                      multiscale=recipe.multiscale)
     return model, state
+
+
+def count_bad_images(metrics: dict, seen: dict, train_stream, val_stream, limit: int) -> None:
+    """This epoch's undecodable images (skipped in training, scored blank in validation)
+    as metrics; past `limit` the member fails instead of training on a broken data set."""
+    train_bad, val_bad = train_stream.bad.total - seen["train"], val_stream.bad.total - seen["val"]
+    seen.update(train=train_stream.bad.total, val=val_stream.bad.total)
+    metrics.update(bad_images=train_bad, val_bad_images=val_bad)
+    if train_bad + val_bad > limit:
+        raise TooManyBadImages(f"{train_bad} training and {val_bad} validation images could not be decoded in "
+                               f"epoch {metrics.get('epoch')}: more than data.max_bad_images = {limit}")
 
 
 def predict(model, split: Split, member: ResolvedMember, device, rank=0, world=1) -> dict:

@@ -1,0 +1,111 @@
+"""Searches end to end on CPU: ASHA on the embedded defaults (local Ray, SQLite MLflow,
+local storage), PBT on the local stack (ray job submit, MLflow server, S3), each tracked
+as a parent run with a child per trial, each ending in a runs file of chosen trials."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+
+import numpy as np
+import pytest
+import s3fs
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.runs_file import load_runs
+from tests.conftest import ROOT, run_cli
+from tests.test_e2e import RUNTIME_EXCLUDES, children_of, check_runs_file, s3_data  # noqa: F401
+
+
+def search_config(tiny_root, tmp_path, name: str) -> tuple[str, dict]:
+    raw = yaml.safe_load((ROOT / "configs" / "search" / name).read_text()
+                         .replace("${DATA_ROOT:-../shared/data}/tiny-imagenet-200", tiny_root))
+    raw["storage"]["path"] = str(tmp_path / "out")
+    raw["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "search-test"}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return str(path), raw
+
+
+def summary(stdout: str) -> dict:
+    m = re.search(r"(\d+) trials: (\d+) complete, (\d+) stopped early, (\d+) cloned by PBT", stdout)
+    assert m, stdout[-3000:]
+    return dict(zip(("trials", "complete", "stopped", "cloned"), map(int, m.groups())))
+
+
+def test_asha_search_on_the_embedded_defaults_chooses_members(tiny_root, tmp_path):
+    config, raw = search_config(tiny_root, tmp_path, "smoke.yaml")
+    runs_path = tmp_path / "search-runs.yaml"
+    out = run_cli("jobs/search.py", "--config", config, "--runs", str(runs_path), env={"RAY_ADDRESS": "local"},
+                  timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    counts = summary(out.stdout)
+    assert counts["trials"] == 6 and counts["stopped"] >= 1  # ASHA stopped some trials early
+    assert "top-k by own error" in out.stdout and "greedy marginal gain" in out.stdout
+
+    runs = load_runs(str(runs_path))
+    assert len(runs.members) == 3 and len({m.name for m in runs.members}) == 3
+    labels = np.load(runs.dataset.labels)
+    for m in runs.members:
+        probs = np.load(m.predictions)
+        assert probs.shape == (80, 10) and (probs.argmax(1) != labels).mean() == pytest.approx(m.metrics["top1_err"])
+    assert load_runs(str(tmp_path / "out" / raw["name"] / "runs-topk.yaml")).members
+
+    client = MlflowClient(raw["mlflow"]["tracking_uri"])
+    exp = client.get_experiment_by_name("search-test")
+    parent = client.search_runs([exp.experiment_id], "tags.`ensemble.kind` = 'search'")[0]
+    children = children_of(client, parent)
+    assert len(children) == 6 and all(c.data.tags.get("trial.id") for c in children)
+    for c in children:
+        assert client.get_metric_history(c.info.run_id, "val_top1_err")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/trials.csv", "search/lr_policies.png", "search/trial_curves.png",
+            "search/parallel_coordinates.png"} <= artifacts
+    assert {"greedy_top1_err", "topk_top1_err"} <= set(client.get_run(parent.info.run_id).data.metrics)
+
+    # the chosen trials are members as they are: evaluated, and imported into an ensemble
+    report = run_cli("-m", "ensemble.evaluate", "--members", str(runs_path), "--out", str(tmp_path / "report"),
+                     "--no-mlflow")
+    assert report.returncode == 0, report.stderr[-2000:]
+    ens = {"name": "from-search", "data": raw["data"], "storage": raw["storage"], "mlflow": raw["mlflow"],
+           "imported_runs": [str(runs_path)]}
+    (tmp_path / "ens.yaml").write_text(yaml.safe_dump(ens))
+    trained = run_cli("jobs/train_ensemble.py", "--config", str(tmp_path / "ens.yaml"), "--runs",
+                      str(tmp_path / "ens-runs.yaml"), env={"RAY_ADDRESS": "local"}, timeout=600)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-2000:]
+    assert [m.name for m in load_runs(str(tmp_path / "ens-runs.yaml")).members] == [m.name for m in runs.members]
+
+
+@pytest.mark.stack
+def test_pbt_on_the_cluster_path_clones_the_donors_weights(stack, s3_data):  # noqa: F811
+    run_id = uuid.uuid4().hex[:8]
+    storage = f"s3://{stack['bucket']}/pbt-{run_id}"
+    env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"pbt-{run_id}"}
+    out = subprocess.run(
+        ["ray", "job", "submit", "--address", stack["dashboard"], "--working-dir", ".", "--runtime-env-json",
+         json.dumps({"env_vars": env, "excludes": RUNTIME_EXCLUDES}), "--", "python", "jobs/search.py",
+         "--config", "configs/search/pbt-smoke.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert summary(out.stdout)["cloned"] >= 1 and "cloned the weights of trial" in out.stdout
+
+    client = MlflowClient(stack["mlflow"])
+    exp = client.get_experiment_by_name(f"pbt-{run_id}")
+    parent = client.search_runs([exp.experiment_id], "tags.`ensemble.kind` = 'search'")[0]
+    children = {c.data.tags["trial.id"]: c for c in children_of(client, parent)}
+    assert len(children) == 2
+    cloned = [c for c in children.values() if "pbt.cloned_from" in c.data.tags]
+    assert cloned
+    for c in cloned:
+        donor, epoch = c.data.tags["pbt.cloned_from"].split("@")
+        assert donor in children and donor != c.data.tags["trial.id"]
+        donor_fp = {m.step: m.value for m in client.get_metric_history(children[donor].info.run_id, "fingerprint")}
+        loaded = {m.step: m.value for m in client.get_metric_history(c.info.run_id, "cloned_fingerprint")}
+        assert loaded[int(epoch)] == donor_fp[int(epoch)]  # the weights it continued from are the donor's
+        steps = sorted({m.step for m in client.get_metric_history(c.info.run_id, "val_top1_err")})
+        assert steps[-1] == 3  # and it went on to the last epoch
+
+    runs = load_runs(f"{storage}/search-pbt-smoke/runs.yaml")
+    check_runs_file(runs, 2, 10)
+    assert s3fs.S3FileSystem().exists(runs.members[0].checkpoint)
