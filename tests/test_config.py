@@ -73,9 +73,14 @@ def test_env_expansion(tmp_path, monkeypatch):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+    for path in sorted(Path(__file__).parents[1].glob("configs/**/*.yaml")):
         members = resolve_members(load_config(str(path)))
         assert members, path
+        if "search" in path.parts:
+            from orchestrator.search.space import check_space
+
+            for m in members:
+                check_space(load_config(str(path)).search.space, m)
     big = resolve_members(load_config(str(Path(__file__).parents[1] / "configs/tiny-imagenet-20.yaml")))
     from models import get_spec
 
@@ -98,6 +103,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_root, edit, message
     out = run_cli("jobs/train_ensemble.py", "--config", str(path), "--dry-run")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_unwritable_storage_path_fails_before_training(tmp_path, tiny_root):
+    cfg = base()
+    cfg["data"]["root"] = tiny_root
+    cfg["storage"] = {"path": "/proc/ensembles-storage"}  # unwritable even for root
+    path = tmp_path / "ro.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = run_cli("jobs/train_ensemble.py", "--config", str(path), "--runs", str(tmp_path / "runs.yaml"))
+    assert out.returncode == 2 and "storage path /proc/ensembles-storage is not writable" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and not (tmp_path / "runs.yaml").exists()
 
 
 def test_cli_missing_config_file():
