@@ -46,6 +46,7 @@ def record_uri(ctx: dict, key: str) -> str:
 def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> TorchTrainer:
     r = member.resources
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    fs, path = storage.ray_storage(storage.join(member_dir(ctx), "train"))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"member": member.model_dump(), "data": ctx["data"],
@@ -53,7 +54,7 @@ def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> Torc
         scaling_config=train.ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker=per_worker),
         run_config=train.RunConfig(
             name=member.key,  # same name + storage path = resume from the latest checkpoint
-            storage_path=storage.join(member_dir(ctx), "train"),
+            storage_path=path, storage_filesystem=fs,
             # the latest checkpoint is always kept besides the num_to_keep best
             checkpoint_config=train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1_err",
                                                      checkpoint_score_order="min"),
@@ -165,11 +166,12 @@ def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | No
 def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str):
     """Run every member as a Tune trial; returns Tune's ResultGrid."""
     trainable = tune.with_resources(tune.with_parameters(member_trial, ctx=ctx), {"CPU": TRIAL_CPUS})
+    fs, path = storage.ray_storage(storage.join(member_dir(ctx), "tune"))
     tuner = tune.Tuner(
         trainable,
         param_space={"member_key": tune.grid_search([m.key for m in members])},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=run_name, storage_path=storage.join(member_dir(ctx), "tune"),
+        run_config=tune.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     return tuner.fit()

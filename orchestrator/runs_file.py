@@ -98,8 +98,12 @@ def write_runs(path: str, runs: RunsFile) -> None:
     as one object PUT to s3:// and other fsspec URLs (also all-or-nothing)."""
     text = yaml.safe_dump(runs.model_dump(mode="json"), sort_keys=False)
     if "://" in path and not path.startswith("file://"):
-        with fsspec.open(path, "w") as f:
-            f.write(text)
+        from orchestrator.storage import retry
+
+        def put():
+            with fsspec.open(path, "w") as f:
+                f.write(text)
+        retry(put, f"writing {path}")
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -3,12 +3,21 @@
     <root>/<ensemble>/train/<member key>/checkpoint_*/   Ray Train runs (model.pt, predictions)
     <root>/<ensemble>/members/<member key>.json           a finished member's record
     <root>/<ensemble>/tune/                               Tune's own experiment state
+
+Object stores have outages. Every read and write here is retried with exponential
+backoff for up to STORAGE_RETRY_SECONDS (default 300 s), and Ray Train/Tune get a
+pyarrow S3 filesystem whose AWS retry strategy also rides out minutes, so a blip of
+S3 delays a member instead of failing it.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import time
 import uuid
+from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
@@ -33,31 +42,94 @@ def check_writable(root: str) -> None:
     """Write and delete a probe object, so a read-only or unreachable storage path fails
     before any member trains rather than at the first checkpoint."""
     probe = join(root, f".write-probe-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def write_probe():
         fs, path = fsspec.core.url_to_fs(probe)
         if not is_remote(root):
             os.makedirs(root, exist_ok=True)
         with fs.open(path, "wb") as f:
             f.write(b"ok")
         fs.rm(path)
+    try:
+        retry(write_probe, f"writing to {root}", seconds=20)  # a blip, not a misconfiguration
     except Exception as exc:  # any failure here means the job cannot store its results
         raise UserError(f"storage path {root} is not writable: {type(exc).__name__}: {exc}") from None
 
 
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+def transient(exc: BaseException) -> bool:
+    """A connection-level failure worth retrying (server down, reset, timeout), not a
+    missing object or a refused permission."""
+    if isinstance(exc, PERMANENT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):  # a full or read-only disk will not heal by waiting
+        return exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EINVAL)
+    return type(exc).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                                  "ConnectionClosedError", "ClientConnectorError", "ServerDisconnectedError")
+
+
+def retry(fn: Callable[[], T], what: str, seconds: float | None = None) -> T:
+    """fn() until it succeeds, a permanent error, or `seconds` of exponential backoff
+    (1, 2, 4 ... 30 s between tries)."""
+    budget = float(os.environ.get("STORAGE_RETRY_SECONDS", 300)) if seconds is None else seconds
+    deadline, delay = time.monotonic() + budget, 1.0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s); retrying in %.0f s", what, type(exc).__name__, delay)
+            print(f"storage: {what} failed ({type(exc).__name__}); retrying in {delay:.0f} s", flush=True)
+            time.sleep(delay)
+            fsspec.AbstractFileSystem.clear_instance_cache()  # a fresh connection pool
+            delay = min(delay * 2, 30.0)
+
+
 def write_json(uri: str, payload: dict) -> None:
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not is_remote(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(payload, f, indent=1)
+    def write():
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not is_remote(uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with fs.open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+    retry(write, f"writing {uri}")
 
 
 def read_json(uri: str) -> dict | None:
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    def read():
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    return retry(read, f"reading {uri}")
+
+
+def ray_storage(uri: str):
+    """(storage_filesystem, storage_path) for a Ray Train/Tune RunConfig: for s3:// a
+    pyarrow S3 filesystem retrying for minutes (AWS standard strategy, backoff capped at
+    20 s: 15 attempts ride out a ~2 min outage), otherwise Ray's own resolution."""
+    if urlparse(uri).scheme != "s3":
+        return None, uri
+    from pyarrow import fs as pafs
+
+    attempts = int(os.environ.get("S3_MAX_ATTEMPTS", 15))
+    # endpoint and region come from AWS_ENDPOINT_URL / AWS_DEFAULT_REGION, as for boto3
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    options = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options.update(endpoint_override=parsed.netloc or endpoint, scheme=parsed.scheme or "https")
+    if os.environ.get("AWS_DEFAULT_REGION"):
+        options["region"] = os.environ["AWS_DEFAULT_REGION"]
+    return pafs.S3FileSystem(**options), uri.removeprefix("s3://")
 
 
 def checkpoint_uri(storage_root: str, fs_path: str) -> str:

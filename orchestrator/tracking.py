@@ -5,6 +5,10 @@ Only `MlflowClient` calls with explicit run ids, no fluent global state, so the 
 metrics (logged by the member's rank-0 Ray Train worker) can live in different processes
 on different machines. Re-running a job reuses its parent and each member's child, so a
 resumed member continues as the same run instead of leaving a duplicate.
+
+A stopped or restarting MLflow server delays logging rather than failing training: the
+client retries every request with exponential backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES = 7,
+factor 2: about 4 minutes), which tests/test_faults.py checks with the server down 30 s.
 """
 from __future__ import annotations
 

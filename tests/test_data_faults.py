@@ -102,3 +102,30 @@ def test_an_empty_class_is_refused(tmp_path, tiny_root):
     with pytest.raises(UserError, match="no samples of class"):
         open_split(root, "val", per_class=2)
     assert np.unique([s.label for s in open_split(root, "val").iter_samples()]).tolist() == [0, 1]
+
+
+def test_storage_retries_transient_failures_only(monkeypatch):
+    import errno
+
+    from orchestrator import storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 4:
+            raise ConnectionError("connection refused")
+        return "ok"
+    assert storage.retry(flaky, "test", seconds=60) == "ok" and len(calls) == 4
+    for permanent in (FileNotFoundError("gone"), PermissionError("no"), OSError(errno.ENOSPC, "disk full")):
+        calls.clear()
+
+        def fails(exc=permanent):
+            calls.append(1)
+            raise exc
+        with pytest.raises(type(permanent)):
+            storage.retry(fails, "test", seconds=60)
+        assert len(calls) == 1  # not retried
+    with pytest.raises(ConnectionError):  # a budget that runs out re-raises
+        storage.retry(lambda: (_ for _ in ()).throw(ConnectionError("down")), "test", seconds=3)

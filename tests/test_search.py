@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.runs_file import load_runs
 from tests.conftest import ROOT, run_cli
-from tests.test_e2e import RUNTIME_EXCLUDES, children_of, check_runs_file, s3_data  # noqa: F401
+from tests.test_e2e import RUNTIME_EXCLUDES, assert_no_credentials, children_of, check_runs_file, s3_data  # noqa: F401
 
 
 def search_config(tiny_root, tmp_path, name: str) -> tuple[str, dict]:
@@ -109,3 +109,4 @@ def test_pbt_on_the_cluster_path_clones_the_donors_weights(stack, s3_data):  # n
     runs = load_runs(f"{storage}/search-pbt-smoke/runs.yaml")
     check_runs_file(runs, 2, 10)
     assert s3fs.S3FileSystem().exists(runs.members[0].checkpoint)
+    assert_no_credentials(client, [parent, *children.values()], [out.stdout + out.stderr])

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Stop what infra/local/up.sh started: its pids (and their process groups), `ray stop`.
+#   bash infra/local/down.sh            # all
+#   bash infra/local/down.sh mlflow     # one service (the fault-injection tests stop one for a while)
 cd "$(dirname "$0")/../.."
 . infra/local/env.sh
-if [ -f "$STACK_DIR/ray.started" ]; then
+services=("$@")
+[ ${#services[@]} -gt 0 ] || services=(ray mlflow s3)
+if [[ " ${services[*]} " == *" ray "* ]] && [ -f "$STACK_DIR/ray.started" ]; then
   .venv/bin/ray stop --force >/dev/null 2>&1 || true
   rm -f "$STACK_DIR/ray.started"
 fi
-for name in mlflow s3; do
+for name in "${services[@]}"; do
+  [ "$name" = ray ] && continue
   pidfile="$STACK_DIR/$name.pid"
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")
@@ -15,4 +20,4 @@ for name in mlflow s3; do
   kill -KILL -- "-$pid" 2>/dev/null || true
   rm -f "$pidfile"
 done
-echo "stack down"
+echo "stack down (${services[*]})"

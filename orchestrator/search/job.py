@@ -116,12 +116,13 @@ def run_search(cfg: EnsembleConfig, bases: list[ResolvedMember], ctx: dict, run_
     epochs = max(b.recipe.epochs for b in bases)
     param_space = {"base": tune.grid_search(list(by_key)), **space.param_space(search.space)}
     trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), _resources(by_key))
+    fs, path = storage.ray_storage(storage.join(ctx["storage"], cfg.name, "search"))
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=search.metric, mode="min", scheduler=build_scheduler(search, epochs),
                                     search_alg=build_search_alg(search), num_samples=search.num_samples,
                                     max_concurrent_trials=search.max_concurrent_trials),
-        run_config=tune.RunConfig(name=run_name, storage_path=storage.join(ctx["storage"], cfg.name, "search"),
+        run_config=tune.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     return tuner.fit()
