@@ -111,7 +111,10 @@ def member_trial(config: dict, ctx: dict) -> None:
         storage.write_json(record_uri(ctx, member.key) + ".failed", _record(member, ctx, run_id, status="failed",
                                                                             error=message))
         traceback.print_exc()
-        raise
+        # Returning (not raising) ends the trial: Ray Train already retried the member
+        # (FailureConfig), so Tune's own retries are kept for a trial whose process or
+        # node died, where they resume the member from its checkpoint.
+        return
     final = result.metrics
     ckpt_uri = storage.checkpoint_uri(ctx["storage"], result.checkpoint.path)
     steps_per_epoch = int(final["steps_per_epoch"])
@@ -172,6 +175,6 @@ def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_
         param_space={"member_key": tune.grid_search([m.key for m in members])},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=ctx["max_failures"])),
     )
     return tuner.fit()

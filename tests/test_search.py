@@ -46,7 +46,9 @@ def test_asha_search_on_the_embedded_defaults_chooses_members(tiny_root, tmp_pat
     assert "top-k by own error" in out.stdout and "greedy marginal gain" in out.stdout
 
     runs = load_runs(str(runs_path))
-    assert len(runs.members) == 3 and len({m.name for m in runs.members}) == 3
+    chosen = min(3, counts["complete"])  # only trials that trained every epoch have final predictions
+    assert chosen >= 1 and len(runs.members) == chosen and len({m.name for m in runs.members}) == chosen
+    print(out.stdout[-2500:])
     labels = np.load(runs.dataset.labels)
     for m in runs.members:
         probs = np.load(m.predictions)

@@ -123,8 +123,12 @@ def run_search(cfg: EnsembleConfig, bases: list[ResolvedMember], ctx: dict, run_
                                     search_alg=build_search_alg(search), num_samples=search.num_samples,
                                     max_concurrent_trials=search.max_concurrent_trials),
         run_config=tune.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
+                                  # stopping at the last epoch comes before the scheduler, so PBT never
+                                  # "exploits" a finished trial (which would leave two copies of one model)
+                                  stop={"training_iteration": epochs},
                                   failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                                  # PBT clones donors' recent checkpoints: keep a few (Tune warns at <= 2)
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4)))
     return tuner.fit()
 
 
@@ -142,15 +146,20 @@ def collect(results, bases: dict[str, ResolvedMember], root: str) -> list[dict]:
         history = ([{k: row[k] for k in ("epoch", "val_top1_err", "val_top5_err", "val_loss", "train_loss",
                                          "epoch_minutes")}
                     for _, row in hist.iterrows()] if hist is not None else [])
-        row = {"trial_id": r.metrics["trial_id"], "base": base.name, "member": member, "overrides": overrides,
+        own = r.metrics["trial_id"]
+        donors = [d for d in (hist["restored_from"] if hist is not None and "restored_from" in hist else [])
+                  if isinstance(d, str) and d and d != own]
+        row = {"trial_id": own, "base": base.name, "member": member, "overrides": overrides,
                "epochs": int(r.metrics["epoch"]), "complete": int(r.metrics["epoch"]) >= member.recipe.epochs,
                "metrics": {k: float(r.metrics[k]) for k in ("val_top1_err", "val_top5_err", "val_loss",
                                                             "images_per_s", "val_samples")},
-               "history": history, "restored_from": r.metrics.get("restored_from", "")}
+               "history": history, "cloned_from": sorted(set(donors))}
         if row["complete"] and r.checkpoint is not None:
             uri = storage.checkpoint_uri(root, r.checkpoint.path)
-            row.update(checkpoint=storage.join(uri, CHECKPOINT_FILE), predictions=storage.join(uri, PREDICTIONS_FILE),
-                       labels=storage.join(uri, LABELS_FILE))
+            # the same final model reached through a clone is one candidate, not two
+            if not any(other.get("checkpoint", "").startswith(uri + "/") for other in rows):
+                row.update(checkpoint=storage.join(uri, CHECKPOINT_FILE), predictions=storage.join(uri, PREDICTIONS_FILE),
+                           labels=storage.join(uri, LABELS_FILE))
         rows.append(row)
     return rows
 
@@ -227,7 +236,7 @@ def print_choice(console, rows: list[dict], choice: dict, size: int) -> None:
     from rich.table import Table
 
     complete = [r for r in rows if r.get("predictions")]
-    table = Table(title=f"choosing {size} members from {len(complete)} complete trials "
+    table = Table(title=f"choosing up to {size} members from {len(complete)} complete trials "
                         f"(held-out rows: {choice['report_rows']})")
     for col in ("choice", "trials", "ensemble top-1 err", "ensemble top-5 err", "best member top-1 err"):
         table.add_column(col)
@@ -284,7 +293,7 @@ def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs
     log_search(client, parent, cfg, rows, choice)
     client.set_terminated(parent, "FINISHED")
     stopped = sum(not r["complete"] for r in rows)
-    cloned = sum(bool(r["restored_from"]) and r["restored_from"] != r["trial_id"] for r in rows)
+    cloned = sum(bool(r["cloned_from"]) for r in rows)
     console.print(f"{len(rows)} trials: {len(complete)} complete, {stopped} stopped early, {cloned} cloned by PBT")
     if complete:
         console.print(f"runs file (greedy choice): {storage.join(root, cfg.name, 'runs.yaml')}; top-k choice: "

@@ -1,0 +1,256 @@
+"""`python -m orchestrator.plan`: where each member of an ensemble would run on a given
+cluster, for how long, and at what cost, before anything is launched.
+
+    python -m orchestrator.plan --config configs/tiny-imagenet-20.yaml --cluster infra/clusters/aws-2x8gpu.yaml
+    python -m orchestrator.plan --config C --cluster K --measured s3://bucket/ens/runs.yaml
+
+Throughput per member: measured images/s (`--measured`: a previous runs.yaml, or the
+cluster file's `throughput:` by member name or arch) when there is one; otherwise an
+estimate from the model's FLOPs at its input size, calibrated on reference rates (one
+H200: ResNet-50 224 px 4,726 images/s ... ; two CPU cores: low-res ResNet-18 64 px
+93 images/s; ../shared/docs/BACKGROUND.md) and the packing gain of small members
+sharing a GPU. Placement simulates Ray's gang scheduling: longest members first, each
+worker group placed whole when CPUs/GPUs are free (one node if it fits, else spread),
+the rest waiting for the next to finish. A member that can never fit is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import yaml
+from pydantic import Field
+
+from orchestrator.config import ResolvedMember, Strict, load_config, resolve_members
+from orchestrator.errors import UserError, exit_on_user_error
+
+GPU_FLOPS_PER_S = 45e12  # training images/s x forward FLOPs, one H200 (median of the reference nets)
+CPU_FLOPS_PER_S = 2.07e11  # per core: low-res ResNet-18 64 px, 4.44 GFLOPs, 93 images/s on 2 cores
+PACKING = {1: 1.0, 2: 2.32, 4: 3.5, 8: 3.44}  # total/one trainer's images/s with K trainers on one H200
+DDP_EFFICIENCY = 0.9
+TRIAL_CPUS = 0.25
+
+
+class NodeType(Strict):
+    name: str
+    count: int = Field(ge=1)
+    cpus: float = Field(gt=0)
+    gpus: float = Field(0, ge=0)
+    gpu_hour_price: float = Field(0, ge=0, description="per GPU, for the cost column")
+
+
+class Cluster(Strict):
+    name: str
+    nodes: list[NodeType] = Field(min_length=1)
+    gpu_speed: float = Field(1.0, gt=0, description="relative to one H200 (H100 ~0.8, A100 ~0.45)")
+    throughput: dict[str, float] = {}  # images/s of a member (by name) or an arch, on its resources
+
+
+def load_cluster(path: str) -> Cluster:
+    from pydantic import ValidationError
+
+    try:
+        with open(path) as f:
+            return Cluster.model_validate(yaml.safe_load(f))
+    except FileNotFoundError:
+        raise UserError(f"cluster file not found: {path}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise UserError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {what}") from None
+
+
+@lru_cache(maxsize=None)
+def forward_flops(arch: str, low_res: bool, size: int, num_classes: int) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import build_model
+
+    model = build_model(arch, num_classes=num_classes, low_res=low_res).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def packing_share(gpus_per_worker: float) -> float:
+    """A trainer's images/s on a 1/K GPU share, relative to having the GPU alone."""
+    k = max(1, round(1 / gpus_per_worker)) if gpus_per_worker < 1 else 1
+    near = min(PACKING, key=lambda p: abs(p - k))
+    return PACKING[near] / k
+
+
+def estimated_rate(m: ResolvedMember, cluster: Cluster, num_classes: int) -> float:
+    """Images/s of the whole member (all its workers) from FLOPs and the references."""
+    r = m.resources
+    flops = forward_flops(m.arch, m.low_res, m.input_size, num_classes)
+    if r.use_gpu:
+        per_worker = GPU_FLOPS_PER_S * cluster.gpu_speed / flops * min(1.0, r.gpus_per_worker) * packing_share(
+            r.gpus_per_worker) / min(1.0, r.gpus_per_worker)
+    else:
+        per_worker = CPU_FLOPS_PER_S * r.cpus_per_worker / flops
+    return per_worker * r.workers * (DDP_EFFICIENCY if r.workers > 1 else 1.0)
+
+
+@dataclass
+class Node:
+    name: str
+    cpus: float
+    gpus: float
+    price: float
+    free_cpus: float = field(init=False)
+    free_gpus: float = field(init=False)
+
+    def __post_init__(self):
+        self.free_cpus, self.free_gpus = self.cpus, self.gpus
+
+
+def _bundle(m: ResolvedMember) -> tuple[float, float]:
+    r = m.resources
+    return r.cpus_per_worker, (r.gpus_per_worker if r.use_gpu else 0.0)
+
+
+def _place(m: ResolvedMember, nodes: list[Node], commit: bool) -> list[str] | None:
+    """Nodes for the member's trial actor and workers (all or nothing), or None."""
+    cpu, gpu = _bundle(m)
+    saved = [(n.free_cpus, n.free_gpus) for n in nodes]
+    chosen: list[str] = []
+    needs = [(cpu + TRIAL_CPUS, gpu)] + [(cpu, gpu)] * (m.resources.workers - 1)
+    # PACK: prefer one node that takes the whole group, else spread over several
+    whole = [n for n in nodes if n.free_cpus + 1e-9 >= sum(c for c, _ in needs)
+             and n.free_gpus + 1e-9 >= sum(g for _, g in needs)]
+    order = whole[:1] + [n for n in nodes if n not in whole[:1]]
+    for c, g in needs:
+        node = next((n for n in order if n.free_cpus + 1e-9 >= c and n.free_gpus + 1e-9 >= g), None)
+        if node is None:
+            for n, (fc, fg) in zip(nodes, saved):
+                n.free_cpus, n.free_gpus = fc, fg
+            return None
+        node.free_cpus -= c
+        node.free_gpus -= g
+        chosen.append(node.name)
+    if not commit:
+        for n, (fc, fg) in zip(nodes, saved):
+            n.free_cpus, n.free_gpus = fc, fg
+    return chosen
+
+
+def _release(m: ResolvedMember, placed: list[str], nodes: list[Node]) -> None:
+    cpu, gpu = _bundle(m)
+    by_name = {n.name: n for n in nodes}
+    for i, name in enumerate(placed):
+        by_name[name].free_cpus += cpu + (TRIAL_CPUS if i == 0 else 0)
+        by_name[name].free_gpus += gpu
+
+
+def build_nodes(cluster: Cluster) -> list[Node]:
+    return [Node(f"{t.name}-{i}", t.cpus, t.gpus, t.gpu_hour_price) for t in cluster.nodes for i in range(t.count)]
+
+
+def plan(members: list[ResolvedMember], samples: int, cluster: Cluster, rates: dict[str, float]) -> dict:
+    """Simulated schedule: {"rows": [...], "wall_hours", "gpu_hours", "cost"}."""
+    nodes = build_nodes(cluster)
+    for m in members:  # refuse what can never fit, even on an empty cluster
+        if _place(m, build_nodes(cluster), commit=False) is None:
+            cpu, gpu = _bundle(m)
+            raise UserError(f"member {m.name} needs {m.resources.workers} x ({cpu:g} CPU, {gpu:g} GPU) + "
+                            f"{TRIAL_CPUS} CPU at once, more than cluster {cluster.name} has: lower its workers "
+                            f"or per-worker resources, or add nodes")
+    duration = {m.key: m.recipe.epochs * samples / rates[m.key] for m in members}
+    pending = sorted(members, key=lambda m: -duration[m.key])  # longest first
+    running: list[tuple[float, int, ResolvedMember, list[str]]] = []
+    rows, now, tick = [], 0.0, 0
+    while pending or running:
+        for m in list(pending):
+            placed = _place(m, nodes, commit=True)
+            if placed is not None:
+                pending.remove(m)
+                end = now + duration[m.key]
+                heapq.heappush(running, (end, tick, m, placed))
+                tick += 1
+                _, gpu = _bundle(m)
+                gpus = gpu * m.resources.workers
+                price = max((n.price for n in nodes if n.name in placed), default=0.0)
+                rows.append({"member": m.name, "arch": m.arch, "nodes": sorted(set(placed)),
+                             "workers": m.resources.workers, "gpus": gpus, "start_h": now / 3600,
+                             "end_h": end / 3600, "images_per_s": rates[m.key],
+                             "gpu_hours": gpus * duration[m.key] / 3600,
+                             "cost": gpus * duration[m.key] / 3600 * price})
+        end, _, m, placed = heapq.heappop(running)
+        now = end
+        _release(m, placed, nodes)
+    gpu_total = sum(n.gpus for n in nodes)
+    wall = max(r["end_h"] for r in rows)
+    gpu_hours = sum(r["gpu_hours"] for r in rows)
+    return {"rows": rows, "wall_hours": wall, "gpu_hours": gpu_hours, "cost": sum(r["cost"] for r in rows),
+            "gpu_utilisation": gpu_hours / (gpu_total * wall) if gpu_total and wall else 0.0}
+
+
+def member_rates(members, cluster: Cluster, num_classes: int, measured: dict[str, float]) -> dict[str, float]:
+    rates = {}
+    for m in members:
+        rate = measured.get(m.name) or cluster.throughput.get(m.name) or cluster.throughput.get(m.arch)
+        rates[m.key] = rate or estimated_rate(m, cluster, num_classes)
+    return rates
+
+
+def _measured(path: str | None) -> dict[str, float]:
+    if not path:
+        return {}
+    from orchestrator.runs_file import load_runs
+
+    return {m.name: m.metrics["images_per_s"] for m in load_runs(path).members
+            if m.status == "finished" and m.metrics.get("images_per_s")}
+
+
+def _train_samples(cfg) -> tuple[int, int]:
+    from orchestrator.data.dataset import select_classes
+    from orchestrator.data.manifest import load_manifest
+
+    manifest = load_manifest(cfg.data.root)
+    kept = select_classes(manifest, cfg.data.classes)
+    total = sum(s.samples for s in manifest.shards(cfg.data.train_split))
+    per_class = total / manifest.num_classes
+    if cfg.data.train_per_class:
+        per_class = min(per_class, cfg.data.train_per_class)
+    return int(per_class * len(kept)), len(kept)
+
+
+def print_plan(result: dict, cluster: Cluster) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"plan on {cluster.name}")
+    for col in ("member", "arch", "nodes", "workers x GPU", "images/s", "start h", "end h", "GPU-h"):
+        table.add_column(col, justify="left" if col in ("member", "arch", "nodes") else "right")
+    for r in sorted(result["rows"], key=lambda r: (r["start_h"], r["member"])):
+        table.add_row(r["member"], r["arch"], ",".join(r["nodes"]), f"{r['workers']} x {r['gpus'] / r['workers']:g}",
+                      f"{r['images_per_s']:,.0f}", f"{r['start_h']:.2f}", f"{r['end_h']:.2f}", f"{r['gpu_hours']:.2f}")
+    console = Console(width=None if Console().is_terminal else 140)
+    console.print(table)
+    cost = f", cost {result['cost']:,.2f}" if result["cost"] else ""
+    console.print(f"wall time {result['wall_hours']:.2f} h, {result['gpu_hours']:.2f} GPU-hours, GPU utilisation "
+                  f"{result['gpu_utilisation']:.0%}{cost}")
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="ensemble config YAML")
+    p.add_argument("--cluster", required=True, help="cluster description YAML (see infra/clusters/)")
+    p.add_argument("--measured", help="a runs.yaml whose members' images/s replace the estimates")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    members = resolve_members(cfg)
+    cluster = load_cluster(args.cluster)
+    samples, classes = _train_samples(cfg)
+    rates = member_rates(members, cluster, classes, _measured(args.measured))
+    print_plan(plan(members, samples, cluster, rates), cluster)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
