@@ -187,3 +187,15 @@ def test_a_diverging_member_fails_alone_and_evaluation_skips_it(tmp_path, tiny_r
     ev = run_cli("-m", "ensemble.evaluate", "--members", str(tmp_path / "runs.yaml"), "--out",
                  str(tmp_path / "report"), "--no-mlflow")
     assert ev.returncode == 0 and "skipping member diverges" in ev.stderr
+
+
+@pytest.mark.stack
+def test_the_local_stack_listens_on_loopback_only(stack):
+    import psutil
+
+    ports = {int(os.environ.get(k, d)) for k, d in (("S3_PORT", 8333), ("MLFLOW_PORT", 5055), ("RAY_PORT", 6390),
+                                                      ("RAY_DASHBOARD_PORT", 8265))}
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port in ports}
+    assert {port for _, port in listening} == ports
+    assert {ip for ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
