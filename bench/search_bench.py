@@ -1,6 +1,6 @@
 """Search versus the default recipe at equal compute, and ensemble-aware choice versus top-k.
 
-    python bench/search_bench.py                        # 20 classes x 40 train / 20 val, vgg11_bn 32 px
+    python bench/search_bench.py                        # 10 classes x 40 train / 20 val, vgg11_bn 32 px
     python bench/search_bench.py --classes 50 --samples 12 --epochs 8
 
 1. Runs an ASHA search (jobs/search.py's driver, local Ray) over LR policy, peak LR and
@@ -79,10 +79,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=os.environ.get("DATA_ROOT", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--arch", default="vgg11_bn")
-    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--classes", type=int, default=10)
     p.add_argument("--train-per-class", type=int, default=40)
     p.add_argument("--val-per-class", type=int, default=20)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--size", type=int, default=3, help="ensemble size for every choice")
     args = p.parse_args()

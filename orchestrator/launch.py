@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import traceback
 
@@ -96,6 +97,16 @@ def _record(member: ResolvedMember, ctx: dict, run_id: str | None, **fields) -> 
             "recipe": member.recipe_name, **fields}
 
 
+def failure_message(exc: BaseException) -> str:
+    """The root cause in one line: Ray Train wraps a worker's exception (NonFiniteLoss,
+    TooManyBadImages, ...) in a WorkerGroupError whose first line names neither."""
+    causes = list(getattr(exc, "worker_failures", {}).values()) or [exc]
+    text = "\n".join(f"{type(c).__name__}: {c}" for c in causes)
+    named = [line.strip() for line in text.splitlines()
+             if re.match(r"^\s*[\w.]+(Error|Exception|Loss|Images)\b: ", line) and "WorkerGroupError" not in line]
+    return (named[-1] if named else text.splitlines()[0])[:500]
+
+
 def member_trial(config: dict, ctx: dict) -> None:
     """Tune function trainable: train one member end to end."""
     member = ResolvedMember.model_validate(ctx["members"][config["member_key"]])
@@ -105,7 +116,7 @@ def member_trial(config: dict, ctx: dict) -> None:
         result = build_trainer(member, ctx, run_id).fit()
     except Exception as exc:
         # The member fails loudly (FAILED in MLflow, a failed record); the rest go on.
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        message = failure_message(exc)
         client.set_tag(run_id, "failure", message)
         client.set_terminated(run_id, "FAILED")
         storage.write_json(record_uri(ctx, member.key) + ".failed", _record(member, ctx, run_id, status="failed",

@@ -112,24 +112,54 @@ def read_json(uri: str) -> dict | None:
     return retry(read, f"reading {uri}")
 
 
+def _s3_filesystem_class():
+    from pyarrow import fs as pafs
+
+    class RetryingS3FileSystem(pafs.S3FileSystem):
+        """pyarrow's S3 filesystem with a retry strategy that survives pickling (Ray
+        ships the filesystem to its Train controller and workers; pyarrow's own pickle
+        drops the strategy and falls back to 3 attempts)."""
+
+        def __init__(self, attempts: int, **options):
+            super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **options)
+            self._attempts, self._options = attempts, options
+
+        def __reduce__(self):
+            return _rebuild_s3, (self._attempts, self._options)
+
+    return RetryingS3FileSystem
+
+
+def _rebuild_s3(attempts: int, options: dict):
+    return _S3()(attempts, **options)
+
+
+_S3_CLASS = None
+
+
+def _S3():
+    global _S3_CLASS
+    if _S3_CLASS is None:
+        _S3_CLASS = _s3_filesystem_class()
+    return _S3_CLASS
+
+
 def ray_storage(uri: str):
     """(storage_filesystem, storage_path) for a Ray Train/Tune RunConfig: for s3:// a
     pyarrow S3 filesystem retrying for minutes (AWS standard strategy, backoff capped at
     20 s: 15 attempts ride out a ~2 min outage), otherwise Ray's own resolution."""
     if urlparse(uri).scheme != "s3":
         return None, uri
-    from pyarrow import fs as pafs
-
     attempts = int(os.environ.get("S3_MAX_ATTEMPTS", 15))
     # endpoint and region come from AWS_ENDPOINT_URL / AWS_DEFAULT_REGION, as for boto3
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    options = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
+    options: dict = {}
     if endpoint:
         parsed = urlparse(endpoint)
         options.update(endpoint_override=parsed.netloc or endpoint, scheme=parsed.scheme or "https")
     if os.environ.get("AWS_DEFAULT_REGION"):
         options["region"] = os.environ["AWS_DEFAULT_REGION"]
-    return pafs.S3FileSystem(**options), uri.removeprefix("s3://")
+    return _S3()(attempts, **options), uri.removeprefix("s3://")
 
 
 def checkpoint_uri(storage_root: str, fs_path: str) -> str:

@@ -11,9 +11,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 NODE2_PORT=${NODE2_PORT:-6391}  # its node manager port, which names its raylet
 case "${1:-}" in
   up)
-    setsid ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus="${2:-2}" \
-      --resources='{"node2": 1}' --node-manager-port="$NODE2_PORT" --object-store-memory=500000000 \
-      --disable-usage-stats >>"$STACK_DIR/logs/node2.log" 2>&1 </dev/null
+    # `ray start --address` refuses a second node while Ray is kept on loopback: see node2.py
+    setsid python infra/local/node2.py "$RAY_PORT" "${2:-2}" "$NODE2_PORT" >>"$STACK_DIR/logs/node2.log" 2>&1 </dev/null
     raylet=$(pgrep -f -- "--node_manager_port=$NODE2_PORT" | head -1)
     [ -n "$raylet" ] || { echo "error: node 2 did not start (log: $STACK_DIR/logs/node2.log)" >&2; exit 1; }
     ps -o sid= -p "$raylet" | tr -d ' ' >"$STACK_DIR/node2.sid"
