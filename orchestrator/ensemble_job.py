@@ -129,12 +129,13 @@ def _result_table(records: list[dict]) -> Table:
     return table
 
 
-def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
-        runs_path: str) -> tuple[RunsFile, list[str]]:
-    import ray
+def open_job(cfg: EnsembleConfig, config_path: str, kind: str, tags: dict):
+    """What every job driver does first: a writable storage root, the tracking store,
+    Ray, and the job's MLflow parent run (reused by a re-run) with the config logged.
+    Returns (storage root, tracking URI, client, experiment id, parent run id)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import launch, tracking
+    from orchestrator import tracking
 
     root = storage.absolute(cfg.storage.path)
     storage.check_writable(root)
@@ -144,11 +145,22 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
     _ray_init(cfg)
     parent = tracking.get_or_create_parent(client, experiment_id, cfg.name, {
         "mlflow.source.git.commit": tracking.git_commit(), "ray.job_id": _job_id(),
-        "ensemble.members": len(members), "ensemble.config": os.path.basename(config_path)})
+        "ensemble.config": os.path.basename(config_path), **tags}, kind=kind)
+    _log_config(client, parent, cfg)
+    return root, tracking_uri, client, experiment_id, parent
+
+
+def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
+        runs_path: str) -> tuple[RunsFile, list[str]]:
+    import ray
+
+    from orchestrator import launch
+
+    root, tracking_uri, client, experiment_id, parent = open_job(cfg, config_path, "parent",
+                                                                 {"ensemble.members": len(members)})
     ctx = {"ensemble": cfg.name, "storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
            "experiment_id": experiment_id, "parent_run_id": parent, "max_failures": cfg.ray.max_failures,
            "members": {m.key: m.model_dump() for m in members}}
-    _log_config(client, parent, cfg)
 
     done = {m.key for m in members if storage.read_json(launch.record_uri(ctx, m.key))}
     pending = [m for m in members if m.key not in done]

@@ -88,6 +88,16 @@ def undisturbed(stack, s3_data):  # noqa: F811
     return {"metrics": metrics, "seconds": time.time() - begin}
 
 
+def outage(service: str, seconds: float) -> None:
+    """The stack's `service` (s3 or mlflow) stopped by its pid for `seconds`, then restarted;
+    the job under test keeps running meanwhile."""
+    subprocess.run(["bash", "infra/local/down.sh", service], cwd=ROOT, check=True, capture_output=True)
+    try:
+        time.sleep(seconds)
+    finally:
+        subprocess.run(["bash", "infra/local/up.sh", service], cwd=ROOT, check=True, capture_output=True)
+
+
 def report(name: str, seconds: float, base: float, redone: str) -> None:
     print(f"\nRELIABILITY | {name} | +{seconds - base:.0f} s over an undisturbed run ({base:.0f} s) | "
           f"redone: {redone} | data lost: none")
@@ -123,11 +133,7 @@ def test_the_mlflow_server_stopped_for_30_s(stack, s3_data, undisturbed):  # noq
     begin = time.time()
     job = start(stack, env)
     wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1)
-    subprocess.run(["bash", "infra/local/down.sh", "mlflow"], cwd=ROOT, check=True, capture_output=True)
-    try:
-        time.sleep(30)
-    finally:
-        subprocess.run(["bash", "infra/local/up.sh", "mlflow"], cwd=ROOT, check=True, capture_output=True)
+    outage("mlflow", 30)
     status, logs = wait(stack, job)
     assert status == "SUCCEEDED", logs[-3000:]
     metrics, history = final_member(stack, env)  # every epoch's metrics arrived, once the server was back
@@ -142,11 +148,7 @@ def test_the_s3_server_stopped_for_30_s(stack, s3_data, undisturbed):  # noqa: F
     begin = time.time()
     job = start(stack, env)
     wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1)
-    subprocess.run(["bash", "infra/local/down.sh", "s3"], cwd=ROOT, check=True, capture_output=True)
-    try:
-        time.sleep(30)
-    finally:
-        subprocess.run(["bash", "infra/local/up.sh", "s3"], cwd=ROOT, check=True, capture_output=True)
+    outage("s3", 30)
     status, logs = wait(stack, job)
     assert status == "SUCCEEDED", logs[-3000:]
     metrics, _ = final_member(stack, env)  # checkpoint and predictions named in runs.yaml load from S3

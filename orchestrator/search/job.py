@@ -248,22 +248,11 @@ def print_choice(console, rows: list[dict], choice: dict, size: int) -> None:
 
 
 def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs_path: str) -> dict:
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator import tracking
-    from orchestrator.ensemble_job import _job_id, _log_config, _ray_init, console
+    from orchestrator.ensemble_job import console, open_job
     from orchestrator.search.choose import compare
 
-    root = storage.absolute(cfg.storage.path)
-    storage.check_writable(root)
-    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    client = MlflowClient(tracking_uri)
-    experiment_id = tracking.get_experiment_id(client, cfg.mlflow.experiment)
-    _ray_init(cfg)
-    parent = tracking.get_or_create_parent(client, experiment_id, cfg.name, {
-        "mlflow.source.git.commit": tracking.git_commit(), "ray.job_id": _job_id(),
-        "search.scheduler": cfg.search.scheduler, "ensemble.config": os.path.basename(config_path)}, kind="search")
-    _log_config(client, parent, cfg)
+    root, tracking_uri, client, experiment_id, parent = open_job(cfg, config_path, "search",
+                                                                 {"search.scheduler": cfg.search.scheduler})
     ctx = {"storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
            "experiment_id": experiment_id, "parent_run_id": parent, "bases": {b.key: b.model_dump() for b in bases}}
     console.print(f"search [bold]{cfg.name}[/]: {cfg.search.scheduler}, {cfg.search.num_samples} samples x "
