@@ -129,3 +129,17 @@ def test_storage_retries_transient_failures_only(monkeypatch):
         assert len(calls) == 1  # not retried
     with pytest.raises(ConnectionError):  # a budget that runs out re-raises
         storage.retry(lambda: (_ for _ in ()).throw(ConnectionError("down")), "test", seconds=3)
+
+
+def test_a_full_disk_is_a_clear_error_before_training(tmp_path, monkeypatch):
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from orchestrator import storage
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(LocalFileSystem, "open", full)
+    with pytest.raises(UserError, match="storage path .* is not writable: OSError: .*No space left on device"):
+        storage.check_writable(str(tmp_path / "out"))

@@ -156,3 +156,21 @@ def test_imported_runs_must_match_the_ensembles_data(tiny_root, tmp_path):
     cfg = parse_config(raw)
     with pytest.raises(UserError, match="scored on"):
         imported(cfg, [])
+
+
+def test_optuna_is_pluggable_and_its_absence_is_one_line(tiny_root, tmp_path):
+    import importlib.util
+
+    from orchestrator.search.job import build_search_alg
+
+    raw = smoke_raw(tiny_root)
+    raw["search"]["algorithm"] = "optuna"
+    cfg, _ = check(raw, tmp_path)
+    if importlib.util.find_spec("optuna") is None:
+        with pytest.raises(UserError, match="needs the optuna package .* valid choices without it: random"):
+            build_search_alg(cfg.search)
+    else:
+        assert type(build_search_alg(cfg.search)).__name__ == "OptunaSearch"
+    raw["search"]["scheduler"] = "pbt"
+    with pytest.raises(UserError, match="pbt samples its own population"):
+        check(raw, tmp_path)
