@@ -18,7 +18,10 @@ def main() -> None:
     gcs_port, cpus, manager_port = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
     params = RayParams(node_ip_address="127.0.0.1", gcs_address=f"127.0.0.1:{gcs_port}", num_cpus=cpus,
                        resources={"node2": 1}, node_manager_port=manager_port, object_store_memory=500_000_000,
-                       include_log_monitor=False, min_worker_port=0, max_worker_port=0)
+                       include_log_monitor=False, min_worker_port=0, max_worker_port=0,
+                       # its own runtime_env folder: both nodes share this machine's session folder, and
+                       # this node's agent would otherwise delete a job's working_dir under the driver
+                       runtime_env_dir_name="runtime_resources_node2")
     params.dashboard_agent_listen_port = None  # a free one, not the head agent's
     node = Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
     print(f"node 2 joined 127.0.0.1:{gcs_port}: {node.node_id}", flush=True)
