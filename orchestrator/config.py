@@ -126,12 +126,18 @@ class Resources(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     loader_workers: int = Field(1, ge=0, description="DataLoader processes per worker")
+    # where JPEGs are decoded and augmented: per image in the loader processes (cpu), per
+    # batch on the GPU with nvJPEG (gpu), or gpu when training on CUDA and the recipe's
+    # augmentations have a batch form (auto); see orchestrator/train/batch_augment.py
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
 
     @model_validator(mode="after")
     def _fractional(self):
         # Fractional GPUs only for single-worker members: two DDP ranks on one GPU fail in NCCL.
         if self.use_gpu and self.workers > 1 and self.gpus_per_worker < 1:
             raise UserError("gpus_per_worker < 1 is only allowed with workers: 1 (NCCL cannot share a GPU)")
+        if self.decode == "gpu" and not self.use_gpu:
+            raise UserError("resources.decode: gpu needs use_gpu: true (valid without a GPU: auto, cpu)")
         return self
 
 
@@ -350,6 +356,15 @@ def _grid_members(grid: Grid) -> list[Member]:
     return [Member(arch=a, recipe=r, seed=s) for a, r, s in itertools.product(grid.archs, grid.recipes, grid.seeds)]
 
 
+def _check_decode(name: str, recipe: Recipe, resources: Resources) -> None:
+    from orchestrator.train.batch_augment import unsupported
+
+    missing = unsupported(recipe.augment.fields(), recipe.cam_crops is not None)
+    if resources.decode == "gpu" and missing:
+        raise UserError(f"member {name}: decode: gpu cannot apply {', '.join(missing)} (per-image CPU "
+                        f"operations); use decode: cpu or auto, or drop them")
+
+
 def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
     """Explicit members first, then the grid product; defaults fill unset fields."""
     from models import get_spec
@@ -369,6 +384,7 @@ def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
             raise UserError(f"{m.arch} needs input_size >= {spec.min_low_res_size} in its low-res form, got {size}")
         name = m.name or f"{m.arch}-{recipe_name}-s{m.seed}"
         resources = m.resources or Resources()
+        _check_decode(name, recipe, resources)
         payload = {"arch": m.arch, "recipe": recipe.model_dump(), "seed": m.seed, "low_res": m.low_res,
                    "input_size": size, "workers": resources.workers, "data": cfg.data.model_dump()}
         out.append(ResolvedMember(key=member_key(name, payload), name=name, arch=m.arch, recipe_name=recipe_name,

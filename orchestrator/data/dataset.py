@@ -195,6 +195,8 @@ class TrainStream(IterableDataset):
     sample's label up front). From pass `plain_from_pass` on, `plain_transform` replaces
     `transform` (strong augmentation off for the last epochs). A transform with
     `keyed = True` is called with the sample's key too (CAM-guided crops look up its map).
+    With `transform=None` nothing is decoded here: samples come out as (encoded bytes as a
+    uint8 tensor, label, pass), for a pipeline that decodes whole batches on the GPU.
     """
 
     def __init__(self, split: Split, transform, rank: int, world: int, seed: int, start_pass: int = 0,
@@ -247,6 +249,11 @@ class TrainStream(IterableDataset):
         slot, nslots = _slots()
         p = self.start_pass
         while True:
+            if self.transform is None:
+                for s in self._one_pass(p, slot, nslots):
+                    yield torch.frombuffer(bytearray(s.data), dtype=torch.uint8), s.label, p
+                p += 1
+                continue
             tf = self.transform_for(p)
             keyed = getattr(tf, "keyed", False)
             for s in self._one_pass(p, slot, nslots):

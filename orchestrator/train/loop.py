@@ -48,6 +48,11 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
     return [int(hits[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _autocast(device: torch.device, bf16: bool):
     # bf16 autocast on GPU only: CPU autocast is slower than fp32 for these convs.
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
@@ -61,11 +66,32 @@ def scale_at(step: int, sizes: Sequence[int]) -> int | None:
     return sizes[random.Random(step).randrange(len(sizes))]
 
 
+CHECK_EVERY = 20  # steps between host syncs of the loss (a sync per step stalls the GPU queue)
+
+
+def _check_finite(losses: list[torch.Tensor], sizes: list[int], first_step: int, epoch: int) -> float:
+    """The window's loss summed over its images; NonFiniteLoss naming the first bad step.
+    One host sync per window instead of one per step, so the GPU queue never drains
+    while the Python loop waits for a number."""
+    values = torch.stack(losses).float().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise NonFiniteLoss(f"loss is {values[i].item()} at step {first_step + i} (epoch {epoch + 1})")
+    return float((values * torch.tensor(sizes, dtype=torch.float32)).sum())
+
+
 def train_epoch(model, optimizer, batches: Iterator, steps: int, lr_at: Callable[[int], float], state: FitState,
                 device, criterion, mix=None, bf16=True, channels_last=False, multiscale: Sequence[int] = ()) -> dict:
+    """`steps` optimiser steps; the metrics include `first_step_s` (the first step's wall
+    time, which holds torch.compile's compilation) and, on CUDA, `gpu_memory_gb` (peak
+    allocated), which the packing planner reads."""
     model.train()
     loss_sum, seen, start = 0.0, 0, time.perf_counter()
-    for _ in range(steps):
+    window: list[torch.Tensor] = []
+    sizes: list[int] = []
+    window_start, first_step_s = state.step, None
+    for i in range(steps):
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if mix is not None:
@@ -80,19 +106,29 @@ def train_epoch(model, optimizer, batches: Iterator, steps: int, lr_at: Callable
             group["lr"] = lr
         with _autocast(device, bf16):
             loss = criterion(model(images), labels)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLoss(f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         state.step += 1
-        loss_sum += loss.item() * images.shape[0]
+        window.append(loss.detach())
+        sizes.append(images.shape[0])
         seen += images.shape[0]
+        if i == 0:
+            _sync(device)
+            first_step_s = time.perf_counter() - start
+        if len(window) == CHECK_EVERY or i == steps - 1:
+            loss_sum += _check_finite(window, sizes, window_start, state.epoch)
+            window, sizes, window_start = [], [], state.step
     seconds = time.perf_counter() - start
     loss_sum, seen, seconds = _all_reduce([loss_sum, seen, seconds], device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     # images/s of the whole member: all ranks' images over the mean rank's wall time
-    return {"train_loss": loss_sum / max(seen, 1), "lr": lr, "images_per_s": seen / max(seconds / world, 1e-9)}
+    first = first_step_s or 0.0
+    metrics = {"train_loss": loss_sum / max(seen, 1), "lr": lr, "images_per_s": seen / max(seconds / world, 1e-9),
+               "first_step_s": first, "step_s": (seconds / world - first) / max(steps - 1, 1)}
+    if device.type == "cuda":
+        metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return metrics
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from models import build_model, get_spec
 from orchestrator.config import Data, ResolvedMember
 from orchestrator.data.dataset import EvalStream, Split, TooManyBadImages, TrainStream, open_split
-from orchestrator.train import augment, confusion, loop, lr, teacher
+from orchestrator.train import augment, batch_augment, confusion, loop, lr, teacher
 from orchestrator.train.optim import build_optimizer
 
 
@@ -82,16 +82,22 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
 
     fields = recipe.augment.fields()
     ev, eval_tf = eval_transform_of(member)
-    cam_maps = teacher.load_cam_maps(recipe, data.train, device)
-    train_tf = augment.build_train_transform(fields, member.input_size, ev.mean, ev.std, cam_maps,
-                                             recipe.cam_crops.probability if recipe.cam_crops else 1.0)
-    plain_tf = augment.build_train_transform(augment.plain_fields(fields), member.input_size, ev.mean, ev.std)
     workers = member.resources.loader_workers
-    stream = TrainStream(data.train, train_tf, rank, world, seed=member.seed, start_pass=state.epoch,
-                         label_shuffling=recipe.label_shuffling, plain_transform=plain_tf,
-                         plain_from_pass=recipe.epochs - recipe.plain_last_epochs if recipe.plain_last_epochs else None)
-    train_batches = iter(DataLoader(stream, batch_size=recipe.batch_size, num_workers=workers, drop_last=True,
-                                    pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+    plain_from = recipe.epochs - recipe.plain_last_epochs if recipe.plain_last_epochs else None
+    if decode_on_device(member, device):
+        stream = TrainStream(data.train, None, rank, world, seed=member.seed, start_pass=state.epoch,
+                             label_shuffling=recipe.label_shuffling)
+        train_batches = device_batches(member, fields, ev, stream, device, plain_from)
+    else:
+        cam_maps = teacher.load_cam_maps(recipe, data.train, device)
+        train_tf = augment.build_train_transform(fields, member.input_size, ev.mean, ev.std, cam_maps,
+                                                 recipe.cam_crops.probability if recipe.cam_crops else 1.0)
+        plain_tf = augment.build_train_transform(augment.plain_fields(fields), member.input_size, ev.mean, ev.std)
+        stream = TrainStream(data.train, train_tf, rank, world, seed=member.seed, start_pass=state.epoch,
+                             label_shuffling=recipe.label_shuffling, plain_transform=plain_tf,
+                             plain_from_pass=plain_from)
+        train_batches = iter(DataLoader(stream, batch_size=recipe.batch_size, num_workers=workers, drop_last=True,
+                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0))
     steps_per_epoch = max(stream.samples_per_pass() // global_batch, 1)
     val_loader = build_eval_loader(data.val, eval_tf, recipe.batch_size * 2, workers, rank, world)
     bf16, cl = recipe.bf16, recipe.channels_last and device.type == "cuda"
@@ -99,10 +105,17 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     criterion = (confusion.PriorSmoothingLoss(smoothing).to(device) if smoothing is not None
                  else loop.build_criterion(fields.label_smoothing))
 
+    compile_pending = recipe.compile
     seen_bad = {"train": stream.bad.total, "val": val_loader.dataset.bad.total}
 
     def epoch_end(st, metrics):
         count_bad_images(metrics, seen_bad, stream, val_loader.dataset, data.max_bad_images)
+        nonlocal compile_pending
+        if compile_pending:
+            # torch.compile compiles on the first step of each process: its cost, reported
+            # once per process start (a resumed member pays it again)
+            metrics["compile_s"] = max(0.0, metrics["first_step_s"] - metrics["step_s"])
+            compile_pending = False
         if on_epoch_end:
             on_epoch_end(st, metrics, model, optimizer)
 
@@ -113,6 +126,30 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                      on_epoch_end=epoch_end, plain_last_epochs=recipe.plain_last_epochs,
                      multiscale=recipe.multiscale)
     return model, state
+
+
+def decode_on_device(member: ResolvedMember, device: torch.device) -> bool:
+    """`resources.decode`: gpu (checked at config load), cpu, or auto = gpu when training on
+    CUDA and every augmentation field has a batch form (see batch_augment.unsupported)."""
+    mode = member.resources.decode
+    if mode == "auto":
+        fields = member.recipe.augment.fields()
+        return device.type == "cuda" and not batch_augment.unsupported(fields, member.recipe.cam_crops is not None)
+    return mode == "gpu"
+
+
+def device_batches(member: ResolvedMember, fields, ev, stream: TrainStream, device, plain_from: int | None):
+    """Loader processes read encoded bytes; decode and augmentation run on `device`."""
+    workers = member.resources.loader_workers
+    raw = DataLoader(stream, batch_size=member.recipe.batch_size, num_workers=workers, drop_last=True,
+                     collate_fn=batch_augment.collate_encoded, pin_memory=device.type == "cuda",
+                     persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+    def build(f):
+        return batch_augment.BatchAugment(f, member.input_size, ev.mean, ev.std, device, stream.bad)
+
+    plain = build(augment.plain_fields(fields)) if plain_from is not None else None
+    return batch_augment.Prefetcher(iter(raw), batch_augment.PassAugment(build(fields), plain, plain_from), device)
 
 
 def count_bad_images(metrics: dict, seen: dict, train_stream, val_stream, limit: int) -> None:
