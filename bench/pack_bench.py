@@ -1,0 +1,109 @@
+"""Packing: K small members trained as K separate processes sharing one device, their
+total images/s over one trainer's. This is how small members share a GPU here: separate
+single-worker trials with fractional GPUs (two DDP ranks on one GPU fail in NCCL).
+
+    python bench/pack_bench.py                                   # CPU: K = 1, 2
+    python bench/pack_bench.py --k 1 2 4 8 --batch 256 --out packing.json   # a GPU
+
+Each trainer runs the training core's step (`loop.train_epoch`) on synthetic batches
+(CIFAR-size low-res ResNet-18 by default, the BACKGROUND.md reference), starts timing at
+a shared barrier and stops after `--seconds`; it reports images/s and its peak GPU
+memory. `--out` writes {"gains": {K: total/one}, "memory_gb": peak per trainer}, the
+figures `orchestrator.packing` decides from (a cluster file's `packing:` and a member's
+`resources.gpu_memory_gb`). The last line is the best gain.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def trainer(rank: int, args, barrier, results, threads: int) -> None:
+    from models import build_model
+    from orchestrator.train import loop
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model = build_model(args.arch, num_classes=args.classes, low_res=True).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    labels = torch.randint(0, args.classes, (args.batch,), device=device)
+    batches = iter(lambda: (images, labels), None)
+    state, criterion = loop.FitState(), torch.nn.CrossEntropyLoss()
+
+    def steps(n):
+        return loop.train_epoch(model, optimizer, batches, n, lambda s: 0.01, state, device, criterion,
+                                channels_last=cuda)
+
+    steps(args.warmup)
+    barrier.wait()
+    seen, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+        steps(10)
+        seen += 10 * args.batch
+    seconds = time.perf_counter() - start
+    memory = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else 0.0
+    results[rank] = (seen / seconds, memory)
+
+
+def run(k: int, args) -> tuple[float, float]:
+    ctx = mp.get_context("spawn")
+    barrier, manager = ctx.Barrier(k), ctx.Manager()
+    results = manager.dict()
+    threads = max(1, (os.cpu_count() or 1) // k) if not torch.cuda.is_available() else 2
+    procs = [ctx.Process(target=trainer, args=(r, args, barrier, results, threads)) for r in range(k)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if len(results) != k:
+        raise SystemExit(f"{k - len(results)} of {k} trainers failed (out of memory?)")
+    total = sum(r for r, _ in results.values())
+    return total, max(m for _, m in results.values())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2], help="trainer counts to measure (first = baseline)")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--seconds", type=float, default=15)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--out", help="write the gains and memory as JSON here")
+    args = p.parse_args()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x {os.cpu_count()}"
+    print(f"device {device}: {args.arch} (low-res) {args.size} px, batch {args.batch}, {args.seconds:g} s per K",
+          flush=True)
+    base, gains, memory = None, {}, 0.0
+    for k in args.k:
+        total, mem = run(k, args)
+        base = base or total / args.k[0] * 1  # the first K is the baseline (normally 1)
+        gains[k] = total / base
+        memory = max(memory, mem)
+        print(f"K={k}: {total:,.0f} images/s in total, {total / k:,.0f} per trainer, gain {gains[k]:.2f}x"
+              + (f", peak {mem:.2f} GB per trainer" if mem else ""), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": device, "arch": args.arch, "size": args.size, "batch": args.batch,
+                       "gains": gains, "memory_gb": memory}, f, indent=1)
+    best = max(gains, key=gains.get)
+    print(f"packing gain: {best} trainers on one device give {gains[best]:.2f}x the images/s of {args.k[0]}")
+
+
+if __name__ == "__main__":
+    main()
