@@ -3,6 +3,7 @@ it matches the per-image pipeline where both are deterministic, skips and counts
 images, and trains a member end to end."""
 import io
 import math
+import random
 
 import pytest
 import torch
@@ -37,6 +38,22 @@ def test_whole_image_crop_matches_the_per_image_pipeline(tiny_root):
     assert (batch - expected).abs().mean() < 0.02
 
 
+def test_prefetcher_hands_over_every_batch_then_stops_and_reraises():
+    batches = [batch_augment.collate_encoded([(encoded(torch.full((3, 16, 16), v, dtype=torch.uint8)), v, 0)] * 2)
+               for v in (10, 200)]
+    aug = batch_augment.PassAugment(batch_augment.BatchAugment(augment.resolve("none", {}), 8, (0, 0, 0),
+                                                               (1, 1, 1), CPU))
+    got = list(batch_augment.Prefetcher(iter(batches), aug, CPU))
+    assert [int(labels[0]) for _, labels in got] == [10, 200]
+    assert got[0][0].mean() < 0.1 < 0.7 < got[1][0].mean()
+
+    def broken(*_):
+        raise ValueError("augmentation failed")
+
+    with pytest.raises(ValueError, match="augmentation failed"):
+        next(batch_augment.Prefetcher(iter(batches), broken, CPU))
+
+
 def test_flip_jitter_and_lighting_stay_in_range_and_flip_mirrors():
     img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     img[:, :, :20] = 0  # left half black: a flip moves it right
@@ -48,6 +65,20 @@ def test_flip_jitter_and_lighting_stay_in_range_and_flip_mirrors():
                                                                           torch.arange(16))
     assert x.shape == (16, 3, 32, 32) and 0 <= x.min() and x.max() <= 1  # jitter/lighting clamp to [0, 1]
     assert x.std(dim=0).mean() > 0.01  # each image got its own crop and factors
+
+
+def test_batched_roi_crop_matches_the_per_image_resize():
+    """The GPU's one-kernel crop (roi_align over the padded batch) against the per-image
+    antialiased resize, on the same crops of different-sized images."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=gen), size=(120, 160), mode="bilinear")
+    images = [(base[0, :, :h, :w] * 255).to(torch.uint8) for h, w in ((120, 160), (100, 90), (64, 64))]
+    aug = batch_augment.BatchAugment(augment.resolve("standard", {}), 48, MEAN, STD, CPU)
+    boxes = [batch_augment.crop_box(i.shape[-2], i.shape[-1], (0.3, 1.0), (3 / 4, 4 / 3), random.Random(k))
+             for k, i in enumerate(images)]
+    roi, loop = aug._roi(images, boxes), aug._per_image(images, boxes)
+    assert roi.shape == loop.shape == (3, 3, 48, 48)
+    assert (roi - loop).abs().mean() < 2.0  # in 0..255 pixel levels
 
 
 def test_corrupt_images_are_dropped_with_their_labels_and_counted():
@@ -64,7 +95,7 @@ def test_corrupt_images_are_dropped_with_their_labels_and_counted():
 
 
 def test_crop_box_respects_scale_and_ratio():
-    gen = torch.Generator().manual_seed(0)
+    gen = random.Random(0)
     for _ in range(200):
         top, left, h, w = batch_augment.crop_box(60, 80, (0.3, 0.6), (3 / 4, 4 / 3), gen)
         assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 80

@@ -7,7 +7,8 @@ With `resources.decode: gpu` the loader processes only read encoded bytes; the t
 process decodes the batch with nvJPEG (`torchvision.io.decode_jpeg` on a CUDA device,
 batched), crops and resizes each image on the GPU, then flips, jitters and normalises
 the batch at once. `Prefetcher` prepares the next batch on a side CUDA stream while the
-current step computes (the pattern of NVIDIA's DALI and apex's `data_prefetcher`).
+current step computes, from a background thread (the pattern of NVIDIA's DALI and apex's
+`data_prefetcher`).
 
 The fields are those of the per-image pipeline (`augment.py`) with the same meaning:
 crop_scale/crop_ratio (Inception crop), hflip, color_jitter (brightness, contrast,
@@ -19,10 +20,12 @@ Everything here also runs on a CPU device (that is how the tests exercise it).
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.ops import roi_align
 
 from orchestrator.train.augment import AugmentFields, PCALighting
 
@@ -41,26 +44,34 @@ def unsupported(f: AugmentFields, cam_crops: bool = False) -> list[str]:
     return out
 
 
-def collate_encoded(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """DataLoader collate for (encoded bytes, label, pass) samples: a list of 1-D uint8
-    tensors (their lengths differ), the labels and each sample's pass number."""
-    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
+def collate_encoded(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DataLoader collate for (encoded bytes, label, pass) samples: the bytes of all images
+    in one flat uint8 tensor plus each one's length. One tensor crosses from the loader
+    process, not one per image: each tensor passed between processes costs a shared-memory
+    segment, and per-image tensors made the training process the bottleneck."""
+    lengths = torch.tensor([len(b[0]) for b in batch])
+    return torch.cat([b[0] for b in batch]), lengths, torch.tensor([b[1] for b in batch]), \
+        torch.tensor([b[2] for b in batch])
 
 
-def crop_box(h: int, w: int, scale, ratio, gen: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def split_encoded(data: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.split(data, lengths.tolist()))
+
+
+def crop_box(h: int, w: int, scale, ratio, rng: random.Random | None = None) -> tuple[int, int, int, int]:
     """Inception-style random crop (top, left, height, width): area in `scale` of the
     image, log-uniform aspect ratio in `ratio`; centre crop fallback after 10 tries.
-    The same sampling as torchvision's RandomResizedCrop.get_params."""
+    The sampling of torchvision's RandomResizedCrop.get_params, drawn from Python's
+    `random` (seeded per member) because a torch op per draw is slow in this per-image loop."""
+    rng = rng or random  # the module's generator, which seed_everything seeds
     area = h * w
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=gen))
-        aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen)))
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
         cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
-            return top, left, ch, cw
+            return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
     in_ratio = w / h
     if in_ratio < min(ratio):
         cw, ch = w, int(round(w / min(ratio)))
@@ -103,12 +114,35 @@ class BatchAugment:
             return None
 
     def crop_resize(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Each image's random crop resized to size x size: float [B, 3, S, S] in 0..255."""
-        f, s = self.f, self.size
-        out = torch.empty(len(images), 3, s, s, device=self.device)
-        modes = torch.randint(len(_MODES), (len(images),)) if f.random_interpolation else None
+        """Each image's random crop resized to size x size: float [B, 3, S, S] in 0..255.
+
+        One `roi_align` over the batch padded to its largest image: bilinear sampling that
+        averages ceil(crop/size) samples per output pixel, so a downscale is antialiased as
+        torchvision's resize is; a kernel per batch instead of several per image, which
+        kept the CPU from feeding the GPU. Random interpolation needs the per-image path."""
+        boxes = [crop_box(img.shape[-2], img.shape[-1], self.f.crop_scale, self.f.crop_ratio) for img in images]
+        if self.f.random_interpolation or self.device.type != "cuda":  # on CPU the loop is the faster
+            return self._per_image(images, boxes)
+        return self._roi(images, boxes)
+
+    def _roi(self, images: list[torch.Tensor], boxes) -> torch.Tensor:
+        h, w = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
+        padded = torch.zeros(len(images), 3, h, w, dtype=torch.uint8, device=self.device)
         for k, img in enumerate(images):
-            top, left, h, w = crop_box(img.shape[-2], img.shape[-1], f.crop_scale, f.crop_ratio)
+            padded[k, :, :img.shape[-2], :img.shape[-1]].copy_(img)
+        # half precision on the GPU halves the padded batch's memory; roi_align on CPU needs float32
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        rois = torch.tensor([[k, left, top, left + cw, top + ch] for k, (top, left, ch, cw) in enumerate(boxes)],
+                            dtype=dtype).to(self.device, non_blocking=True)
+        out = roi_align(padded.to(dtype), rois, (self.size, self.size), spatial_scale=1.0, sampling_ratio=-1,
+                        aligned=True)
+        return out.float().clamp_(0, 255)
+
+    def _per_image(self, images: list[torch.Tensor], boxes) -> torch.Tensor:
+        s = self.size
+        out = torch.empty(len(images), 3, s, s, device=self.device)
+        modes = torch.randint(len(_MODES), (len(images),)) if self.f.random_interpolation else None
+        for k, (img, (top, left, h, w)) in enumerate(zip(images, boxes)):
             mode = _MODES[int(modes[k])] if modes is not None else "bilinear"
             crop = img[None, :, top:top + h, left:left + w].float()
             out[k] = F.interpolate(crop, size=(s, s), mode=mode, antialias=mode != "nearest",
@@ -162,39 +196,61 @@ class PassAugment:
     def __init__(self, main: BatchAugment, plain: BatchAugment | None = None, plain_from_pass: int | None = None):
         self.main, self.plain, self.plain_from_pass = main, plain, plain_from_pass
 
-    def __call__(self, encoded, labels, passes):
+    def __call__(self, data, lengths, labels, passes):
+        encoded = split_encoded(data, lengths)
         plain = self.plain is not None and self.plain_from_pass is not None and int(passes[0]) >= self.plain_from_pass
         return (self.plain if plain else self.main)(encoded, labels)
 
 
 class Prefetcher:
-    """Iterator of augmented batches, one batch ahead. On CUDA the next batch's decode
-    and augmentation are queued on a side stream, so they overlap the current step's
-    compute; the training stream waits for that side stream before using the batch."""
+    """Iterator of augmented batches, `depth` batches ahead, made by a background thread.
 
-    def __init__(self, raw_batches, augment, device: torch.device):
-        self.raw, self.augment = raw_batches, augment
-        self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
-        self._next = None
+    On CUDA the thread queues each batch's decode and augmentation on its own stream, so
+    they overlap the training step's kernels, and its Python work overlaps the training
+    loop's (torch releases the GIL inside ops). The training stream waits on the batch's
+    event before using it. An exception in the thread is raised from `next()`."""
 
-    def _prepare(self):
-        batch = next(self.raw)
-        if self.stream is None:
-            return self.augment(*batch)
-        with torch.cuda.stream(self.stream):
-            return self.augment(*batch)
+    _END = object()
+
+    def __init__(self, raw_batches, augment, device: torch.device, depth: int = 2):
+        import queue
+        import threading
+
+        self.raw, self.augment, self.device = raw_batches, augment, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._work, daemon=True, name="batch-prefetch")
+        self.thread.start()
+
+    def _work(self) -> None:
+        stream = torch.cuda.Stream(self.device) if self.cuda else None
+        try:
+            for batch in self.raw:
+                if stream is None:
+                    self.queue.put((self.augment(*batch), None))
+                    continue
+                with torch.cuda.stream(stream):
+                    out = self.augment(*batch)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                self.queue.put((out, event))
+            self.queue.put((self._END, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self.queue.put((exc, None))
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self._next is None:
-            self._next = self._prepare()
-        images, labels = self._next
-        if self.stream is not None:
-            current = torch.cuda.current_stream()
-            current.wait_stream(self.stream)
-            images.record_stream(current)  # the allocator must not reuse them for the side stream early
+        out, event = self.queue.get()
+        if out is self._END:
+            raise StopIteration
+        if isinstance(out, BaseException):
+            raise out
+        images, labels = out
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            images.record_stream(current)  # the allocator must not hand them back to the side stream early
             labels.record_stream(current)
-        self._next = self._prepare()
         return images, labels
