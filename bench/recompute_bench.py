@@ -1,0 +1,77 @@
+"""The evaluation's recompute path (checkpoint -> shards -> the member's eval transform ->
+softmax rows) against the raw inference rate of the same model, batch and device on
+synthetic tensors already in memory. Goal: >= 0.9.
+
+    python bench/recompute_bench.py                          # ResNet-18 at 64 px, the 10,000 Tiny-ImageNet val images
+    python bench/recompute_bench.py --arch resnet50 --size 224 --no-low-res
+
+The checkpoint is an untrained model written to a temporary folder (the rate does not
+depend on the weights), and the recompute cache points there too, so nothing is reused.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def raw_rate(model, batch: int, size: int, n: int, device) -> float:
+    images = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        model(images)  # warm-up
+        start, seen = time.perf_counter(), 0
+        while seen < n:
+            model(images).float().softmax(1).cpu()
+            seen += batch
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                  "tiny-imagenet-200"))
+    p.add_argument("--split", default="val")
+    p.add_argument("--classes", type=int, default=200)
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--low-res", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=128)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["ENSEMBLE_CACHE"] = folder
+        from ensemble.predictions import recompute
+        from models import build_model, get_spec, save_checkpoint
+        from orchestrator.data.dataset import open_split
+        from orchestrator.runs_file import MemberRecord
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        n = len(open_split(args.data, args.split, args.classes, args.per_class))
+        model = build_model(args.arch, num_classes=args.classes, low_res=args.low_res).eval()
+        path = os.path.join(folder, "model.pt")
+        save_checkpoint(path, arch=args.arch, num_classes=args.classes, low_res=args.low_res, model=model)
+        ev = get_spec(args.arch).eval_transform(args.low_res, args.size)
+        record = MemberRecord(name="bench", key="bench-0", arch=args.arch, checkpoint=path, eval=ev.to_dict(),
+                              low_res=args.low_res)
+        raw1 = raw_rate(model.to(device), args.batch, ev.crop, n, device)
+        start = time.perf_counter()
+        preds = recompute(record, args.data, args.split, args.classes, args.per_class, batch_size=args.batch)
+        recomputed = n / (time.perf_counter() - start)
+        raw2 = raw_rate(model.to(device), args.batch, ev.crop, n, device)
+        assert preds.array.shape == (n, args.classes)
+    raw = (raw1 + raw2) / 2
+    print(f"{args.arch} {ev.crop} px, {n} images, batch {args.batch}, device "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU x {os.cpu_count()}'}")
+    print(f"raw inference: {raw:,.0f} images/s; recompute path (checkpoint load, decode, transform, softmax): "
+          f"{recomputed:,.0f} images/s")
+    print(f"recompute ratio (recompute / raw inference): {recomputed / raw:.2f} (goal >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
