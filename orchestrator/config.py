@@ -16,7 +16,7 @@ import itertools
 import json
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -124,7 +124,9 @@ class Resources(Strict):
     workers: int = Field(1, ge=1, description="Ray Train data-parallel workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, ge=0)
+    # a number, or auto: orchestrator/packing.py decides how many members share a GPU
+    gpus_per_worker: Annotated[float, Field(ge=0)] | Literal["auto"] = 1.0
+    gpu_memory_gb: float | None = Field(None, gt=0, description="peak GPU memory of one worker, for packing")
     loader_workers: int = Field(1, ge=0, description="DataLoader processes per worker")
     # where JPEGs are decoded and augmented: per image in the loader processes (cpu), per
     # batch on the GPU with nvJPEG (gpu), or gpu when training on CUDA and the recipe's
@@ -134,7 +136,7 @@ class Resources(Strict):
     @model_validator(mode="after")
     def _fractional(self):
         # Fractional GPUs only for single-worker members: two DDP ranks on one GPU fail in NCCL.
-        if self.use_gpu and self.workers > 1 and self.gpus_per_worker < 1:
+        if self.use_gpu and self.workers > 1 and self.gpus_per_worker != "auto" and self.gpus_per_worker < 1:
             raise UserError("gpus_per_worker < 1 is only allowed with workers: 1 (NCCL cannot share a GPU)")
         if self.decode == "gpu" and not self.use_gpu:
             raise UserError("resources.decode: gpu needs use_gpu: true (valid without a GPU: auto, cpu)")
@@ -252,6 +254,25 @@ class Search(Strict):
         return self
 
 
+class PackingOpts(Strict):
+    """What `gpus_per_worker: auto` is decided from (orchestrator/packing.py)."""
+
+    gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU of the cluster")
+    # K trainers' total images/s over one trainer's on one GPU (bench/pack_bench.py --out);
+    # default: ResNet-18 at 32 px on an H200 (../shared/docs/BACKGROUND.md)
+    gains: dict[int, float] = {1: 1.0, 2: 2.32, 4: 3.5, 8: 3.44}
+    headroom: float = Field(0.9, gt=0, le=1, description="share of GPU memory the packed members may use")
+    min_step_gain: float = Field(1.1, ge=1, description="a larger K must raise total throughput this much")
+    saturated: float = Field(0.8, gt=0, description="solo GPU utilisation above which a member is not packed")
+
+    @field_validator("gains")
+    @classmethod
+    def _gains(cls, v):
+        if not v or any(k < 1 or g <= 0 for k, g in v.items()):
+            raise ValueError("gains maps members per GPU (>= 1) to a positive throughput ratio")
+        return v
+
+
 class EnsembleConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     data: Data
@@ -263,6 +284,7 @@ class EnsembleConfig(Strict):
     members: list[Member] = []
     grid: Grid | None = None
     search: Search | None = None  # used by jobs/search.py
+    packing: PackingOpts = PackingOpts()
     imported_runs: list[str] = Field([], description="runs files whose finished members join as they are")
 
     @model_validator(mode="after")
@@ -286,6 +308,7 @@ class ResolvedMember(BaseModel):
     input_size: int
     weight: float
     resources: Resources
+    packing: str | None = None  # why `gpus_per_worker: auto` came out as it did
 
 
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -356,6 +379,13 @@ def _grid_members(grid: Grid) -> list[Member]:
     return [Member(arch=a, recipe=r, seed=s) for a, r, s in itertools.product(grid.archs, grid.recipes, grid.seeds)]
 
 
+def _pack(name: str, resources: Resources, opts: PackingOpts) -> tuple[Resources, str | None]:
+    from orchestrator.packing import resolve_auto
+
+    share, decision = resolve_auto(name, resources, opts)
+    return resources.model_copy(update={"gpus_per_worker": share}), decision.reason if decision else None
+
+
 def _check_decode(name: str, recipe: Recipe, resources: Resources) -> None:
     from orchestrator.train.batch_augment import unsupported
 
@@ -385,11 +415,12 @@ def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
         name = m.name or f"{m.arch}-{recipe_name}-s{m.seed}"
         resources = m.resources or Resources()
         _check_decode(name, recipe, resources)
+        resources, packing = _pack(name, resources, cfg.packing)
         payload = {"arch": m.arch, "recipe": recipe.model_dump(), "seed": m.seed, "low_res": m.low_res,
                    "input_size": size, "workers": resources.workers, "data": cfg.data.model_dump()}
         out.append(ResolvedMember(key=member_key(name, payload), name=name, arch=m.arch, recipe_name=recipe_name,
                                   recipe=recipe, seed=m.seed, low_res=m.low_res, input_size=size,
-                                  weight=m.weight, resources=resources))
+                                  weight=m.weight, resources=resources, packing=packing))
     names = [m.name for m in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

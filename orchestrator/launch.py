@@ -139,7 +139,19 @@ def member_trial(config: dict, ctx: dict) -> None:
         labels=storage.join(ckpt_uri, LABELS_FILE),
         metrics={"top1_err": final["val_top1_err"], "top5_err": final["val_top5_err"], "val_loss": final["val_loss"],
                  "images_per_s": final["images_per_s"], "minutes": minutes, "epochs": final["epoch"],
-                 "val_samples": final["val_samples"]}))
+                 "val_samples": final["val_samples"], **_peaks(history)}))
+
+
+def _peaks(history: list[dict]) -> dict[str, float]:
+    """Peak GPU memory (what packing decides from) and compile time, when recorded."""
+    out = {}
+    memory = [h["gpu_memory_gb"] for h in history if h.get("gpu_memory_gb")]
+    if memory:
+        out["gpu_memory_gb"] = max(memory)
+    compile_s = [h["compile_s"] for h in history if "compile_s" in h]
+    if compile_s:
+        out["compile_s"] = sum(compile_s)  # one per process start: a resumed member paid it again
+    return out
 
 
 def worker_demand(member: ResolvedMember) -> dict[str, float]:

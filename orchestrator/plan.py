@@ -40,6 +40,7 @@ class NodeType(Strict):
     cpus: float = Field(gt=0)
     gpus: float = Field(0, ge=0)
     gpu_hour_price: float = Field(0, ge=0, description="per GPU, for the cost column")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU (packing)")
 
 
 class Cluster(Strict):
@@ -47,6 +48,7 @@ class Cluster(Strict):
     nodes: list[NodeType] = Field(min_length=1)
     gpu_speed: float = Field(1.0, gt=0, description="relative to one H200 (H100 ~0.8, A100 ~0.45)")
     throughput: dict[str, float] = {}  # images/s of a member (by name) or an arch, on its resources
+    packing_gains: dict[int, float] | None = None  # bench/pack_bench.py --out on this cluster's GPU
 
 
 def load_cluster(path: str) -> Cluster:
@@ -76,11 +78,12 @@ def forward_flops(arch: str, low_res: bool, size: int, num_classes: int) -> floa
     return float(counter.get_total_flops())
 
 
-def packing_share(gpus_per_worker: float) -> float:
+def packing_share(gpus_per_worker: float, gains: dict[int, float] | None = None) -> float:
     """A trainer's images/s on a 1/K GPU share, relative to having the GPU alone."""
+    gains = gains or PACKING
     k = max(1, round(1 / gpus_per_worker)) if gpus_per_worker < 1 else 1
-    near = min(PACKING, key=lambda p: abs(p - k))
-    return PACKING[near] / k
+    near = min(gains, key=lambda p: abs(p - k))
+    return gains[near] / near
 
 
 def estimated_rate(m: ResolvedMember, cluster: Cluster, num_classes: int) -> float:
@@ -88,8 +91,8 @@ def estimated_rate(m: ResolvedMember, cluster: Cluster, num_classes: int) -> flo
     r = m.resources
     flops = forward_flops(m.arch, m.low_res, m.input_size, num_classes)
     if r.use_gpu:
-        per_worker = GPU_FLOPS_PER_S * cluster.gpu_speed / flops * min(1.0, r.gpus_per_worker) * packing_share(
-            r.gpus_per_worker) / min(1.0, r.gpus_per_worker)
+        per_worker = GPU_FLOPS_PER_S * cluster.gpu_speed / flops * packing_share(r.gpus_per_worker,
+                                                                                 cluster.packing_gains)
     else:
         per_worker = CPU_FLOPS_PER_S * r.cpus_per_worker / flops
     return per_worker * r.workers * (DDP_EFFICIENCY if r.workers > 1 else 1.0)
@@ -190,20 +193,56 @@ def plan(members: list[ResolvedMember], samples: int, cluster: Cluster, rates: d
 
 
 def member_rates(members, cluster: Cluster, num_classes: int, measured: dict[str, float]) -> dict[str, float]:
+    """Images/s per member key. A measured or declared rate of a `gpus_per_worker: auto`
+    member counts as its rate alone on a GPU, scaled by the packing gain of its share."""
     rates = {}
     for m in members:
         rate = measured.get(m.name) or cluster.throughput.get(m.name) or cluster.throughput.get(m.arch)
+        if rate and m.packing is not None and m.resources.use_gpu:
+            rate *= packing_share(m.resources.gpus_per_worker, cluster.packing_gains)
         rates[m.key] = rate or estimated_rate(m, cluster, num_classes)
     return rates
 
 
-def _measured(path: str | None) -> dict[str, float]:
+def _measured(path: str | None) -> tuple[dict[str, float], dict[str, float]]:
+    """A runs file's finished members: {name: images/s}, {name: peak GPU memory in GB}."""
     if not path:
-        return {}
+        return {}, {}
     from orchestrator.runs_file import load_runs
 
-    return {m.name: m.metrics["images_per_s"] for m in load_runs(path).members
-            if m.status == "finished" and m.metrics.get("images_per_s")}
+    done = [m for m in load_runs(path).members if m.status == "finished"]
+    return ({m.name: m.metrics["images_per_s"] for m in done if m.metrics.get("images_per_s")},
+            {m.name: m.metrics["gpu_memory_gb"] for m in done if m.metrics.get("gpu_memory_gb")})
+
+
+def apply_packing(members: list[ResolvedMember], opts, cluster: Cluster, num_classes: int,
+                  rates: dict[str, float], memory: dict[str, float]) -> tuple[list[ResolvedMember], dict[str, str]]:
+    """Re-decide `gpus_per_worker: auto` members (orchestrator/packing.py) with this
+    cluster's GPU memory and packing gains and the measured memory and solo rate."""
+    from orchestrator.packing import decide
+
+    gpu_memory = max((t.gpu_memory_gb for t in cluster.nodes if t.gpu_memory_gb), default=None)
+    opts = opts.model_copy(update={k: v for k, v in (("gpu_memory_gb", gpu_memory),
+                                                     ("gains", cluster.packing_gains)) if v})
+    out, reasons = [], {}
+    for m in members:
+        if m.packing is None or not m.resources.use_gpu or m.resources.workers > 1:
+            out.append(m)
+            continue
+        solo = rates.get(m.name)
+        utilisation = (solo * forward_flops(m.arch, m.low_res, m.input_size, num_classes)
+                       / (GPU_FLOPS_PER_S * cluster.gpu_speed)) if solo else None
+        d = decide(m.name, memory.get(m.name, m.resources.gpu_memory_gb), opts, utilisation)
+        reasons[m.name] = f"K={d.k} ({d.gain:.2f}x): {d.reason}"
+        out.append(m.model_copy(update={"resources": m.resources.model_copy(update={"gpus_per_worker": d.gpus_per_worker}),
+                                        "packing": d.reason}))
+    return out, reasons
+
+
+def unpacked(members: list[ResolvedMember]) -> list[ResolvedMember]:
+    """The same members with every auto-packed one on a GPU of its own (for comparison)."""
+    return [m.model_copy(update={"resources": m.resources.model_copy(update={"gpus_per_worker": 1.0})})
+            if m.packing is not None and m.resources.use_gpu else m for m in members]
 
 
 def _train_samples(cfg) -> tuple[int, int]:
@@ -247,9 +286,24 @@ def main(argv=None) -> int:
     members = resolve_members(cfg)
     cluster = load_cluster(args.cluster)
     samples, classes = _train_samples(cfg)
-    rates = member_rates(members, cluster, classes, _measured(args.measured))
-    print_plan(plan(members, samples, cluster, rates), cluster)
+    measured_rates, measured_memory = _measured(args.measured)
+    members, reasons = apply_packing(members, cfg.packing, cluster, classes, measured_rates, measured_memory)
+    rates = member_rates(members, cluster, classes, measured_rates)
+    result = plan(members, samples, cluster, rates)
+    print_plan(result, cluster)
+    if reasons:
+        print_packing(reasons, result, plan(unpacked(members), samples, cluster,
+                                            member_rates(unpacked(members), cluster, classes, measured_rates)))
     return 0
+
+
+def print_packing(reasons: dict[str, str], packed: dict, alone: dict) -> None:
+    """Each auto member's decision, and the aggregate gain against one GPU per member."""
+    for name, why in reasons.items():
+        print(f"packing {name}: {why}")
+    print(f"packing gain: wall time {packed['wall_hours']:.2f} h packed vs {alone['wall_hours']:.2f} h with a GPU "
+          f"per member ({alone['wall_hours'] / max(packed['wall_hours'], 1e-9):.2f}x); GPU-hours "
+          f"{packed['gpu_hours']:.2f} vs {alone['gpu_hours']:.2f}")
 
 
 if __name__ == "__main__":
