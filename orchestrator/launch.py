@@ -139,7 +139,8 @@ def member_trial(config: dict, ctx: dict) -> None:
         labels=storage.join(ckpt_uri, LABELS_FILE),
         metrics={"top1_err": final["val_top1_err"], "top5_err": final["val_top5_err"], "val_loss": final["val_loss"],
                  "images_per_s": final["images_per_s"], "minutes": minutes, "epochs": final["epoch"],
-                 "val_samples": final["val_samples"], **_peaks(history)}))
+                 "val_samples": final["val_samples"], **_peaks(history),
+                 **({"member_s": final["member_s"]} if "member_s" in final else {})}))
 
 
 def _peaks(history: list[dict]) -> dict[str, float]:

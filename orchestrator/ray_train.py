@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 
 import numpy as np
 import ray.train
@@ -37,6 +38,7 @@ def _gather(part: dict, world: int) -> list[dict]:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    started = time.perf_counter()
     member = ResolvedMember.model_validate(config["member"])
     ctx = ray.train.get_context()  # RAY: rank and world size of this worker
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -58,6 +60,8 @@ def train_loop_per_worker(config: dict) -> None:
     def on_epoch_end(state, metrics, model, optimizer):
         final = state.epoch == member.recipe.epochs
         probs = _gather(predict(model, data.val, member, device, rank, world), world) if final else None
+        if final:  # the member's own work in this process: data, model, epochs, predictions
+            metrics["member_s"] = time.perf_counter() - started
         if client is not None:
             log_epoch(client, run_id, metrics, state.epoch)
         with tempfile.TemporaryDirectory() as tmp:

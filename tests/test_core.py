@@ -84,3 +84,25 @@ def test_predictions_must_cover_every_sample_once():
         assemble_predictions([{0: row}], 2)
     with pytest.raises(RuntimeError, match="scored by two workers"):
         assemble_predictions([{0: row}, {0: row}], 1)
+
+
+def test_a_nan_mid_window_is_reported_at_its_own_step():
+    """The loss is checked every CHECK_EVERY steps (no host sync per step), yet the error
+    names the first step whose loss was not finite."""
+    losses = [torch.tensor(1.0)] * 7 + [torch.tensor(float("nan"))] + [torch.tensor(float("nan"))] * 3
+    with pytest.raises(loop.NonFiniteLoss, match="loss is nan at step 107 "):
+        loop._check_finite(losses, [8] * len(losses), first_step=100, epoch=0)
+    assert loop._check_finite([torch.tensor(2.0), torch.tensor(1.0)], [8, 4], 0, 0) == 20.0
+
+
+def test_compile_time_is_reported_once_per_process(tiny_root, monkeypatch):
+    """`recipe.compile` logs compile_s (first step minus a steady step) in the first epoch
+    of a process only; torch.compile itself is replaced here, its cost is bench/compile_bench.py's."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    member, data = member_and_data(tiny_root, epochs=2, compile=True)
+    seen = []
+    train_member(member, data, device=CPU, on_epoch_end=lambda s, m, *_: seen.append(dict(m)))
+    assert len(compiled) == 1
+    assert seen[0]["compile_s"] >= 0 and "compile_s" not in seen[1]
+    assert all(m["first_step_s"] > 0 and m["step_s"] > 0 for m in seen)

@@ -85,3 +85,11 @@ def test_plan_packs_from_measured_memory_and_reports_the_gain(tmp_path, tiny_roo
     unknown = run_cli("-m", "orchestrator.plan", "--config", str(tmp_path / "c.yaml"), "--cluster",
                       str(tmp_path / "k.yaml"))
     assert "K=1 (1.00x): no memory figure" in unknown.stdout
+
+
+def test_member_records_keep_peak_memory_and_compile_time():
+    from orchestrator.launch import _peaks
+
+    history = [{"gpu_memory_gb": 3.1, "compile_s": 48.0}, {"gpu_memory_gb": 3.4}, {"gpu_memory_gb": 3.3}]
+    assert _peaks(history) == {"gpu_memory_gb": 3.4, "compile_s": 48.0}
+    assert _peaks([{"epoch": 1}]) == {}  # a CPU member without compile records neither
