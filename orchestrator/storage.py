@@ -112,6 +112,18 @@ def read_json(uri: str) -> dict | None:
     return retry(read, f"reading {uri}")
 
 
+def read_npy(uri: str):
+    """A .npy array from a local path or any fsspec URL (predictions, labels), retried."""
+    import io
+
+    import numpy as np
+
+    def read():
+        with fsspec.open(uri, "rb") as f:
+            return np.load(io.BytesIO(f.read()))
+    return retry(read, f"reading {uri}")
+
+
 def _s3_filesystem_class():
     from pyarrow import fs as pafs
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator
 
 import torch
@@ -113,14 +114,20 @@ class Split:
                 yield Sample(path, b"", label)
         else:
             n = self.manifest.num_classes
-            for s in iter_shard(url, self._sha256().get(url)):
+            for s in iter_shard(url, self._sha256.get(url)):
                 if not 0 <= s.label < n:
                     raise UserError(f"shard {url}: sample {s.key} has label {s.label}, outside 0..{n - 1} "
                                     f"({self.manifest.name} has {n} classes)")
                 yield s
 
+    @cached_property
     def _sha256(self) -> dict[str, str]:
         return {self.manifest.url(s): s.sha256 for s in self.manifest.shards(self.split) if s.sha256}
+
+    @cached_property
+    def labels(self) -> list[int]:
+        """Labels of an in-memory split, in order (sampling plans each pass from them)."""
+        return [s.label for s in self.records]
 
     def iter_samples(self, urls: list[str] | None = None, keep=None) -> Iterator[Sample]:
         """Samples in dataset order (from memory, or streamed from `urls`); with `keep`,
@@ -214,13 +221,12 @@ class TrainStream(IterableDataset):
     def samples_per_pass(self) -> int:
         if self.split.records is None:
             return len(self.split)
-        return epoch_length([s.label for s in self.split.records], self.label_shuffling)
+        return epoch_length(self.split.labels, self.label_shuffling)
 
     def _one_pass(self, p: int, slot: int, nslots: int) -> Iterator[Sample]:
         pass_seed = self.seed * 1_000_003 + p
         if self.split.records is not None:
-            labels = [s.label for s in self.split.records]
-            mine = rank_part(epoch_order(labels, pass_seed, self.label_shuffling), self.rank, self.world)
+            mine = rank_part(epoch_order(self.split.labels, pass_seed, self.label_shuffling), self.rank, self.world)
             for i in mine[slot::nslots]:
                 yield self.split.records[i]
             return

@@ -13,7 +13,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
 
 from orchestrator import storage
 from orchestrator.config import EnsembleConfig, ResolvedMember, Search, load_config, resolve_members
@@ -164,15 +163,6 @@ def collect(results, bases: dict[str, ResolvedMember], root: str) -> list[dict]:
     return rows
 
 
-def _load_npy(uri: str) -> np.ndarray:
-    import io
-
-    import fsspec
-
-    with fsspec.open(uri, "rb") as f:
-        return np.load(io.BytesIO(f.read()))
-
-
 def member_record(row: dict, run_ids: dict[str, str]) -> MemberRecord:
     from models import get_spec
 
@@ -270,8 +260,8 @@ def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs
             client.set_terminated(run_ids[r["trial_id"]], "KILLED")
     choice = None
     if complete:
-        labels = _load_npy(complete[0]["labels"])
-        preds = [_load_npy(r["predictions"]) for r in complete]
+        labels = storage.read_npy(complete[0]["labels"])
+        preds = [storage.read_npy(r["predictions"]) for r in complete]
         sel = cfg.search.select
         choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction)
         files = runs_files(cfg, rows, choice, ctx, run_ids)

@@ -6,12 +6,9 @@ ensemble or a search can serve; its class set must be the one being trained.
 """
 from __future__ import annotations
 
-import io
-
-import fsspec
-import numpy as np
 import torch
 
+from orchestrator import storage
 from orchestrator.config import Recipe, Teacher
 from orchestrator.errors import UserError, unknown_name
 from orchestrator.runs_file import MemberRecord, RunsFile, load_runs
@@ -33,11 +30,6 @@ def _check_classes(runs: RunsFile, class_names: list[str], what: str) -> None:
                         f"this member on {len(class_names)}; use a teacher of the same class set")
 
 
-def _load_npy(uri: str) -> np.ndarray:
-    with fsspec.open(uri, "rb") as f:
-        return np.load(io.BytesIO(f.read()))
-
-
 def load_confusion_smoothing(recipe: Recipe, class_names: list[str]) -> torch.Tensor | None:
     """The smoothing matrix S (targets = S[y]) of a recipe with a confusion prior, else None."""
     from orchestrator.train.confusion import confusion_prior, smoothing_matrix
@@ -49,7 +41,7 @@ def load_confusion_smoothing(recipe: Recipe, class_names: list[str]) -> torch.Te
     _check_classes(runs, class_names, "confusion_prior")
     if not member.predictions:
         raise UserError(f"confusion_prior: member {member.name} of {cp.teacher.runs} has no cached predictions")
-    probs, labels = _load_npy(member.predictions), _load_npy(runs.dataset.labels)
+    probs, labels = storage.read_npy(member.predictions), storage.read_npy(runs.dataset.labels)
     prior = confusion_prior(probs, labels, cp.k)
     return smoothing_matrix(prior, recipe.augment.fields().label_smoothing)
 
