@@ -1,14 +1,17 @@
-"""The Tune layer: one Tune trial per member, each launching the member's TorchTrainer.
+"""The Tune layer: one Tune trial per member.
 
-Ray Train V2 does not run `Tuner(trainer)`; the supported pattern is a Tune *function*
-trainable that calls `TorchTrainer(...).fit()` and forwards its reports with
-`TuneReportCallback` (Ray docs, "Hyperparameter tuning with Ray Tune", Train V2). Tune
-then runs as many members at once as the cluster has resources for.
+A single-worker member trains inside its trial process (`in_trial.py`), which holds the
+member's CPUs and GPU share and is reused for the next member (`reuse_actors`). A
+data-parallel member's trial launches its TorchTrainer: Ray Train V2 does not run
+`Tuner(trainer)`; the supported pattern is a Tune *function* trainable that calls
+`TorchTrainer(...).fit()` and forwards its reports with `TuneReportCallback` (Ray docs,
+"Hyperparameter tuning with Ray Tune", Train V2). Tune then runs as many members at once
+as the cluster has resources for.
 
-After a member's TorchTrainer finishes, its trial logs the member's artifacts to its
+After a member finishes training, its trial logs the member's artifacts to its
 MLflow child run and writes the member's record; a record means "finished", so a re-run
-of the job skips that member, while an unfinished member's TorchTrainer finds its run
-under the same name and storage path and resumes from the latest checkpoint.
+of the job skips that member, while an unfinished member resumes from its latest
+checkpoint (a TorchTrainer finds its run under the same name and storage path).
 """
 from __future__ import annotations
 
@@ -24,16 +27,19 @@ from mlflow.tracking import MlflowClient
 from ray import train, tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.execution.placement_groups import PlacementGroupFactory
 
 from models import get_spec
 from orchestrator import storage
 from orchestrator.config import ResolvedMember
 from orchestrator.errors import UserError
-from orchestrator.ray_train import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE, train_loop_per_worker
+from orchestrator import in_trial
+from orchestrator.member_worker import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
+from orchestrator.ray_train import train_loop_per_worker
 from orchestrator.tracking import get_or_create_child
 from orchestrator.train.lr import scaled_lr
 
-TRIAL_CPUS = 0.25  # the trial only waits on its TorchTrainer; Tune refuses a 0-CPU trial
+TRIAL_CPUS = 0.25  # a data-parallel member's trial only waits on its TorchTrainer; Tune refuses 0 CPUs
 
 
 def member_dir(ctx: dict) -> str:
@@ -44,14 +50,18 @@ def record_uri(ctx: dict, key: str) -> str:
     return storage.join(member_dir(ctx), "members", f"{key}.json")
 
 
+def worker_config(member: ResolvedMember, ctx: dict, run_id: str | None) -> dict:
+    return {"member": member.model_dump(), "data": ctx["data"], "tracking_uri": ctx["tracking_uri"],
+            "mlflow_run_id": run_id}
+
+
 def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> TorchTrainer:
     r = member.resources
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     fs, path = storage.ray_storage(storage.join(member_dir(ctx), "train"))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"member": member.model_dump(), "data": ctx["data"],
-                           "tracking_uri": ctx["tracking_uri"], "mlflow_run_id": run_id},
+        train_loop_config=worker_config(member, ctx, run_id),
         scaling_config=train.ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker=per_worker),
         run_config=train.RunConfig(
             name=member.key,  # same name + storage path = resume from the latest checkpoint
@@ -65,14 +75,14 @@ def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> Torc
     )
 
 
-def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ckpt, steps_per_epoch: int,
-                   ctx: dict) -> list[dict]:
+def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ckpt_uri: str,
+                   steps_per_epoch: int, ctx: dict) -> list[dict]:
     """Log the final checkpoint's files and the member's plots; returns its per-epoch
     history, read from the checkpoint (complete even when the member was resumed)."""
     from orchestrator import plots  # matplotlib only where plots are drawn
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = ckpt.to_directory(os.path.join(tmp, "checkpoint"))
+        local = storage.get_dir(ckpt_uri, os.path.join(tmp, "checkpoint"))
         history = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)["history"]
         for name in (PREDICTIONS_FILE, LABELS_FILE):
             client.log_artifact(run_id, os.path.join(local, name), "predictions")
@@ -107,13 +117,22 @@ def failure_message(exc: BaseException) -> str:
     return (named[-1] if named else text.splitlines()[0])[:500]
 
 
+def train_member_here(member: ResolvedMember, ctx: dict, run_id: str | None) -> tuple[dict, str]:
+    """Train the member from this trial; returns (its final metrics, its final checkpoint's URI)."""
+    if in_trial.eligible(member):
+        checkpoints = storage.join(member_dir(ctx), "train", member.key)
+        return in_trial.train(member, worker_config(member, ctx, run_id), checkpoints, ctx["max_failures"])
+    result = build_trainer(member, ctx, run_id).fit()
+    return result.metrics, storage.checkpoint_uri(ctx["storage"], result.checkpoint.path)
+
+
 def member_trial(config: dict, ctx: dict) -> None:
     """Tune function trainable: train one member end to end."""
     member = ResolvedMember.model_validate(ctx["members"][config["member_key"]])
     client = MlflowClient(ctx["tracking_uri"])
     run_id = get_or_create_child(client, ctx["experiment_id"], ctx["parent_run_id"], member)
     try:
-        result = build_trainer(member, ctx, run_id).fit()
+        final, ckpt_uri = train_member_here(member, ctx, run_id)
     except Exception as exc:
         # The member fails loudly (FAILED in MLflow, a failed record); the rest go on.
         message = failure_message(exc)
@@ -122,14 +141,12 @@ def member_trial(config: dict, ctx: dict) -> None:
         storage.write_json(record_uri(ctx, member.key) + ".failed", _record(member, ctx, run_id, status="failed",
                                                                             error=message))
         traceback.print_exc()
-        # Returning (not raising) ends the trial: Ray Train already retried the member
+        # Returning (not raising) ends the trial: the member was already retried
         # (FailureConfig), so Tune's own retries are kept for a trial whose process or
         # node died, where they resume the member from its checkpoint.
         return
-    final = result.metrics
-    ckpt_uri = storage.checkpoint_uri(ctx["storage"], result.checkpoint.path)
     steps_per_epoch = int(final["steps_per_epoch"])
-    history = _log_artifacts(client, run_id, member, result.checkpoint, steps_per_epoch, ctx)
+    history = _log_artifacts(client, run_id, member, ckpt_uri, steps_per_epoch, ctx)
     client.set_tag(run_id, "checkpoint_uri", storage.join(ckpt_uri, CHECKPOINT_FILE))
     client.set_terminated(run_id, "FINISHED")
     minutes = sum(h.get("epoch_minutes", 0.0) for h in history)
@@ -156,7 +173,8 @@ def _peaks(history: list[dict]) -> dict[str, float]:
 
 
 def worker_demand(member: ResolvedMember) -> dict[str, float]:
-    """What the member's Ray Train worker group holds (gang-scheduled as one placement group)."""
+    """What the member's training processes hold: its trial process for a single-worker
+    member, else its Ray Train worker group (gang-scheduled as one placement group)."""
     r = member.resources
     demand = {"CPU": r.workers * r.cpus_per_worker}
     if r.use_gpu:
@@ -164,27 +182,37 @@ def worker_demand(member: ResolvedMember) -> dict[str, float]:
     return demand
 
 
+def trial_demand(member: ResolvedMember) -> dict[str, float]:
+    """What the member's Tune trial asks for."""
+    return worker_demand(member) if in_trial.eligible(member) else {"CPU": TRIAL_CPUS}
+
+
+def total_demand(member: ResolvedMember) -> dict[str, float]:
+    extra = 0.0 if in_trial.eligible(member) else TRIAL_CPUS
+    return {res: amount + (extra if res == "CPU" else 0) for res, amount in worker_demand(member).items()}
+
+
 def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | None) -> int:
     """How many member trials to run at once.
 
-    Each trial holds TRIAL_CPUS while its worker group waits for resources, so too many
-    trials could hold the CPUs the worker groups need, and none would ever start. Worker
-    groups are gang-scheduled (all or nothing), so progress is guaranteed while the CPUs
-    left over by the waiting trials fit the largest worker group:
+    A data-parallel member's trial holds TRIAL_CPUS while its worker group waits for
+    resources, so too many such trials could hold the CPUs the worker groups need, and
+    none would ever start. Worker groups are gang-scheduled (all or nothing), so progress
+    is guaranteed while the CPUs left over by the waiting trials fit the largest group:
         trials x TRIAL_CPUS + largest group <= cluster CPUs.
+    (A single-worker member's trial starts only with all it needs, and never waits.)
     Beyond that, no more trials than could train at once. A member that can never fit
     (more GPUs than the cluster has) is refused here, not left pending forever.
     """
-    demands = [worker_demand(m) for m in members]
+    demands = [total_demand(m) for m in members]
     for m, d in zip(members, demands):
         for res, amount in d.items():
-            need = amount + (TRIAL_CPUS if res == "CPU" else 0)
-            if need > cluster.get(res, 0):
-                raise UserError(f"member {m.name} needs {need:g} {res} but the cluster has "
+            if amount > cluster.get(res, 0):
+                raise UserError(f"member {m.name} needs {amount:g} {res} but the cluster has "
                                 f"{cluster.get(res, 0):g}; lower its resources.workers or *_per_worker")
-    largest_cpu = max(d["CPU"] for d in demands)
-    safe = math.floor((cluster["CPU"] - largest_cpu) / TRIAL_CPUS + 1e-9)
-    useful = math.floor(cluster["CPU"] / min(d["CPU"] + TRIAL_CPUS for d in demands) + 1e-9)
+    groups = [worker_demand(m)["CPU"] for m in members if not in_trial.eligible(m)]
+    safe = math.floor((cluster["CPU"] - max(groups)) / TRIAL_CPUS + 1e-9) if groups else len(members)
+    useful = math.floor(cluster["CPU"] / min(d["CPU"] for d in demands) + 1e-9)
     if all("GPU" in d for d in demands):
         useful = min(useful, math.floor(cluster["GPU"] / min(d["GPU"] for d in demands) + 1e-9))
     return max(1, min(safe, useful, cap or len(members), len(members)))
@@ -192,12 +220,18 @@ def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | No
 
 def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str):
     """Run every member as a Tune trial; returns Tune's ResultGrid."""
-    trainable = tune.with_resources(tune.with_parameters(member_trial, ctx=ctx), {"CPU": TRIAL_CPUS})
+    by_key = {m.key: m for m in members}
+
+    def resources(config: dict) -> PlacementGroupFactory:
+        return PlacementGroupFactory([trial_demand(by_key[config["member_key"]])])
+
+    trainable = tune.with_resources(tune.with_parameters(member_trial, ctx=ctx), resources)
     fs, path = storage.ray_storage(storage.join(member_dir(ctx), "tune"))
     tuner = tune.Tuner(
         trainable,
         param_space={"member_key": tune.grid_search([m.key for m in members])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+        # a finished trial's process takes the next member with the same resource request
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=ctx["max_failures"])),
     )

@@ -178,3 +178,33 @@ def checkpoint_uri(storage_root: str, fs_path: str) -> str:
     """A Ray checkpoint's path (pyarrow form: no scheme for S3) as a URI fsspec can open."""
     scheme = urlparse(storage_root).scheme
     return f"{scheme}://{fs_path}" if scheme and scheme != "file" else fs_path
+
+
+def put_dir(folder: str, uri: str) -> None:
+    """Upload a flat local folder's files to `uri`/ (a checkpoint), retried."""
+    def put():
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.makedirs(path, exist_ok=True)
+        for name in sorted(os.listdir(folder)):
+            fs.put_file(os.path.join(folder, name), f"{path.rstrip('/')}/{name}")
+    retry(put, f"uploading {uri}")
+
+
+def get_dir(uri: str, folder: str) -> str:
+    """Download the files under `uri`/ into the local `folder`; returns `folder`."""
+    def get():
+        fs, path = fsspec.core.url_to_fs(uri)
+        os.makedirs(folder, exist_ok=True)
+        for entry in fs.ls(path, detail=False):
+            fs.get_file(entry, os.path.join(folder, os.path.basename(entry.rstrip("/"))))
+        return folder
+    return retry(get, f"downloading {uri}")
+
+
+def remove(uri: str) -> None:
+    """Delete `uri` and everything under it; a missing one is fine."""
+    def rm():
+        fs, path = fsspec.core.url_to_fs(uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    retry(rm, f"removing {uri}")

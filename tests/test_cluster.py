@@ -11,7 +11,7 @@ import pytest
 from orchestrator.runs_file import load_runs
 from tests.conftest import ROOT
 from tests.test_e2e import check_runs_file, s3_data  # noqa: F401
-from tests.test_faults import drill_env, jobs, report, start, wait
+from tests.test_faults import TRAINING_PROCESS, drill_env, jobs, report, start, wait
 
 
 def node(*args: str) -> str:
@@ -22,10 +22,10 @@ def node(*args: str) -> str:
 
 
 def worker_nodes(job: str) -> dict[str, str]:
-    """{RayTrainWorker actor id: node id} of the job's alive training workers."""
+    """{actor id: node id} of the job's alive training processes (single-worker members)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(filters=[("class_name", "=", TRAINING_PROCESS), ("state", "=", "ALIVE")])
     return {a.actor_id: a.node_id for a in actors if a.job_id == job}
 
 

@@ -155,9 +155,11 @@ def assert_no_credentials(client: MlflowClient, runs, texts: list[str]) -> None:
 
 
 def registered_checkpoints(fs, train_dir: str) -> list[str]:
-    """Checkpoints Ray Train has registered in its run snapshot. A checkpoint folder is
-    uploaded before the snapshot names it; a run stopped in between restarts that epoch."""
-    found = []
+    """Members' complete checkpoints: a single-worker member's `latest.json` pointer, or
+    the latest one Ray Train has registered in a data-parallel member's run snapshot. In
+    both, a checkpoint folder is uploaded before it is named; a run stopped in between
+    restarts that epoch."""
+    found = list(fs.glob(f"{train_dir}/*/latest.json"))
     for path in fs.glob(f"{train_dir}/*/checkpoint_manager_snapshot.json"):
         latest = json.loads(fs.cat(path)).get("latest_checkpoint_result")
         if latest:

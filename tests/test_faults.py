@@ -18,6 +18,8 @@ from tests.conftest import ROOT, run_cli
 from tests.test_e2e import RUNTIME_EXCLUDES, check_runs_file, children_of, s3_data  # noqa: F401
 
 DRILL = "configs/fault-drill.yaml"
+# the Ray actor class a single-worker member trains in: its Tune trial (a function trainable)
+TRAINING_PROCESS = "ImplicitFunc"
 
 
 def jobs(stack):
@@ -104,7 +106,7 @@ def report(name: str, seconds: float, base: float, redone: str) -> None:
 
 
 @pytest.mark.stack
-def test_a_killed_worker_resumes_from_its_last_checkpoint(stack, s3_data, undisturbed):  # noqa: F811
+def test_a_killed_training_process_resumes_from_its_last_checkpoint(stack, s3_data, undisturbed):  # noqa: F811
     from ray.util.state import list_actors
 
     env = drill_env(stack, s3_data, "kill-worker")
@@ -113,9 +115,9 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(stack, s3_data, undist
     wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1)
     time.sleep(2)  # into epoch 2
     ray_job = jobs(stack).get_job_info(job).job_id
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = [a for a in list_actors(filters=[("class_name", "=", TRAINING_PROCESS), ("state", "=", "ALIVE")])
                if a.job_id == ray_job]
-    assert workers, "no training worker of the job is alive"
+    assert workers, "no training process of the job is alive"
     os.kill(workers[0].pid, 9)
     status, logs = wait(stack, job)
     assert status == "SUCCEEDED", logs[-3000:]
@@ -123,7 +125,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(stack, s3_data, undist
     metrics, _ = final_member(stack, env)
     # the same seed, restarted once: the same model within noise (80 val images)
     assert abs(metrics["top1_err"] - undisturbed["metrics"]["top1_err"]) <= 0.15
-    report("a training worker killed (SIGKILL) mid-epoch", time.time() - begin, undisturbed["seconds"],
+    report("a member's training process killed (SIGKILL) mid-epoch", time.time() - begin, undisturbed["seconds"],
            "the interrupted epoch")
 
 

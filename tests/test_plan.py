@@ -29,7 +29,7 @@ def test_gpu_packing_and_the_cap():
     ms = members(*[quarter] * 12)
     assert plan_concurrency(ms, {"CPU": 64, "GPU": 2}, None) == 8  # 4 per GPU on 2 GPUs
     assert plan_concurrency(ms, {"CPU": 64, "GPU": 2}, 3) == 3
-    assert plan_concurrency(ms, {"CPU": 8, "GPU": 2}, None) == 2  # CPUs bound first: 2 x (3 + 0.25)
+    assert plan_concurrency(ms, {"CPU": 8, "GPU": 2}, None) == 2  # CPUs bound first: 2 x 3
 
 
 def test_impossible_requests_are_refused_with_one_line():
@@ -39,3 +39,13 @@ def test_impossible_requests_are_refused_with_one_line():
         plan_concurrency(members({"workers": 4, "cpus_per_worker": 1}), {"CPU": 2}, None)
     with pytest.raises(UserError, match="needs 1 GPU but the cluster has 0"):
         plan_concurrency(members({"use_gpu": True}), {"CPU": 2}, None)
+
+
+def test_single_worker_members_hold_only_their_own_cpus():
+    # their trial process trains them: no 0.25-CPU trial on top, so two 1-CPU members fit 2 CPUs
+    ms = members({"cpus_per_worker": 1.0}, {"cpus_per_worker": 1.0})
+    assert plan_concurrency(ms, {"CPU": 2}, None) == 2
+    # a data-parallel member's trial still waits beside its worker group
+    ms = members({"workers": 2, "cpus_per_worker": 1.0}, {"cpus_per_worker": 1.0})
+    with pytest.raises(UserError, match="member m0 needs 2.25 CPU but the cluster has 2"):
+        plan_concurrency(ms, {"CPU": 2}, None)

@@ -17,7 +17,7 @@ import time
 from orchestrator import storage
 from orchestrator.config import EnsembleConfig, ResolvedMember, Search, load_config, resolve_members
 from orchestrator.errors import UserError
-from orchestrator.ray_train import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
+from orchestrator.member_worker import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
 from orchestrator.runs_file import EvalRef, MemberRecord, MlflowRef, RunsFile, write_runs
 from orchestrator.search import space
 

@@ -24,7 +24,7 @@ from ray import tune
 
 from models import save_checkpoint
 from orchestrator.config import Data, ResolvedMember
-from orchestrator.ray_train import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
+from orchestrator.member_worker import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
 from orchestrator.search import space
 from orchestrator.tracking import get_or_create_trial_run, log_epoch
 from orchestrator.train.member import assemble_predictions, open_member_data, predict, split_labels, train_member

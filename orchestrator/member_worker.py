@@ -1,0 +1,92 @@
+"""What a member's training process does, whoever hosts it: resume, train, checkpoint
+every epoch, and put the val predictions into the final checkpoint.
+
+Two hosts provide a `Session` (rank, device, the latest checkpoint, a place to report
+to): `ray_train.py`, a Ray Train worker of a data-parallel member, and `in_trial.py`, the
+Tune trial process of a single-worker member. The training itself is plain PyTorch from
+`orchestrator.train`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+
+from models import save_checkpoint
+from orchestrator.config import Data, ResolvedMember
+from orchestrator.tracking import log_epoch
+from orchestrator.train.member import assemble_predictions, open_member_data, predict, split_labels, train_member
+
+CHECKPOINT_FILE, PREDICTIONS_FILE, LABELS_FILE = "model.pt", "predictions.npy", "labels.npy"
+
+
+class Session(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+    prepare_model: Callable
+
+    def resume(self) -> tuple[dict | None, str]:
+        """(the latest checkpoint's state, where it came from), or (None, "")."""
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        """One epoch's metrics, and rank 0's checkpoint folder (None on other ranks)."""
+
+    def report_final_again(self, state: dict) -> None:
+        """The member had finished before a restart: hand its final checkpoint back."""
+
+
+def _gather(part: dict, world: int) -> list[dict]:
+    if world == 1:
+        return [part]
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def run_member(config: dict, session: Session) -> None:
+    """config: {"member", "data", "tracking_uri", "mlflow_run_id"} (plain dicts)."""
+    started = time.perf_counter()
+    member = ResolvedMember.model_validate(config["member"])
+    rank, world, device = session.rank, session.world, session.device
+    torch.set_num_threads(max(1, math.ceil(member.resources.cpus_per_worker)))
+    resume, source = session.resume()
+    if resume and rank == 0:
+        print(f"member {member.name}: resuming after epoch {resume['epoch']} from {source}", flush=True)
+    if resume and resume["epoch"] >= member.recipe.epochs:
+        # Killed after its final checkpoint but before the job recorded it: hand the final
+        # checkpoint (model, predictions) back as this run's result instead of retraining.
+        session.report_final_again(resume)
+        return
+
+    data = open_member_data(Data.model_validate(config["data"]))
+    run_id = config.get("mlflow_run_id")
+    client = MlflowClient(config["tracking_uri"]) if rank == 0 and run_id else None
+
+    def on_epoch_end(state, metrics, model, optimizer):
+        final = state.epoch == member.recipe.epochs
+        probs = _gather(predict(model, data.val, member, device, rank, world), world) if final else None
+        if final:  # the member's own work in this process: data, model, epochs, predictions
+            metrics["member_s"] = time.perf_counter() - started
+        if client is not None:
+            log_epoch(client, run_id, metrics, state.epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                net = model.module if hasattr(model, "module") else model
+                save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), arch=member.arch, num_classes=data.num_classes,
+                                low_res=member.low_res, model=net, optimizer=optimizer.state_dict(),
+                                epoch=state.epoch, step=state.step, history=state.history, metrics=metrics)
+                if final:
+                    np.save(os.path.join(tmp, PREDICTIONS_FILE), assemble_predictions(probs, len(data.val)))
+                    np.save(os.path.join(tmp, LABELS_FILE), split_labels(data.val))
+            session.report(metrics, tmp if rank == 0 else None)
+
+    train_member(member, data, device=device, rank=rank, world=world, resume=resume,
+                 prepare_model=session.prepare_model, on_epoch_end=on_epoch_end)

@@ -1,0 +1,87 @@
+"""Single-worker members trained in their trial process (no Ray Train, no MLflow here):
+checkpoints on storage that a restart or a re-run resumes from, retries like Ray
+Train's FailureConfig, and none for an error that would recur."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator import in_trial
+from orchestrator.config import parse_config, resolve_members
+from orchestrator.train import loop
+
+
+def member_config(tiny_root, tmp_path, **recipe):
+    cfg = parse_config({
+        "name": "t", "data": {"root": tiny_root, "classes": 4, "train_per_class": 8, "val_per_class": 4},
+        "recipes": {"r": {"epochs": 2, "batch_size": 8, "augment": {"preset": "none"},
+                          "optimizer": {"name": "sgd", "lr": 0.4}, **recipe}},
+        "members": [{"arch": "resnet18", "recipe": "r", "input_size": 32,
+                     "resources": {"loader_workers": 0}}]})
+    member = resolve_members(cfg)[0]
+    config = {"member": member.model_dump(), "data": cfg.data.model_dump(), "tracking_uri": "",
+              "mlflow_run_id": None}
+    return member, config, str(tmp_path / "train" / member.key)
+
+
+def test_a_failed_attempt_resumes_from_the_latest_checkpoint(tiny_root, tmp_path, monkeypatch, capsys):
+    member, config, root = member_config(tiny_root, tmp_path)
+    reported, failed = [], []
+    real_report = in_trial.TrialSession.report
+
+    def flaky_report(self, metrics, folder):
+        if metrics["epoch"] == 2 and not failed:
+            failed.append(True)
+            raise RuntimeError("node went away")  # after epoch 2's work, before its checkpoint
+        real_report(self, metrics, folder)
+
+    monkeypatch.setattr(in_trial.TrialSession, "report", flaky_report)
+    final, uri = in_trial.train(member, config, root, max_failures=1, progress=reported.append)
+    out = capsys.readouterr().out
+    assert "RuntimeError: node went away; retrying from its latest checkpoint (1/1)" in out
+    assert "resuming after epoch 1" in out  # epoch 1 was not trained again
+    assert [r["epoch"] for r in reported] == [1, 2]
+    assert final["epoch"] == 2 and uri == os.path.join(root, "epoch_0002")
+    # only the latest checkpoint is kept, and it holds the member's val predictions
+    assert sorted(os.listdir(root)) == ["epoch_0002", "latest.json"]
+    assert sorted(os.listdir(uri)) == ["labels.npy", "model.pt", "predictions.npy"]
+    assert np.load(os.path.join(uri, "predictions.npy")).shape == (16, 4)
+    assert json.load(open(os.path.join(root, "latest.json")))["epoch"] == 2
+    state = torch.load(os.path.join(uri, "model.pt"), map_location="cpu", weights_only=False)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+
+
+def test_a_finished_member_is_not_trained_again(tiny_root, tmp_path, capsys):
+    member, config, root = member_config(tiny_root, tmp_path, epochs=1)
+    first, uri = in_trial.train(member, config, root, max_failures=0, progress=lambda m: None)
+    capsys.readouterr()
+    again = []
+    second, uri2 = in_trial.train(member, config, root, max_failures=0, progress=again.append)
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert again == [] and uri2 == uri and second == first
+
+
+def test_an_upload_cut_short_leaves_the_previous_checkpoint_in_charge(tiny_root, tmp_path, monkeypatch):
+    member, config, root = member_config(tiny_root, tmp_path)
+    real_put = in_trial.storage.put_dir
+
+    def put_then_die(folder, uri):
+        real_put(folder, uri)
+        if uri.endswith("epoch_0002"):
+            raise KeyboardInterrupt  # the process dies after the upload, before the pointer
+
+    monkeypatch.setattr(in_trial.storage, "put_dir", put_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        in_trial.train(member, config, root, max_failures=3, progress=lambda m: None)
+    session = in_trial.TrialSession(member, root)
+    state, source = session.resume()
+    assert state["epoch"] == 1 and source.endswith("epoch_0001")
+
+
+def test_a_diverging_member_is_not_retried(tiny_root, tmp_path, capsys):
+    member, config, root = member_config(tiny_root, tmp_path, optimizer={"name": "sgd", "lr": 1.0e12})
+    with pytest.raises(loop.NonFiniteLoss):
+        in_trial.train(member, config, root, max_failures=3, progress=lambda m: None)
+    assert "retrying" not in capsys.readouterr().out
