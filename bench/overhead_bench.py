@@ -9,10 +9,11 @@ same concurrency. Goal: overhead under 5%.
 Members' own time is what each member's worker reports as `member_s` (opening its data,
 building its model, its epochs of training and validation, its val predictions; read
 back from runs.yaml); divided by the concurrency it is the wall time a perfect
-orchestrator would need. Everything else is overhead: Ray start-up, the start of each
-member's Tune trial, Train controller and worker processes, checkpoints written to
-storage, MLflow runs, artifacts and plots, the final ensemble evaluation. Run with nothing else on the machine
-and no Ray instance running (the job would join it).
+orchestrator would need. Everything else is overhead: the driver's imports, Ray start-up,
+the MLflow store, starting the trial processes (once per concurrent slot: single-worker
+members train in their trial process, which Tune reuses for the next member), checkpoints
+written to storage, MLflow runs, artifacts and plots, runs.yaml. Run with nothing else on
+the machine and no Ray instance running (the job would join it).
 """
 from __future__ import annotations
 

@@ -150,6 +150,7 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
     from models import load_checkpoint
     from orchestrator.data.dataset import EvalStream, open_split
     from orchestrator.train.augment import EvalGeometry, normalize_batch
+    from orchestrator.train.batch_augment import Prefetcher
 
     if not member.checkpoint:
         raise UserError(f"member {member.name}: no predictions and no checkpoint to recompute them from")
@@ -168,10 +169,14 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
         EvalStream(data, EvalGeometry(ev.resize, ev.crop)), batch_size=batch_size,
         num_workers=loader_workers(device))
     out = np.zeros((len(data), data.num_classes), dtype=np.float16)
-    with Progress(transient=True) as bar:
+
+    def ready(idx, images, _labels):
+        return idx, normalize_batch(images.to(device, non_blocking=True), ev.mean, ev.std)
+
+    # the next batches are read, decoded and normalised in a thread while the model runs
+    with Progress(transient=True) as bar, Prefetcher(iter(loader), ready, device) as batches:
         task = bar.add_task(f"{member.name}: predicting ({tta})", total=len(data))
-        for idx, images, _ in loader:
-            images = normalize_batch(images.to(device), ev.mean, ev.std)
+        for idx, images in batches:
             probs = sum(model(v).float().softmax(1) for v in _views(images, tta, ev.crop)) / TTA_VIEWS[tta]
             out[idx.numpy()] = probs.cpu().numpy().astype(np.float16)
             bar.advance(task, len(idx))

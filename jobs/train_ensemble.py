@@ -1,11 +1,12 @@
-"""Train an ensemble: every member a Ray Train run, all tracked in MLflow.
+"""Train an ensemble: every member a Ray Tune trial, all tracked in MLflow.
 
     python jobs/train_ensemble.py                                   # embedded default, local
     python jobs/train_ensemble.py --config configs/smoke.yaml
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/train_ensemble.py --config configs/tiny-imagenet-20.yaml
 
-Runs each member as one Tune trial (as many at once as the cluster allows), writes a
+Runs each member as one Tune trial (as many at once as the cluster allows; a
+data-parallel member's trial runs a Ray Train TorchTrainer), writes a
 member's record when it finishes, and ends with a table of the members and `runs.yaml`.
 Running the same job again trains nothing that finished and resumes the rest.
 """

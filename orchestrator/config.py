@@ -121,7 +121,7 @@ class Recipe(Strict):
 
 
 class Resources(Strict):
-    workers: int = Field(1, ge=1, description="Ray Train data-parallel workers")
+    workers: int = Field(1, ge=1, description="1: trained in its Tune trial; more: Ray Train data-parallel workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     # a number, or auto: orchestrator/packing.py decides how many members share a GPU
@@ -132,6 +132,13 @@ class Resources(Strict):
     # batch on the GPU with nvJPEG (gpu), or gpu when training on CUDA and the recipe's
     # augmentations have a batch form (auto); see orchestrator/train/batch_augment.py
     decode: Literal["auto", "cpu", "gpu"] = "auto"
+
+    @property
+    def trial_cpus(self) -> float:
+        """CPUs the member's Tune trial holds besides its workers: none when the trial
+        trains the member itself (one worker, orchestrator/in_trial.py); a token share
+        while it waits on a data-parallel member's TorchTrainer (Tune refuses 0 CPUs)."""
+        return 0.0 if self.workers == 1 else 0.25
 
     @model_validator(mode="after")
     def _fractional(self):

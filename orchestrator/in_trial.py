@@ -42,7 +42,7 @@ DETERMINISTIC = (UserError, NonFiniteLoss, TooManyBadImages)
 
 def eligible(member: ResolvedMember) -> bool:
     """Trained in its trial process: a single-worker member."""
-    return member.resources.workers == 1
+    return member.resources.trial_cpus == 0
 
 
 class TrialSession:

@@ -39,7 +39,6 @@ from orchestrator.ray_train import train_loop_per_worker
 from orchestrator.tracking import get_or_create_child
 from orchestrator.train.lr import scaled_lr
 
-TRIAL_CPUS = 0.25  # a data-parallel member's trial only waits on its TorchTrainer; Tune refuses 0 CPUs
 
 
 def member_dir(ctx: dict) -> str:
@@ -184,22 +183,22 @@ def worker_demand(member: ResolvedMember) -> dict[str, float]:
 
 def trial_demand(member: ResolvedMember) -> dict[str, float]:
     """What the member's Tune trial asks for."""
-    return worker_demand(member) if in_trial.eligible(member) else {"CPU": TRIAL_CPUS}
+    return worker_demand(member) if in_trial.eligible(member) else {"CPU": member.resources.trial_cpus}
 
 
 def total_demand(member: ResolvedMember) -> dict[str, float]:
-    extra = 0.0 if in_trial.eligible(member) else TRIAL_CPUS
+    extra = member.resources.trial_cpus
     return {res: amount + (extra if res == "CPU" else 0) for res, amount in worker_demand(member).items()}
 
 
 def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | None) -> int:
     """How many member trials to run at once.
 
-    A data-parallel member's trial holds TRIAL_CPUS while its worker group waits for
+    A data-parallel member's trial holds `trial_cpus` (0.25) while its worker group waits for
     resources, so too many such trials could hold the CPUs the worker groups need, and
     none would ever start. Worker groups are gang-scheduled (all or nothing), so progress
     is guaranteed while the CPUs left over by the waiting trials fit the largest group:
-        trials x TRIAL_CPUS + largest group <= cluster CPUs.
+        trials x trial_cpus + largest group <= cluster CPUs.
     (A single-worker member's trial starts only with all it needs, and never waits.)
     Beyond that, no more trials than could train at once. A member that can never fit
     (more GPUs than the cluster has) is refused here, not left pending forever.
@@ -210,8 +209,11 @@ def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | No
             if amount > cluster.get(res, 0):
                 raise UserError(f"member {m.name} needs {amount:g} {res} but the cluster has "
                                 f"{cluster.get(res, 0):g}; lower its resources.workers or *_per_worker")
-    groups = [worker_demand(m)["CPU"] for m in members if not in_trial.eligible(m)]
-    safe = math.floor((cluster["CPU"] - max(groups)) / TRIAL_CPUS + 1e-9) if groups else len(members)
+    waiting = [m for m in members if not in_trial.eligible(m)]
+    safe = len(members)
+    if waiting:
+        largest = max(worker_demand(m)["CPU"] for m in waiting)
+        safe = math.floor((cluster["CPU"] - largest) / waiting[0].resources.trial_cpus + 1e-9)
     useful = math.floor(cluster["CPU"] / min(d["CPU"] for d in demands) + 1e-9)
     if all("GPU" in d for d in demands):
         useful = min(useful, math.floor(cluster["GPU"] / min(d["GPU"] for d in demands) + 1e-9))

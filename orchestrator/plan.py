@@ -31,7 +31,6 @@ GPU_FLOPS_PER_S = 45e12  # training images/s x forward FLOPs, one H200 (median o
 CPU_FLOPS_PER_S = 2.07e11  # per core: low-res ResNet-18 64 px, 4.44 GFLOPs, 93 images/s on 2 cores
 PACKING = {1: 1.0, 2: 2.32, 4: 3.5, 8: 3.44}  # total/one trainer's images/s with K trainers on one H200
 DDP_EFFICIENCY = 0.9
-TRIAL_CPUS = 0.25
 
 
 class NodeType(Strict):
@@ -121,7 +120,7 @@ def _place(m: ResolvedMember, nodes: list[Node], commit: bool) -> list[str] | No
     cpu, gpu = _bundle(m)
     saved = [(n.free_cpus, n.free_gpus) for n in nodes]
     chosen: list[str] = []
-    needs = [(cpu + TRIAL_CPUS, gpu)] + [(cpu, gpu)] * (m.resources.workers - 1)
+    needs = [(cpu + m.resources.trial_cpus, gpu)] + [(cpu, gpu)] * (m.resources.workers - 1)
     # PACK: prefer one node that takes the whole group, else spread over several
     whole = [n for n in nodes if n.free_cpus + 1e-9 >= sum(c for c, _ in needs)
              and n.free_gpus + 1e-9 >= sum(g for _, g in needs)]
@@ -145,7 +144,7 @@ def _release(m: ResolvedMember, placed: list[str], nodes: list[Node]) -> None:
     cpu, gpu = _bundle(m)
     by_name = {n.name: n for n in nodes}
     for i, name in enumerate(placed):
-        by_name[name].free_cpus += cpu + (TRIAL_CPUS if i == 0 else 0)
+        by_name[name].free_cpus += cpu + (m.resources.trial_cpus if i == 0 else 0)
         by_name[name].free_gpus += gpu
 
 
@@ -160,7 +159,7 @@ def plan(members: list[ResolvedMember], samples: int, cluster: Cluster, rates: d
         if _place(m, build_nodes(cluster), commit=False) is None:
             cpu, gpu = _bundle(m)
             raise UserError(f"member {m.name} needs {m.resources.workers} x ({cpu:g} CPU, {gpu:g} GPU) + "
-                            f"{TRIAL_CPUS} CPU at once, more than cluster {cluster.name} has: lower its workers "
+                            f"{m.resources.trial_cpus:g} CPU at once, more than cluster {cluster.name} has: lower its workers "
                             f"or per-worker resources, or add nodes")
     duration = {m.key: m.recipe.epochs * samples / rates[m.key] for m in members}
     pending = sorted(members, key=lambda m: -duration[m.key])  # longest first

@@ -1,6 +1,8 @@
 """Paths under the job's storage root (local folder or s3://), through fsspec.
 
-    <root>/<ensemble>/train/<member key>/checkpoint_*/   Ray Train runs (model.pt, predictions)
+    <root>/<ensemble>/train/<member key>/epoch_*/       a single-worker member's latest checkpoint
+    <root>/<ensemble>/train/<member key>/latest.json    ... and its pointer (orchestrator/in_trial.py)
+    <root>/<ensemble>/train/<member key>/checkpoint_*/  a data-parallel member's Ray Train run
     <root>/<ensemble>/members/<member key>.json           a finished member's record
     <root>/<ensemble>/tune/                               Tune's own experiment state
 

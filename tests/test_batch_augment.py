@@ -54,6 +54,16 @@ def test_prefetcher_hands_over_every_batch_then_stops_and_reraises():
         next(batch_augment.Prefetcher(iter(batches), broken, CPU))
 
 
+def test_a_closed_prefetcher_stops_its_thread_mid_stream():
+    # a trial process trains member after member: an abandoned endless stream must not
+    # keep a thread (and its batches) alive
+    endless = ((torch.zeros(2), torch.zeros(2)) for _ in iter(int, 1))
+    with batch_augment.Prefetcher(endless, lambda x, y: (x, y), CPU) as batches:
+        next(batches)
+        thread = batches.thread
+    assert not thread.is_alive()
+
+
 def test_flip_jitter_and_lighting_stay_in_range_and_flip_mirrors():
     img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     img[:, :, :20] = 0  # left half black: a flip moves it right

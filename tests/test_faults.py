@@ -101,7 +101,7 @@ def outage(service: str, seconds: float) -> None:
 
 
 def report(name: str, seconds: float, base: float, redone: str) -> None:
-    print(f"\nRELIABILITY | {name} | +{seconds - base:.0f} s over an undisturbed run ({base:.0f} s) | "
+    print(f"\nRELIABILITY | {name} | {seconds - base:+.0f} s over an undisturbed run ({base:.0f} s) | "
           f"redone: {redone} | data lost: none")
 
 

@@ -203,40 +203,65 @@ class PassAugment:
 
 
 class Prefetcher:
-    """Iterator of augmented batches, `depth` batches ahead, made by a background thread.
+    """Iterator over `work(*item)` for the items of `items`, `depth` ahead, made by a
+    background thread (`work` returns a tuple of tensors: augmented batches here, ready
+    batches in `ensemble.predictions.recompute`).
 
-    On CUDA the thread queues each batch's decode and augmentation on its own stream, so
-    they overlap the training step's kernels, and its Python work overlaps the training
-    loop's (torch releases the GIL inside ops). The training stream waits on the batch's
-    event before using it. An exception in the thread is raised from `next()`."""
+    On CUDA the thread queues each item's work (decode, augmentation) on its own stream,
+    so it overlaps the main stream's kernels, and its Python work overlaps the consumer's
+    (torch releases the GIL inside ops). The consumer's stream waits on the item's event
+    before using it. An exception in the thread is raised from `next()`; `close()` (or
+    leaving a `with` block) stops the thread when the consumer stops early."""
 
     _END = object()
 
-    def __init__(self, raw_batches, augment, device: torch.device, depth: int = 2):
+    def __init__(self, items, work, device: torch.device, depth: int = 2):
         import queue
         import threading
 
-        self.raw, self.augment, self.device = raw_batches, augment, torch.device(device)
+        self.items, self.work, self.device = items, work, torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._work, daemon=True, name="batch-prefetch")
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="prefetch")
         self.thread.start()
 
-    def _work(self) -> None:
+    def _put(self, entry) -> None:
+        import queue
+
+        while not self.stopped.is_set():
+            try:
+                return self.queue.put(entry, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
         stream = torch.cuda.Stream(self.device) if self.cuda else None
         try:
-            for batch in self.raw:
+            for item in self.items:
+                if self.stopped.is_set():
+                    return
                 if stream is None:
-                    self.queue.put((self.augment(*batch), None))
+                    self._put((self.work(*item), None))
                     continue
                 with torch.cuda.stream(stream):
-                    out = self.augment(*batch)
+                    out = self.work(*item)
                     event = torch.cuda.Event()
                     event.record(stream)
-                self.queue.put((out, event))
-            self.queue.put((self._END, None))
+                self._put((out, event))
+            self._put((self._END, None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self.queue.put((exc, None))
+            self._put((exc, None))
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __iter__(self):
         return self
@@ -247,10 +272,10 @@ class Prefetcher:
             raise StopIteration
         if isinstance(out, BaseException):
             raise out
-        images, labels = out
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
-            images.record_stream(current)  # the allocator must not hand them back to the side stream early
-            labels.record_stream(current)
-        return images, labels
+            for t in out:
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    t.record_stream(current)  # the allocator must not hand them back to the side stream early
+        return out

@@ -1,9 +1,9 @@
 """One member, assembled from its spec: data, transforms, model, optimiser, loop.
 
 Still no Ray and no MLflow: `train_member` takes the rank, world size and device it runs
-on, an optional resume state, and a per-epoch callback. The Ray layer
-(`orchestrator/ray_train.py`) calls it inside each Ray Train worker; tests call it
-directly on CPU.
+on, an optional resume state, and a per-epoch callback. `orchestrator/member_worker.py`
+calls it in a member's Tune trial process or in each of its Ray Train workers; tests call
+it directly on CPU.
 """
 from __future__ import annotations
 
@@ -119,12 +119,17 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
         if on_epoch_end:
             on_epoch_end(st, metrics, model, optimizer)
 
-    state = loop.fit(model, optimizer, train_batches=train_batches, steps_per_epoch=steps_per_epoch,
-                     epochs=recipe.epochs, base_lr=base_lr, schedule=recipe.schedule, val_loader=val_loader,
-                     device=device, criterion=criterion, state=state,
-                     mix=augment.build_batch_mix(fields, data.num_classes), bf16=bf16, channels_last=cl,
-                     on_epoch_end=epoch_end, plain_last_epochs=recipe.plain_last_epochs,
-                     multiscale=recipe.multiscale)
+    try:
+        state = loop.fit(model, optimizer, train_batches=train_batches, steps_per_epoch=steps_per_epoch,
+                         epochs=recipe.epochs, base_lr=base_lr, schedule=recipe.schedule, val_loader=val_loader,
+                         device=device, criterion=criterion, state=state,
+                         mix=augment.build_batch_mix(fields, data.num_classes), bf16=bf16, channels_last=cl,
+                         on_epoch_end=epoch_end, plain_last_epochs=recipe.plain_last_epochs,
+                         multiscale=recipe.multiscale)
+    finally:
+        # a trial process trains the next member after this one: stop the prefetch thread
+        if hasattr(train_batches, "close"):
+            train_batches.close()
     return model, state
 
 
