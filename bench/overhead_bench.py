@@ -3,8 +3,14 @@ ensemble on a Tiny-ImageNet subset, on its embedded defaults (a local Ray instan
 local MLflow store and artifact folder), against the members' own training time at the
 same concurrency. Goal: overhead under 5%.
 
-    python bench/overhead_bench.py                        # 20 members, 2 at a time, about 10 min here
+    python bench/overhead_bench.py                        # 20 members of ~100 s, 2 at a time: ~18 min here
+    python bench/overhead_bench.py --epochs 2             # 20 members of ~35 s: ~7 min
     python bench/overhead_bench.py --members 4 --epochs 1  # a quick look
+
+The overhead is a fixed cost per job (about 20 s here: imports, Ray and the MLflow store
+starting, the first trial processes importing torch) plus about 1 to 2 s per member (its
+MLflow run, the final checkpoint, artifacts and plots), so its share falls as members
+get longer; real members train for hours.
 
 Members' own time is what each member's worker reports as `member_s` (opening its data,
 building its model, its epochs of training and validation, its val predictions; read
@@ -54,7 +60,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=40, help="training images per class")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=6)
     args = p.parse_args()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     with tempfile.TemporaryDirectory() as folder:

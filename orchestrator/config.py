@@ -261,13 +261,16 @@ class Search(Strict):
         return self
 
 
+# K trainers' total images/s over one trainer's on one GPU: ResNet-18 at 32 px on an H200
+# (../shared/docs/BACKGROUND.md); bench/pack_bench.py --out measures a cluster's own
+H200_PACKING_GAINS = {1: 1.0, 2: 2.32, 4: 3.5, 8: 3.44}
+
+
 class PackingOpts(Strict):
     """What `gpus_per_worker: auto` is decided from (orchestrator/packing.py)."""
 
     gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU of the cluster")
-    # K trainers' total images/s over one trainer's on one GPU (bench/pack_bench.py --out);
-    # default: ResNet-18 at 32 px on an H200 (../shared/docs/BACKGROUND.md)
-    gains: dict[int, float] = {1: 1.0, 2: 2.32, 4: 3.5, 8: 3.44}
+    gains: dict[int, float] = Field(default_factory=lambda: dict(H200_PACKING_GAINS))
     headroom: float = Field(0.9, gt=0, le=1, description="share of GPU memory the packed members may use")
     min_step_gain: float = Field(1.1, ge=1, description="a larger K must raise total throughput this much")
     saturated: float = Field(0.8, gt=0, description="solo GPU utilisation above which a member is not packed")

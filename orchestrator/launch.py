@@ -155,13 +155,13 @@ def member_trial(config: dict, ctx: dict) -> None:
         labels=storage.join(ckpt_uri, LABELS_FILE),
         metrics={"top1_err": final["val_top1_err"], "top5_err": final["val_top5_err"], "val_loss": final["val_loss"],
                  "images_per_s": final["images_per_s"], "minutes": minutes, "epochs": final["epoch"],
-                 "val_samples": final["val_samples"], **_peaks(history),
-                 **({"member_s": final["member_s"]} if "member_s" in final else {})}))
+                 "val_samples": final["val_samples"], **_extra_metrics(history, final)}))
 
 
-def _peaks(history: list[dict]) -> dict[str, float]:
-    """Peak GPU memory (what packing decides from) and compile time, when recorded."""
-    out = {}
+def _extra_metrics(history: list[dict], final: dict) -> dict[str, float]:
+    """Peak GPU memory (what packing decides from), compile time and the member's own
+    work in seconds (what bench/overhead_bench.py compares wall time with), when recorded."""
+    out = {"member_s": final["member_s"]} if "member_s" in final else {}
     memory = [h["gpu_memory_gb"] for h in history if h.get("gpu_memory_gb")]
     if memory:
         out["gpu_memory_gb"] = max(memory)

@@ -24,12 +24,11 @@ from functools import lru_cache
 import yaml
 from pydantic import Field
 
-from orchestrator.config import ResolvedMember, Strict, load_config, resolve_members
+from orchestrator.config import H200_PACKING_GAINS, ResolvedMember, Strict, load_config, resolve_members
 from orchestrator.errors import UserError, exit_on_user_error
 
 GPU_FLOPS_PER_S = 45e12  # training images/s x forward FLOPs, one H200 (median of the reference nets)
 CPU_FLOPS_PER_S = 2.07e11  # per core: low-res ResNet-18 64 px, 4.44 GFLOPs, 93 images/s on 2 cores
-PACKING = {1: 1.0, 2: 2.32, 4: 3.5, 8: 3.44}  # total/one trainer's images/s with K trainers on one H200
 DDP_EFFICIENCY = 0.9
 
 
@@ -79,7 +78,7 @@ def forward_flops(arch: str, low_res: bool, size: int, num_classes: int) -> floa
 
 def packing_share(gpus_per_worker: float, gains: dict[int, float] | None = None) -> float:
     """A trainer's images/s on a 1/K GPU share, relative to having the GPU alone."""
-    gains = gains or PACKING
+    gains = gains or H200_PACKING_GAINS
     k = max(1, round(1 / gpus_per_worker)) if gpus_per_worker < 1 else 1
     near = min(gains, key=lambda p: abs(p - k))
     return gains[near] / near

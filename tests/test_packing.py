@@ -87,9 +87,9 @@ def test_plan_packs_from_measured_memory_and_reports_the_gain(tmp_path, tiny_roo
     assert "K=1 (1.00x): no memory figure" in unknown.stdout
 
 
-def test_member_records_keep_peak_memory_and_compile_time():
-    from orchestrator.launch import _peaks
+def test_member_records_keep_peak_memory_compile_time_and_own_work():
+    from orchestrator.launch import _extra_metrics
 
     history = [{"gpu_memory_gb": 3.1, "compile_s": 48.0}, {"gpu_memory_gb": 3.4}, {"gpu_memory_gb": 3.3}]
-    assert _peaks(history) == {"gpu_memory_gb": 3.4, "compile_s": 48.0}
-    assert _peaks([{"epoch": 1}]) == {}  # a CPU member without compile records neither
+    assert _extra_metrics(history, {"member_s": 95.0}) == {"gpu_memory_gb": 3.4, "compile_s": 48.0, "member_s": 95.0}
+    assert _extra_metrics([{"epoch": 1}], {}) == {}  # a CPU member without compile records neither
