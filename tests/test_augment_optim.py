@@ -55,6 +55,16 @@ def test_eval_transform_resizes_then_centre_crops():
     assert tf(torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)).shape == (3, 32, 32)
 
 
+def test_batch_normalisation_matches_the_per_image_eval_transform():
+    # the recompute path: uint8 geometry per image, then normalisation per batch
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    images = [torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8) for _ in range(4)]
+    per_image = torch.stack([augment.build_eval_transform(36, 32, mean, std)(img) for img in images])
+    geometry = augment.EvalGeometry(36, 32)
+    batch = augment.normalize_batch(torch.stack([geometry(img) for img in images]), mean, std)
+    assert batch.dtype == torch.float32 and torch.allclose(batch, per_image, atol=1e-5)
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()

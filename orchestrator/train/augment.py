@@ -196,7 +196,9 @@ def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float normalised, as ToDtype(scale=True) + Normalize do per image."""
     m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - m) / s
+    # (x / 255 - m) / s as one new tensor and two in-place passes: the four temporaries of
+    # the plain expression cost 8x as long on CPU (bench/recompute_bench.py)
+    return images.float().sub_(255 * m).div_(255 * s)
 
 
 def build_batch_mix(f: AugmentFields, num_classes: int):
