@@ -171,7 +171,7 @@ class BatchAugment:
     def __call__(self, encoded: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         decoded = self.decode(encoded)
         keep = [i for i, img in enumerate(decoded) if img is not None]
-        x = self.crop_resize([decoded[i] for i in keep]) / 255
+        x = self.crop_resize([decoded[i] for i in keep]).div_(255)  # a fresh tensor: in place saves a copy
         if self.f.hflip > 0:
             flip = torch.rand(x.shape[0], device=x.device) < self.f.hflip
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -179,7 +179,7 @@ class BatchAugment:
             x = self.color(x)
         if self.f.pca_lighting > 0:
             x = self.lighting(x)
-        x = (x - self.mean) / self.std
+        x = x.sub_(self.mean).div_(self.std)
         labels = labels[keep] if len(keep) < len(decoded) else labels
         return x, labels.to(self.device, non_blocking=True)
 
