@@ -12,6 +12,7 @@ bar; the result is cached locally for next time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -145,6 +146,16 @@ def loader_workers(device: torch.device) -> int:
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
+def _unchanged(img: torch.Tensor) -> torch.Tensor:
+    return img
+
+
+def collate_eval(geometry, samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index, uint8 image, label) samples -> a batch, resized and cropped at once when it can."""
+    idx, images, labels = zip(*samples)
+    return torch.tensor(idx), geometry.batch(list(images)), torch.tensor(labels)
+
+
 @torch.no_grad()
 def recompute(member: MemberRecord, data_root: str, split: str, classes, per_class, tta: str = "none",
               batch_size: int = 128) -> MemberPredictions:
@@ -167,8 +178,8 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
     ev = member.eval
     data = open_split(data_root, split, classes, per_class)
     loader = torch.utils.data.DataLoader(
-        EvalStream(data, EvalGeometry(ev.resize, ev.crop)), batch_size=batch_size,
-        num_workers=loader_workers(device))
+        EvalStream(data, _unchanged), batch_size=batch_size, num_workers=loader_workers(device),
+        collate_fn=functools.partial(collate_eval, EvalGeometry(ev.resize, ev.crop)))
     out = np.zeros((len(data), data.num_classes), dtype=np.float16)
 
     def ready(idx, images, _labels):

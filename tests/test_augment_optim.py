@@ -65,6 +65,14 @@ def test_batch_normalisation_matches_the_per_image_eval_transform():
     assert batch.dtype == torch.float32 and torch.allclose(batch, per_image, atol=1e-5)
 
 
+def test_batched_eval_geometry_matches_image_by_image():
+    geometry = augment.EvalGeometry(36, 32)
+    same = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8) for _ in range(3)]
+    mixed = same + [torch.randint(0, 256, (3, 50, 80), dtype=torch.uint8)]
+    for images in (same, mixed):
+        assert torch.equal(geometry.batch(images), torch.stack([geometry(img) for img in images]))
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
