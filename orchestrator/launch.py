@@ -40,7 +40,6 @@ from orchestrator.tracking import get_or_create_child
 from orchestrator.train.lr import scaled_lr
 
 
-
 def member_dir(ctx: dict) -> str:
     return storage.join(ctx["storage"], ctx["ensemble"])
 

@@ -13,13 +13,18 @@ from orchestrator.train.member import (assemble_predictions, open_member_data, p
 CPU = torch.device("cpu")
 
 
-def member_and_data(tiny_root, **recipe):
-    cfg = parse_config({
+def core_config(tiny_root, **recipe):
+    """One low-res ResNet-18 member on a 4-class subset; recipe fields override."""
+    return parse_config({
         "name": "core", "data": {"root": tiny_root, "classes": 4, "train_per_class": 8, "val_per_class": 4},
         "recipes": {"r": {"epochs": 3, "batch_size": 8, "augment": {"preset": "none"},
                           "optimizer": {"name": "sgd", "lr": 0.4}, **recipe}},
         "members": [{"arch": "resnet18", "recipe": "r", "input_size": 32,
                      "resources": {"loader_workers": 0}}]})
+
+
+def member_and_data(tiny_root, **recipe):
+    cfg = core_config(tiny_root, **recipe)
     return resolve_members(cfg)[0], open_member_data(cfg.data)
 
 

@@ -9,17 +9,13 @@ import pytest
 import torch
 
 from orchestrator import in_trial
-from orchestrator.config import parse_config, resolve_members
+from orchestrator.config import resolve_members
 from orchestrator.train import loop
+from tests.test_core import core_config
 
 
 def member_config(tiny_root, tmp_path, **recipe):
-    cfg = parse_config({
-        "name": "t", "data": {"root": tiny_root, "classes": 4, "train_per_class": 8, "val_per_class": 4},
-        "recipes": {"r": {"epochs": 2, "batch_size": 8, "augment": {"preset": "none"},
-                          "optimizer": {"name": "sgd", "lr": 0.4}, **recipe}},
-        "members": [{"arch": "resnet18", "recipe": "r", "input_size": 32,
-                     "resources": {"loader_workers": 0}}]})
+    cfg = core_config(tiny_root, **{"epochs": 2, **recipe})
     member = resolve_members(cfg)[0]
     config = {"member": member.model_dump(), "data": cfg.data.model_dump(), "tracking_uri": "",
               "mlflow_run_id": None}
