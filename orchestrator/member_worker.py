@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from models import save_checkpoint
 from orchestrator.config import Data, ResolvedMember
 from orchestrator.tracking import log_epoch
-from orchestrator.train.member import assemble_predictions, open_member_data, predict, split_labels, train_member
+from orchestrator.train.member import assemble_predictions, open_member_data, score_stored, split_labels, train_member
 
 CHECKPOINT_FILE, PREDICTIONS_FILE, LABELS_FILE = "model.pt", "predictions.npy", "labels.npy"
 
@@ -70,10 +70,14 @@ def run_member(config: dict, session: Session) -> None:
     run_id = config.get("mlflow_run_id")
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and run_id else None
 
-    def on_epoch_end(state, metrics, model, optimizer):
-        final = state.epoch == member.recipe.epochs
-        probs = _gather(predict(model, data.val, member, device, rank, world), world) if final else None
-        if final:  # the member's own work in this process: data, model, epochs, predictions
+    def on_epoch_end(state, metrics, model, optimizer, probs):
+        final = probs is not None  # this rank's part of the final val predictions
+        if final:
+            parts = _gather(probs, world)
+            if rank == 0:
+                stored, labels = assemble_predictions(parts, len(data.val)), split_labels(data.val)
+                score_stored(metrics, stored, labels)
+            # the member's own work in this process: data, model, epochs, predictions
             metrics["member_s"] = time.perf_counter() - started
         if client is not None:
             log_epoch(client, run_id, metrics, state.epoch)
@@ -84,8 +88,8 @@ def run_member(config: dict, session: Session) -> None:
                                 low_res=member.low_res, model=net, optimizer=optimizer.state_dict(),
                                 epoch=state.epoch, step=state.step, history=state.history, metrics=metrics)
                 if final:
-                    np.save(os.path.join(tmp, PREDICTIONS_FILE), assemble_predictions(probs, len(data.val)))
-                    np.save(os.path.join(tmp, LABELS_FILE), split_labels(data.val))
+                    np.save(os.path.join(tmp, PREDICTIONS_FILE), stored)
+                    np.save(os.path.join(tmp, LABELS_FILE), labels)
             session.report(metrics, tmp if rank == 0 else None)
 
     train_member(member, data, device=device, rank=rank, world=world, resume=resume,

@@ -27,7 +27,7 @@ from orchestrator.config import Data, ResolvedMember
 from orchestrator.member_worker import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
 from orchestrator.search import space
 from orchestrator.tracking import get_or_create_trial_run, log_epoch
-from orchestrator.train.member import assemble_predictions, open_member_data, predict, split_labels, train_member
+from orchestrator.train.member import assemble_predictions, open_member_data, score_stored, split_labels, train_member
 
 
 def fingerprint(state_dict: dict) -> float:
@@ -73,8 +73,11 @@ def search_trial(config: dict, ctx: dict) -> None:
         client.log_metric(run_id, "cloned_fingerprint", restored_fp, step=resume["epoch"])
     extra = {"trial_id": trial_id, "restored_from": restored_from, "restored_fingerprint": restored_fp}
 
-    def on_epoch_end(state, metrics, model, optimizer):
-        final = state.epoch == member.recipe.epochs
+    def on_epoch_end(state, metrics, model, optimizer, probs):
+        final = probs is not None  # the final epoch's val predictions
+        if final:
+            stored, labels = assemble_predictions([probs], len(data.val)), split_labels(data.val)
+            score_stored(metrics, stored, labels)
         fp = fingerprint(model.state_dict())
         log_epoch(client, run_id, {**metrics, **numeric(overrides), "fingerprint": fp}, state.epoch)
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,9 +86,8 @@ def search_trial(config: dict, ctx: dict) -> None:
                             step=state.step, history=state.history, metrics=metrics, trial_id=trial_id,
                             fingerprint=fp, overrides=overrides)
             if final:
-                probs = assemble_predictions([predict(model, data.val, member, device)], len(data.val))
-                np.save(os.path.join(tmp, PREDICTIONS_FILE), probs)
-                np.save(os.path.join(tmp, LABELS_FILE), split_labels(data.val))
+                np.save(os.path.join(tmp, PREDICTIONS_FILE), stored)
+                np.save(os.path.join(tmp, LABELS_FILE), labels)
                 _log_final(client, run_id, tmp, member, state.history)
             tune.report({**metrics, **extra, "fingerprint": fp, "member_key": member.key},  # TUNE
                         checkpoint=tune.Checkpoint.from_directory(tmp))

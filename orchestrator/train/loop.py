@@ -166,9 +166,11 @@ def build_criterion(label_smoothing: float) -> nn.Module:
 
 def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epochs: int, base_lr: float,
         schedule, val_loader, device, criterion, state: FitState | None = None, mix=None,
-        bf16=True, channels_last=False, on_epoch_end: Callable[[FitState, dict], None] | None = None,
+        bf16=True, channels_last=False, on_epoch_end: Callable[[FitState, dict, dict | None], None] | None = None,
         plain_last_epochs: int = 0, multiscale: Sequence[int] = ()) -> FitState:
     """Train from `state` (a resumed one, or fresh) to `epochs`; returns the final state.
+    `on_epoch_end(state, metrics, probs)`: probs is this rank's {index: float16 softmax row}
+    of the val split after the final epoch, None before it.
     In the last `plain_last_epochs` epochs the batch mix (mixup/cutmix) is off, as the
     data stream's strong augmentation is (Hikvision's train/test consistency)."""
     state = state or FitState()
@@ -183,11 +185,14 @@ def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epoc
         plain = state.epoch >= epochs - plain_last_epochs
         metrics = train_epoch(model, optimizer, train_batches, steps_per_epoch, lr_at, state, device, criterion,
                               None if plain else mix, bf16, channels_last, multiscale)
-        val, _ = evaluate(model, val_loader, device, bf16, channels_last)
+        # the final epoch's validation pass also yields the member's predictions, so they are
+        # the very outputs its final metrics came from (and the split is read once, not twice)
+        final = state.epoch + 1 == epochs
+        val, probs = evaluate(model, val_loader, device, bf16, channels_last, keep_probs=final)
         state.epoch += 1
         metrics.update(val, epoch=state.epoch, epoch_minutes=(time.perf_counter() - start) / 60,
                        steps_per_epoch=steps_per_epoch)
         state.history.append(metrics)
         if on_epoch_end:
-            on_epoch_end(state, metrics)
+            on_epoch_end(state, metrics, probs)
     return state

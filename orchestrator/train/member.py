@@ -60,7 +60,8 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                  resume: dict | None = None, prepare_model: Callable = lambda m: m,
                  on_epoch_end: Callable | None = None) -> tuple[torch.nn.Module, loop.FitState]:
     """Train `member` on this rank. `prepare_model` wraps the model for data parallelism
-    (Ray's `prepare_model` -> DDP); `on_epoch_end(state, metrics, model, optimizer)`."""
+    (Ray's `prepare_model` -> DDP); `on_epoch_end(state, metrics, model, optimizer, probs)`,
+    where probs (final epoch only) is this rank's part of the val predictions (`predict`'s form)."""
     recipe = member.recipe
     seed_everything(member.seed)  # same init on every rank; DDP also broadcasts rank 0's
     model = build_model(member.arch, num_classes=data.num_classes, low_res=member.low_res)
@@ -108,7 +109,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     compile_pending = recipe.compile
     seen_bad = {"train": stream.bad.total, "val": val_loader.dataset.bad.total}
 
-    def epoch_end(st, metrics):
+    def epoch_end(st, metrics, probs):
         count_bad_images(metrics, seen_bad, stream, val_loader.dataset, data.max_bad_images)
         nonlocal compile_pending
         if compile_pending:
@@ -117,7 +118,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
             metrics["compile_s"] = max(0.0, metrics["first_step_s"] - metrics["step_s"])
             compile_pending = False
         if on_epoch_end:
-            on_epoch_end(st, metrics, model, optimizer)
+            on_epoch_end(st, metrics, model, optimizer, probs)
 
     try:
         state = loop.fit(model, optimizer, train_batches=train_batches, steps_per_epoch=steps_per_epoch,
@@ -193,3 +194,13 @@ def assemble_predictions(parts: list[dict], n: int) -> np.ndarray:
 
 def split_labels(split: Split) -> np.ndarray:
     return np.array([s.label for s in split.iter_samples()], dtype=np.int64)
+
+
+def score_stored(metrics: dict, probs: np.ndarray, labels: np.ndarray) -> None:
+    """Set the final top-1/top-5 errors to those of the stored float16 predictions, scored
+    as `ensemble.evaluate` scores them. float16 rounding can tie two near-equal classes that
+    the float32 logits had ordered; ensemble.math ranks ties for the true class, so without
+    this a member's recorded error could differ by a sample from its own predictions'."""
+    from ensemble.math import topk_error
+
+    metrics.update(val_top1_err=topk_error(probs, labels, 1), val_top5_err=topk_error(probs, labels, 5))
