@@ -1,22 +1,22 @@
 """Sample sources: WebDataset-style shards and the ILSVRC/ImageFolder layout.
 
 Both yield `Sample(key, jpeg_bytes, label)` in a fixed dataset order, so a split can be
-subset, partitioned across workers and scored in order. Shards are streamed with the
-standard library's `tarfile` in stream mode ("r|gz") over fsspec, which reads local
-paths, s3:// and any other fsspec URL without temporary copies.
+subset, partitioned across workers and scored in order. Shards are streamed over fsspec,
+which reads local paths, s3:// and any other fsspec URL without temporary copies, through
+gzip and `tar_stream` (a tar reader several times faster than tarfile's stream mode here).
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import os
-import tarfile
 import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import fsspec
 
+from orchestrator.data.tar_stream import TarError, iter_files
 from orchestrator.errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
@@ -54,27 +54,23 @@ def iter_shard(url: str, sha256: str | None = None) -> Iterator[Sample]:
     try:
         with fsspec.open(url, "rb") as raw:
             reader = _Hashing(raw)
-            mode = "r|gz" if url.endswith((".gz", ".tgz")) else "r|"
-            with tarfile.open(fileobj=reader, mode=mode) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    stem, _, ext = member.name.rpartition(".")
-                    if stem != key:
-                        if key is not None and data is not None and label is not None:
-                            yield Sample(key, data, label)
-                        key, data, label = stem, None, None
-                    payload = tar.extractfile(member).read()
-                    if ext in ("jpg", "jpeg", "png", "webp"):
-                        data = payload
-                    elif ext == "cls":
-                        label = _label(payload, url, stem)
+            stream = gzip.GzipFile(fileobj=reader, mode="rb") if url.endswith((".gz", ".tgz")) else reader
+            for name, payload in iter_files(stream):
+                stem, _, ext = name.rpartition(".")
+                if stem != key:
+                    if key is not None and data is not None and label is not None:
+                        yield Sample(key, data, label)
+                    key, data, label = stem, None, None
+                if ext in ("jpg", "jpeg", "png", "webp"):
+                    data = payload
+                elif ext == "cls":
+                    label = _label(payload, url, stem)
             if sha256 and reader.drain() != sha256:
                 raise UserError(f"shard {url}: sha256 differs from the manifest's: the shard is corrupt or was "
                                 "replaced (re-run prepare, or fix manifest.json)")
     except FileNotFoundError:
         raise UserError(f"shard not found: {url}") from None
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except (TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise UserError(f"shard {url} is truncated or corrupt: {type(exc).__name__}: {exc}") from None
     if key is not None and data is not None and label is not None:
         yield Sample(key, data, label)
