@@ -54,11 +54,15 @@ class TrialSession:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.prepare_model = lambda model: model.to(self.device)
         self.root, self.progress = root, progress
+        self._latest: dict | None = None  # the pointer as this process last read or wrote it
 
     def latest(self) -> dict | None:
-        return storage.read_json(storage.join(self.root, POINTER))
+        if self._latest is None:  # only this process writes it: one read per member, not per epoch
+            self._latest = storage.read_json(storage.join(self.root, POINTER))
+        return self._latest
 
     def resume(self) -> tuple[dict | None, str]:
+        self._latest = None  # a retry or a restart: read what is in storage now
         latest = self.latest()
         if latest is None:
             return None, ""
@@ -72,7 +76,9 @@ class TrialSession:
         uri = storage.join(self.root, f"epoch_{epoch:04d}")
         previous = self.latest()
         storage.put_dir(folder, uri)
-        storage.write_json(storage.join(self.root, POINTER), {"epoch": epoch, "uri": uri, "metrics": metrics})
+        pointer = {"epoch": epoch, "uri": uri, "metrics": metrics}
+        storage.write_json(storage.join(self.root, POINTER), pointer)
+        self._latest = pointer
         if previous and previous["uri"] != uri:
             storage.remove(previous["uri"])
         self.progress({k: v for k, v in metrics.items() if isinstance(v, (int, float))})  # TUNE: progress
