@@ -67,8 +67,8 @@ class TrialSession:
         if latest is None:
             return None, ""
         with tempfile.TemporaryDirectory() as tmp:
-            storage.get_dir(latest["uri"], tmp)
-            state = torch.load(os.path.join(tmp, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+            local = storage.local_dir(latest["uri"], tmp)
+            state = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
         return state, latest["uri"]
 
     def report(self, metrics: dict, folder: str | None) -> None:

@@ -80,7 +80,7 @@ def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ck
     from orchestrator import plots  # matplotlib only where plots are drawn
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = storage.get_dir(ckpt_uri, os.path.join(tmp, "checkpoint"))
+        local = storage.local_dir(ckpt_uri, os.path.join(tmp, "checkpoint"))
         history = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)["history"]
         for name in (PREDICTIONS_FILE, LABELS_FILE):
             client.log_artifact(run_id, os.path.join(local, name), "predictions")

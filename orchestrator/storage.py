@@ -203,6 +203,14 @@ def get_dir(uri: str, folder: str) -> str:
     return retry(get, f"downloading {uri}")
 
 
+def local_dir(uri: str, folder: str) -> str:
+    """A local folder with the files under `uri`/: that folder itself on local storage (no
+    copy of a checkpoint just written), else a download into `folder`."""
+    if not is_remote(uri):
+        return fsspec.core.url_to_fs(uri)[1]
+    return get_dir(uri, folder)
+
+
 def remove(uri: str) -> None:
     """Delete `uri` and everything under it; a missing one is fine."""
     def rm():
