@@ -3,8 +3,8 @@ ensemble on a Tiny-ImageNet subset, on its embedded defaults (a local Ray instan
 local MLflow store and artifact folder), against the members' own training time at the
 same concurrency. Goal: overhead under 5%.
 
-    python bench/overhead_bench.py                        # 20 members of ~100 s, 2 at a time: ~18 min here
-    python bench/overhead_bench.py --epochs 2             # 20 members of ~35 s: ~7 min
+    python bench/overhead_bench.py                        # 20 members of ~90 s, 2 at a time: ~16 min here
+    python bench/overhead_bench.py --epochs 2             # 20 members of ~30 s: ~6 min
     python bench/overhead_bench.py --members 4 --epochs 1  # a quick look
 
 The overhead is a fixed cost per job (about 20 s here: imports, Ray and the MLflow store
