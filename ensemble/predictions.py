@@ -7,12 +7,12 @@ data and no checkpoint is read and only the rows being scored are in memory.
 Recompute path (no cached predictions, or test-time augmentation asked for): the
 member's checkpoint is rebuilt through the model registry and run over the split with
 the member's own eval transform, batched, on the GPU when there is one, with a progress
-bar; the result is cached locally for next time.
+bar; the split is decoded once for all members (ensemble/decoded.py) and the result is
+cached locally for next time.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import shutil
@@ -140,33 +140,27 @@ def _views(images: torch.Tensor, tta: str, crop: int) -> list[torch.Tensor]:
 
 
 def loader_workers(device: torch.device) -> int:
-    """Decode in 4 loader processes beside a GPU; in this process on CPU, where inference
-    already uses every core and loader processes would only compete with it
-    (bench/recompute_bench.py: 0.71 of the raw rate with 2 loader processes on 2 cores)."""
+    """For a split too large to decode once: decode in 4 loader processes beside a GPU; in
+    this process on CPU, where inference already uses every core and loader processes
+    would only compete with it (bench/recompute_bench.py: 0.71 of the raw rate with 2
+    loader processes on 2 cores)."""
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-
-
-def _unchanged(img: torch.Tensor) -> torch.Tensor:
-    return img
-
-
-def collate_eval(geometry, samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(index, uint8 image, label) samples -> a batch, resized and cropped at once when it can."""
-    idx, images, labels = zip(*samples)
-    return torch.tensor(idx), geometry.batch(list(images)), torch.tensor(labels)
 
 
 @torch.no_grad()
 def recompute(member: MemberRecord, data_root: str, split: str, classes, per_class, tta: str = "none",
               batch_size: int = 128) -> MemberPredictions:
+    from ensemble.decoded import open_decoded, stream_batches
     from models import load_checkpoint
-    from orchestrator.data.dataset import EvalStream, open_split
+    from orchestrator.data.dataset import open_split
     from orchestrator.train.augment import EvalGeometry, normalize_batch
     from orchestrator.train.batch_augment import Prefetcher
 
     if not member.checkpoint:
         raise UserError(f"member {member.name}: no predictions and no checkpoint to recompute them from")
-    key = hashlib.sha256(f"{member.checkpoint}|{data_root}|{split}|{classes}|{per_class}|{tta}".encode()).hexdigest()
+    # the eval transform is part of the key: evaluating a checkpoint at another size is another result
+    key = hashlib.sha256(f"{member.checkpoint}|{member.eval.model_dump_json()}|{data_root}|{split}|{classes}|"
+                         f"{per_class}|{tta}".encode()).hexdigest()
     cached = CACHE / "recomputed" / f"{key[:24]}.npy"
     if cached.exists():
         return MemberPredictions(member.name, NpyRows(str(cached)), f"recomputed ({tta}, cached)",
@@ -176,19 +170,23 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     ev = member.eval
-    data = open_split(data_root, split, classes, per_class)
-    loader = torch.utils.data.DataLoader(
-        EvalStream(data, _unchanged), batch_size=batch_size, num_workers=loader_workers(device),
-        collate_fn=functools.partial(collate_eval, EvalGeometry(ev.resize, ev.crop)))
+    geometry = EvalGeometry(ev.resize, ev.crop)
+    # members sharing an eval geometry read one decoded copy of the split (ensemble/decoded.py)
+    data = open_decoded(CACHE, data_root, split, classes, per_class, geometry)
+    if data is not None:
+        loader = data.batches(batch_size)
+    else:
+        data = open_split(data_root, split, classes, per_class)
+        loader = stream_batches(data, geometry, batch_size, loader_workers(device))
     out = np.zeros((len(data), data.num_classes), dtype=np.float16)
 
-    def ready(idx, images, _labels):
+    def ready(idx, images):
         return idx, normalize_batch(images.to(device, non_blocking=True), ev.mean, ev.std)
 
     # beside a GPU the next batches are prepared in a thread (on their own stream) while the
     # model runs; on CPU inference already uses every core, and a thread only competes with
     # it (bench/recompute_bench.py: 0.74 with it, 0.87 without, on 2 cores)
-    batches = (Prefetcher(iter(loader), ready, device) if device.type == "cuda"
+    batches = (Prefetcher(loader, ready, device) if device.type == "cuda"
                else (ready(*batch) for batch in loader))
     with Progress(transient=True) as bar, contextlib.closing(batches):
         task = bar.add_task(f"{member.name}: predicting ({tta})", total=len(data))

@@ -66,3 +66,41 @@ def test_checkpoint_round_trip_and_wrong_arch(tmp_path):
         load_checkpoint(path, expect_arch="vgg11_bn")
     with pytest.raises(UserError, match="checkpoint not found"):
         load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_entry_reloads_from_its_checkpoint(name, tmp_path):
+    """Loading builds on the meta device and takes the checkpoint's tensors: the reloaded
+    model must compute what the saved one did, hold no meta tensor, and train again."""
+    spec = get_spec(name)
+    model = build_model(name, num_classes=3, low_res=True).eval()
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, arch=name, num_classes=3, low_res=True, model=model)
+    loaded, _ = load_checkpoint(path, expect_arch=name)
+    loaded.eval()
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert not any(t.is_meta for t in tensors)
+    x = torch.randn(2, 3, spec.min_low_res_size, spec.min_low_res_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert all(p.requires_grad for p in loaded.parameters())
+    loaded.train()(x).logsumexp(1).mean().backward()
+    assert all(p.grad is not None for p in loaded.parameters())
+
+
+def test_a_model_with_state_outside_its_checkpoint_is_built_normally(monkeypatch):
+    """A non-persistent buffer is not in the checkpoint; built on meta it would stay empty."""
+    from torch import nn
+
+    from models import registry
+
+    class WithTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    monkeypatch.setattr(registry, "build_model", lambda name, **kw: WithTable())
+    saved = WithTable()
+    model = registry._rebuild({"arch": "t", "num_classes": 2, "low_res": False, "state_dict": saved.state_dict()})
+    assert torch.equal(model.table, torch.arange(4.0)) and torch.equal(model.fc.weight, saved.fc.weight)

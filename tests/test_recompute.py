@@ -64,3 +64,71 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
                           eval={"input_size": 32, "resize": 32, "crop": 32, "mean": [0, 0, 0], "std": [1, 1, 1]})
     with pytest.raises(evaluate.UserError, match="member lost checkpoint: file not found"):
         recompute(record, "/unused", "val", None, None)
+
+
+def _decodes(monkeypatch):
+    """Count the split's decodings."""
+    from ensemble import decoded
+
+    calls = []
+    real = decoded.decode_split
+    monkeypatch.setattr(decoded, "decode_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_members_sharing_an_eval_geometry_decode_the_split_once(trained, monkeypatch, tmp_path):
+    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    record, cached, root = trained
+    calls = _decodes(monkeypatch)
+    twin = record.model_copy(update={"name": "twin", "key": "twin-k"})
+    first = recompute(record, root, "val", 4, 3, "none")
+    second = recompute(twin, root, "val", 4, 3, "flip")
+    assert len(calls) == 1 and len(list((tmp_path / "decoded").glob("*.npy"))) == 1
+    assert np.abs(np.asarray(first.array, dtype=np.float32) - cached.astype(np.float32)).max() < 1e-2
+    assert second.array.shape == cached.shape
+    # another geometry is another decoding
+    bigger = record.eval.model_copy(update={"input_size": 40, "resize": 40, "crop": 40})
+    other = record.model_copy(update={"name": "big", "key": "big-k", "eval": bigger})
+    assert recompute(other, root, "val", 4, 3, "none").source == "recomputed (none)"  # not the 32-px rows
+    assert len(calls) == 2 and len(list((tmp_path / "decoded").glob("*.npy"))) == 2
+
+
+def test_decoded_and_streamed_inputs_give_the_same_predictions(trained, monkeypatch, tmp_path):
+    record, _, root = trained
+    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path / "a")
+    decoded = recompute(record, root, "val", 4, 3, "none")
+    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path / "b")
+    monkeypatch.setenv("ENSEMBLE_DECODED_MAX_GB", "0")  # too large to cache: streamed from the shards
+    streamed = recompute(record, root, "val", 4, 3, "none")
+    assert (tmp_path / "a" / "decoded").is_dir() and not (tmp_path / "b" / "decoded").exists()
+    assert np.array_equal(np.asarray(decoded.array), np.asarray(streamed.array))
+
+
+def test_an_interrupted_decoding_leaves_nothing_to_reuse(trained, monkeypatch, tmp_path):
+    from ensemble import decoded
+
+    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    record, cached, root = trained
+    real = decoded.stream_batches
+
+    def dies_midway(*args):
+        yield next(iter(real(*args)))  # one batch written, then the run is stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decoded, "stream_batches", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        recompute(record, root, "val", 4, 3, "none")
+    assert list((tmp_path / "decoded").iterdir()) == []
+    monkeypatch.setattr(decoded, "stream_batches", real)
+    fresh = recompute(record, root, "val", 4, 3, "none")
+    assert np.abs(np.asarray(fresh.array, dtype=np.float32) - cached.astype(np.float32)).max() < 1e-2
+
+
+def test_a_rebuilt_dataset_is_decoded_afresh(tmp_path):
+    from ensemble.decoded import cache_path
+
+    (tmp_path / "manifest.json").write_text('{"name": "a"}')
+    before = cache_path(tmp_path / "cache", str(tmp_path), "val", None, None, 64, 64)
+    (tmp_path / "manifest.json").write_text('{"name": "a", "rebuilt": true}')
+    assert cache_path(tmp_path / "cache", str(tmp_path), "val", None, None, 64, 64) != before
+    assert cache_path(tmp_path / "cache", str(tmp_path), "val", None, None, 72, 64) != before

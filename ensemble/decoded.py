@@ -1,0 +1,122 @@
+"""The evaluation split decoded once, for every member that recomputes its predictions.
+
+Recomputing 20 members' predictions would otherwise read, decode and resize the same
+split 20 times: on 2 CPU cores that input work is about a tenth of a ResNet-18's
+inference time at 64 px, and on a GPU a ResNet-50's inference outruns a handful of JPEG
+decoding threads several times over (README, Performance). So the split is decoded once
+per eval geometry (resize, centre crop) into a local uint8 [N, 3, crop, crop] .npy file,
+and each member then streams its batches from that file in dataset order; per-member
+normalisation (mean/std) stays on the batch, where it costs next to nothing.
+
+The file lives in the evaluation cache beside the recomputed predictions, keyed by the
+dataset's manifest, the selection and the geometry; it is written under a temporary name
+and renamed when complete, so an interrupted run never leaves a partial file in use.
+A split whose decoded size would exceed `ENSEMBLE_DECODED_MAX_GB` (default 20) is not
+cached: members then decode it while they run (`stream_batches`).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from ensemble.predictions import NpyRows
+
+
+def max_bytes() -> float:
+    return float(os.environ.get("ENSEMBLE_DECODED_MAX_GB", "20")) * 1e9
+
+
+def _manifest_digest(root: str) -> str:
+    """The dataset's identity: its manifest's bytes (shard names, sizes, checksums), so a
+    dataset rebuilt at the same path is decoded afresh. Folder layouts have no manifest:
+    their path stands for them."""
+    try:
+        with fsspec.open(f"{root.rstrip('/')}/manifest.json", "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return "folder"
+
+
+def cache_path(cache: Path, data_root: str, split: str, classes, per_class, resize: int, crop: int) -> Path:
+    key = f"{data_root}|{_manifest_digest(data_root)}|{split}|{classes}|{per_class}|{resize}|{crop}"
+    return cache / "decoded" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}-{crop}px.npy"
+
+
+def _unchanged(img: torch.Tensor) -> torch.Tensor:
+    return img
+
+
+def collate_eval(geometry, samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index, uint8 image, label) samples -> a batch, resized and cropped at once when it can."""
+    idx, images, labels = zip(*samples)
+    return torch.tensor(idx), geometry.batch(list(images)), torch.tensor(labels)
+
+
+def stream_batches(data, geometry, batch_size: int, workers: int):
+    """(dataset indices, uint8 [B, 3, crop, crop]) batches decoded from the shards."""
+    from orchestrator.data.dataset import EvalStream
+
+    loader = torch.utils.data.DataLoader(EvalStream(data, _unchanged), batch_size=batch_size,
+                                         num_workers=workers,
+                                         collate_fn=functools.partial(collate_eval, geometry))
+    return ((idx, images) for idx, images, _labels in loader)
+
+
+def decode_split(target: Path, data, geometry, batch_size: int = 256) -> Path:
+    """Decode the whole split into `target` with every core (nothing else runs meanwhile)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.stem}.{os.getpid()}.partial.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                    shape=(len(data), 3, geometry.crop, geometry.crop))
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"decoding {data.split} at {geometry.crop} px (once, for every member)",
+                                total=len(data))
+            for idx, images in stream_batches(data, geometry, batch_size, min(4, os.cpu_count() or 1)):
+                out[idx.numpy()] = images.numpy()
+                bar.advance(task, len(idx))
+        out.flush()
+        del out
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+class DecodedSplit:
+    """A split's decoded images, read back in dataset order one batch at a time."""
+
+    def __init__(self, path: Path, num_classes: int, crop: int):
+        self.rows, self.num_classes = NpyRows(str(path)), num_classes
+        if self.rows.ndim != 4 or self.rows.shape[1:] != (3, crop, crop):
+            raise RuntimeError(f"decoded split {path} has shape {self.rows.shape}; delete it to decode again")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batches(self, batch_size: int):
+        for lo in range(0, len(self), batch_size):
+            hi = min(lo + batch_size, len(self))
+            yield torch.arange(lo, hi), torch.from_numpy(self.rows[lo:hi])
+
+
+def open_decoded(cache: Path, data_root: str, split: str, classes, per_class, geometry) -> DecodedSplit | None:
+    """The split decoded at `geometry`, decoding it on first use; None when it is too large
+    to cache (the caller then streams it). Once decoded, no shard is read again."""
+    from orchestrator.data.dataset import load_manifest, open_split, select_classes
+
+    num_classes = len(select_classes(load_manifest(data_root), classes))
+    path = cache_path(cache, data_root, split, classes, per_class, geometry.resize, geometry.crop)
+    if not path.exists():
+        data = open_split(data_root, split, classes, per_class)
+        if len(data) * 3 * geometry.crop ** 2 > max_bytes():
+            return None
+        decode_split(path, data, geometry)
+    return DecodedSplit(path, num_classes, geometry.crop)
