@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from models import save_checkpoint
 from orchestrator.config import Data, ResolvedMember
 from orchestrator.tracking import log_epoch
-from orchestrator.train.member import assemble_predictions, open_member_data, score_stored, split_labels, train_member
+from orchestrator.train.member import final_predictions, open_member_data, train_member
 
 CHECKPOINT_FILE, PREDICTIONS_FILE, LABELS_FILE = "model.pt", "predictions.npy", "labels.npy"
 
@@ -75,8 +75,7 @@ def run_member(config: dict, session: Session) -> None:
         if final:
             parts = _gather(probs, world)
             if rank == 0:
-                stored, labels = assemble_predictions(parts, len(data.val)), split_labels(data.val)
-                score_stored(metrics, stored, labels)
+                stored, labels = final_predictions(parts, data.val, metrics)
             # the member's own work in this process: data, model, epochs, predictions
             metrics["member_s"] = time.perf_counter() - started
         if client is not None:

@@ -50,7 +50,9 @@ def decide(name: str, memory_gb: float | None, opts: PackingOpts, utilisation: f
     for cand in sorted(gains):
         if k < cand <= fits and gains[cand] >= gains[k] * opts.min_step_gain:
             k = cand
-    limit = "memory" if fits < max(gains) and k == max(c for c in gains if c <= fits) else "gain"
+    # what stopped K: the next larger K of the curve not fitting, or not gaining enough
+    larger = [c for c in gains if c > k]
+    limit = "memory" if larger and min(larger) > fits else "gain"
     return Decision(k, gains[k], f"{memory_gb:g} GB each, {fits} fit; K={k} by {limit}")
 
 

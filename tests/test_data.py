@@ -134,6 +134,19 @@ def test_prepare_turns_a_folder_layout_into_readable_shards(tmp_path, val_subset
     assert all(s.data in original for s in val.iter_samples())  # JPEG bytes copied unchanged
 
 
+def test_shards_are_plain_webdataset_shards(tmp_path, val_subset, tiny_root):
+    """What `prepare` writes and the shared shards both read with the webdataset library as
+    they read here: a user can open the platform's data with the standard tools."""
+    import webdataset as wds
+
+    dst = tmp_path / "shards"
+    prepare.main([str(_make_folder(tmp_path, val_subset, False)), str(dst), "--shard-samples", "4"])
+    for shard in (dst / "val-0000.tar.gz", os.path.join(tiny_root, "val-0001.tar.gz")):
+        ours = [(s.key, s.data, s.label) for s in iter_shard(str(shard))]
+        theirs = [(d["__key__"], d["jpg"], int(d["cls"])) for d in wds.WebDataset(str(shard), shardshuffle=False)]
+        assert ours == theirs and len(ours) > 0
+
+
 def test_prepare_bad_input_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         prepare.main([str(tmp_path / "nothing"), str(tmp_path / "out")])

@@ -27,7 +27,7 @@ from orchestrator.config import Data, ResolvedMember
 from orchestrator.member_worker import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
 from orchestrator.search import space
 from orchestrator.tracking import get_or_create_trial_run, log_epoch
-from orchestrator.train.member import assemble_predictions, open_member_data, score_stored, split_labels, train_member
+from orchestrator.train.member import final_predictions, open_member_data, train_member
 
 
 def fingerprint(state_dict: dict) -> float:
@@ -76,8 +76,7 @@ def search_trial(config: dict, ctx: dict) -> None:
     def on_epoch_end(state, metrics, model, optimizer, probs):
         final = probs is not None  # the final epoch's val predictions
         if final:
-            stored, labels = assemble_predictions([probs], len(data.val)), split_labels(data.val)
-            score_stored(metrics, stored, labels)
+            stored, labels = final_predictions([probs], data.val, metrics)
         fp = fingerprint(model.state_dict())
         log_epoch(client, run_id, {**metrics, **numeric(overrides), "fingerprint": fp}, state.epoch)
         with tempfile.TemporaryDirectory() as tmp:

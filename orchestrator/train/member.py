@@ -196,6 +196,14 @@ def split_labels(split: Split) -> np.ndarray:
     return np.array([s.label for s in split.iter_samples()], dtype=np.int64)
 
 
+def final_predictions(parts: list[dict], split: Split, metrics: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The final validation pass's rows (per-rank parts) as the member's stored predictions
+    and their labels, in dataset order; the recorded errors become theirs (`score_stored`)."""
+    stored, labels = assemble_predictions(parts, len(split)), split_labels(split)
+    score_stored(metrics, stored, labels)
+    return stored, labels
+
+
 def score_stored(metrics: dict, probs: np.ndarray, labels: np.ndarray) -> None:
     """Set the final top-1/top-5 errors to those of the stored float16 predictions, scored
     as `ensemble.evaluate` scores them. float16 rounding can tie two near-equal classes that
