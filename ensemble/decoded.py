@@ -11,14 +11,17 @@ normalisation (mean/std) stays on the batch, where it costs next to nothing.
 The file lives in the evaluation cache beside the recomputed predictions, keyed by the
 dataset's manifest, the selection and the geometry; it is written under a temporary name
 and renamed when complete, so an interrupted run never leaves a partial file in use.
-A split whose decoded size would exceed `ENSEMBLE_DECODED_MAX_GB` (default 20) is not
-cached: members then decode it while they run (`stream_batches`).
+A split whose decoded size would exceed `ENSEMBLE_DECODED_MAX_GB` (default 20) or the
+cache disk's free space less 1 GB is not cached, nor is one whose writing fails: members
+then decode it while they run (`stream_batches`).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import fsspec
@@ -116,7 +119,18 @@ def open_decoded(cache: Path, data_root: str, split: str, classes, per_class, ge
     path = cache_path(cache, data_root, split, classes, per_class, geometry.resize, geometry.crop)
     if not path.exists():
         data = open_split(data_root, split, classes, per_class)
-        if len(data) * 3 * geometry.crop ** 2 > max_bytes():
+        size = len(data) * 3 * geometry.crop ** 2
+        if size > max_bytes() or size > _free_bytes(path.parent) - (1 << 30):
             return None
-        decode_split(path, data, geometry)
+        try:
+            decode_split(path, data, geometry)
+        except OSError as exc:  # the disk filled meanwhile: nothing is kept, the members decode as they go
+            print(f"warning: could not cache the decoded split in {path.parent} ({exc}); decoding per member",
+                  file=sys.stderr)
+            return None
     return DecodedSplit(path, num_classes, geometry.crop)
+
+
+def _free_bytes(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(folder).free

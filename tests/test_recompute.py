@@ -132,3 +132,19 @@ def test_a_rebuilt_dataset_is_decoded_afresh(tmp_path):
     (tmp_path / "manifest.json").write_text('{"name": "a", "rebuilt": true}')
     assert cache_path(tmp_path / "cache", str(tmp_path), "val", None, None, 64, 64) != before
     assert cache_path(tmp_path / "cache", str(tmp_path), "val", None, None, 72, 64) != before
+
+
+def test_a_full_disk_falls_back_to_decoding_per_member(trained, monkeypatch, tmp_path, capsys):
+    import errno
+
+    record, cached, root = trained
+    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", full)
+    fresh = recompute(record, root, "val", 4, 3, "none")
+    assert "No space left on device" in capsys.readouterr().err
+    assert list((tmp_path / "decoded").iterdir()) == []
+    assert np.abs(np.asarray(fresh.array, dtype=np.float32) - cached.astype(np.float32)).max() < 1e-2
