@@ -36,19 +36,25 @@ def max_bytes() -> float:
     return float(os.environ.get("ENSEMBLE_DECODED_MAX_GB", "20")) * 1e9
 
 
-def _manifest_digest(root: str) -> str:
-    """The dataset's identity: its manifest's bytes (shard names, sizes, checksums), so a
-    dataset rebuilt at the same path is decoded afresh. Folder layouts have no manifest:
-    their path stands for them."""
+def _dataset_digest(root: str, split: str) -> str:
+    """The split's identity, so a dataset rebuilt at the same path is decoded afresh: its
+    manifest's bytes (shard names, sizes, checksums), or for a folder layout read in place
+    its files' names, labels, sizes and modification times."""
     try:
         with fsspec.open(f"{root.rstrip('/')}/manifest.json", "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
     except FileNotFoundError:
-        return "folder"
+        from orchestrator.data.sources import list_folder_classes, list_folder_split
+
+        digest = hashlib.sha256()
+        for path, label in list_folder_split(root, split, list_folder_classes(root)):
+            st = os.stat(path)
+            digest.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
 
 def cache_path(cache: Path, data_root: str, split: str, classes, per_class, resize: int, crop: int) -> Path:
-    key = f"{data_root}|{_manifest_digest(data_root)}|{split}|{classes}|{per_class}|{resize}|{crop}"
+    key = f"{data_root}|{_dataset_digest(data_root, split)}|{split}|{classes}|{per_class}|{resize}|{crop}"
     return cache / "decoded" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}-{crop}px.npy"
 
 
