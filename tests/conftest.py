@@ -6,10 +6,13 @@ are skipped, unless STACK_REQUIRED=1 (as in CI), where a missing service is a fa
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DATA_ROOT", ROOT.parent / "shared" / "data")).resolve()
 TINY = DATA / "tiny-imagenet-200"
+
+# a test run's evaluation cache (downloads, decoded splits, recomputed predictions) is its
+# own, not the user's ~/.cache/ensemble-eval; set before any test imports ensemble.predictions
+_EVAL_CACHE = tempfile.mkdtemp(prefix="ensemble-eval-")
+os.environ["ENSEMBLE_CACHE"] = _EVAL_CACHE
+atexit.register(shutil.rmtree, _EVAL_CACHE, True)
 
 
 def port_open(port: int) -> bool:
