@@ -17,14 +17,15 @@ then decode it while they run (`stream_batches`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import torch
 from rich.progress import Progress
@@ -36,25 +37,24 @@ def max_bytes() -> float:
     return float(os.environ.get("ENSEMBLE_DECODED_MAX_GB", "20")) * 1e9
 
 
-def _dataset_digest(root: str, split: str) -> str:
+def _dataset_digest(manifest, split: str) -> str:
     """The split's identity, so a dataset rebuilt at the same path is decoded afresh: its
-    manifest's bytes (shard names, sizes, checksums), or for a folder layout read in place
-    its files' names, labels, sizes and modification times."""
-    try:
-        with fsspec.open(f"{root.rstrip('/')}/manifest.json", "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except FileNotFoundError:
-        from orchestrator.data.sources import list_folder_classes, list_folder_split
+    classes and shards (names, sample counts, sizes, checksums), and for a folder layout
+    read in place its files' names, labels, sizes and modification times."""
+    from orchestrator.data.manifest import FOLDER_PREFIX
+    from orchestrator.data.sources import list_folder_split
 
-        digest = hashlib.sha256()
-        for path, label in list_folder_split(root, split, list_folder_classes(root)):
+    shards = manifest.shards(split)
+    digest = hashlib.sha256(json.dumps([manifest.classes, [dataclasses.astuple(s) for s in shards]]).encode())
+    if shards and shards[0].file.startswith(FOLDER_PREFIX):
+        for path, label in list_folder_split(manifest.root, split, [c["wnid"] for c in manifest.classes]):
             st = os.stat(path)
             digest.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        return digest.hexdigest()
+    return digest.hexdigest()
 
 
-def cache_path(cache: Path, data_root: str, split: str, classes, per_class, resize: int, crop: int) -> Path:
-    key = f"{data_root}|{_dataset_digest(data_root, split)}|{split}|{classes}|{per_class}|{resize}|{crop}"
+def cache_path(cache: Path, manifest, split: str, classes, per_class, resize: int, crop: int) -> Path:
+    key = f"{manifest.root}|{_dataset_digest(manifest, split)}|{split}|{classes}|{per_class}|{resize}|{crop}"
     return cache / "decoded" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}-{crop}px.npy"
 
 
@@ -121,8 +121,9 @@ def open_decoded(cache: Path, data_root: str, split: str, classes, per_class, ge
     to cache (the caller then streams it). Once decoded, no shard is read again."""
     from orchestrator.data.dataset import load_manifest, open_split, select_classes
 
-    num_classes = len(select_classes(load_manifest(data_root), classes))
-    path = cache_path(cache, data_root, split, classes, per_class, geometry.resize, geometry.crop)
+    manifest = load_manifest(data_root)  # read once: the key and the class count both come from it
+    num_classes = len(select_classes(manifest, classes))
+    path = cache_path(cache, manifest, split, classes, per_class, geometry.resize, geometry.crop)
     if not path.exists():
         data = open_split(data_root, split, classes, per_class)
         size = len(data) * 3 * geometry.crop ** 2

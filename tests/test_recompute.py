@@ -126,24 +126,23 @@ def test_an_interrupted_decoding_leaves_nothing_to_reuse(trained, monkeypatch, t
 
 def test_a_rebuilt_dataset_is_decoded_afresh(tmp_path):
     from ensemble.decoded import cache_path
+    from orchestrator.data.manifest import Manifest, Shard, load_manifest
 
-    def key(root, resize=64):
-        return cache_path(tmp_path / "cache", str(root), "val", None, None, resize, 64)
+    def key(manifest, resize=64):
+        return cache_path(tmp_path / "cache", manifest, "val", None, None, resize, 64)
 
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text('{"name": "a"}')
-    before = key(shards)
-    (shards / "manifest.json").write_text('{"name": "a", "rebuilt": true}')
-    assert key(shards) != before and key(shards, 72) != key(shards)
+    classes = [{"index": 0, "wnid": "n01", "name": "n01"}]
+    shards = Manifest(str(tmp_path), "a", classes, {"val": [Shard("val-0000.tar.gz", 10, "aa", 100)]})
+    rebuilt = Manifest(str(tmp_path), "a", classes, {"val": [Shard("val-0000.tar.gz", 10, "bb", 100)]})
+    assert key(rebuilt) != key(shards) and key(shards, 72) != key(shards)
     # a folder layout read in place: its files stand for it
     for split in ("train", "val"):
         (tmp_path / "folder" / split / "n01").mkdir(parents=True)
         (tmp_path / "folder" / split / "n01" / "a.JPEG").write_bytes(b"one")
-    before = key(tmp_path / "folder")
-    assert key(tmp_path / "folder") == before
+    before = key(load_manifest(str(tmp_path / "folder")))
+    assert key(load_manifest(str(tmp_path / "folder"))) == before
     (tmp_path / "folder" / "val" / "n01" / "a.JPEG").write_bytes(b"other")
-    assert key(tmp_path / "folder") != before
+    assert key(load_manifest(str(tmp_path / "folder"))) != before
 
 
 def test_a_full_disk_falls_back_to_decoding_per_member(trained, monkeypatch, tmp_path, capsys):
