@@ -10,9 +10,15 @@ Combination rules
   kept as an ablation.
 
 Metrics
-- top-k error with ties resolved for the true class: a class ranks above the true class
-  only if its probability is strictly greater, so an exact tie never counts as a miss
-  (deterministic, unlike `argsort`, whose tie order is arbitrary);
+- top-k error, **a tie with the true class is not a hit**: the true class's rank is the
+  number of *other* classes whose probability is at least its own, and it is top-k
+  correct iff that rank is < k. Deterministic (unlike `argsort`/`topk`, whose tie order
+  is arbitrary) and never flattering: uniform rows are top-1 wrong, a member that gives
+  most classes exactly 0 cannot "hit" by having fewer than k non-zero classes. It is the
+  pessimistic bound of the expected error under random tie-breaking; the two differ only
+  on exact ties. Every figure the platform prints (per-epoch metrics, final member
+  metrics, search choice, `ensemble.evaluate`) uses this one rule, on probabilities
+  stored as float32 (no float16 underflow to exact 0; see ensemble/predictions.py);
 - NLL (mean negative log-probability of the true class, clipped at 1e-12);
 - ECE with 15 equal-width confidence bins (Guo et al. 2017, "On Calibration of Modern
   Neural Networks"): sum over bins of |accuracy - confidence| weighted by bin size;
@@ -41,7 +47,7 @@ def as_tensor(probs) -> torch.Tensor:
 
 
 def topk_correct(probs, labels, k: int) -> torch.Tensor:
-    """Bool [N]: the true class is among the k most probable (strictly-greater ranking)."""
+    """Bool [N]: the true class is among the k most probable, a tie counting as a miss."""
     return true_class_rank(probs, labels) < k
 
 
@@ -205,13 +211,17 @@ def weights_from_selection(chosen: list[int], n_members: int) -> np.ndarray:
 
 
 def true_class_rank(probs, labels) -> torch.Tensor:
-    """Number of classes strictly more probable than the true one: top-k correct iff < k.
-    One comparison pass gives top-1 and top-5 together (the evaluation's hot loop)."""
+    """Number of other classes at least as probable as the true one (ties count against
+    it): top-k correct iff < k. One comparison pass gives top-1 and top-5 together (the
+    evaluation's hot loop). Works on any monotone score (probabilities or logits)."""
     p = as_tensor(probs)
-    p_true = p.gather(1, torch.as_tensor(labels, dtype=torch.long).view(-1, 1))
-    return count_greater(p, p_true)
+    p_true = p.gather(1, torch.as_tensor(labels, dtype=torch.long, device=p.device).view(-1, 1))
+    return rank_of(p, p_true)
 
 
-def count_greater(p: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def rank_of(p: torch.Tensor, p_true: torch.Tensor) -> torch.Tensor:
+    """Classes other than the true one with p >= p_true (the true class itself always
+    satisfies >=, hence the - 1). A NaN true score ranks last (never a hit)."""
     # summing the comparison as uint8 into int32 is ~2x faster than a bool -> int64 sum
-    return torch.gt(p, threshold).view(torch.uint8).sum(1, dtype=torch.int32)
+    at_least = torch.ge(p, p_true).view(torch.uint8).sum(1, dtype=torch.int32) - 1
+    return torch.where(torch.isnan(p_true.view(-1)), p.shape[1], at_least)

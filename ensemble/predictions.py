@@ -1,6 +1,6 @@
 """Member predictions for evaluation: cached or recomputed, one member at a time.
 
-Fast path: the member's cached `predictions` (float16 softmax [N, C], dataset order) is
+Fast path: the member's cached `predictions` (float32 softmax [N, C], dataset order) is
 opened as a memory map (remote files are fetched once into a local cache first), so no
 data and no checkpoint is read and only the rows being scored are in memory.
 
@@ -9,6 +9,11 @@ member's checkpoint is rebuilt through the model registry and run over the split
 the member's own eval transform, batched, on the GPU when there is one, with a progress
 bar; the split is decoded once for all members (ensemble/decoded.py) and the result is
 cached locally for next time.
+
+Storage: float32 probabilities. float16 rounds every probability below ~6e-8 to exactly 0,
+so a confident member has fewer than 5 non-zero classes and its zeros tie with a wrong
+true class (bench/eval_bench.py measures what float32 costs). Files written as float16
+by earlier versions still load, with a warning that their ties may be storage artefacts.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,9 +93,14 @@ def open_npy(uri: str, what: str, rows: bool = False):
     """A .npy from a path or URL: whole (labels) or as `NpyRows` (member predictions)."""
     path = local_copy(uri, what)
     try:
-        return NpyRows(path) if rows else np.load(path)
+        array = NpyRows(path) if rows else np.load(path)
     except ValueError as exc:
         raise UserError(f"{what}: not a readable .npy file ({exc})") from None
+    if rows and array.dtype == np.float16:
+        warnings.warn(f"{what}: stored as float16, where probabilities below ~6e-8 are exactly 0; "
+                      f"ties with the true class (scored as misses) may be storage artefacts. "
+                      f"Recompute with --recompute for exact figures.", stacklevel=2)
+    return array
 
 
 @dataclass
@@ -97,7 +108,7 @@ class MemberPredictions:
     """A member's [N, C] probabilities on the split, read by rows on demand."""
 
     name: str
-    array: "np.ndarray | NpyRows"  # float16 or float32 rows
+    array: "np.ndarray | NpyRows"  # float32 rows (float16 from older versions)
     source: str  # "cached" or "recomputed (<tta>)"
     views: int = 1  # forward passes per image (the TTA inference cost)
 
@@ -107,7 +118,7 @@ class MemberPredictions:
 
 
 def check_block(name: str, block: torch.Tensor, idx: np.ndarray) -> None:
-    """Predictions must be finite probability rows; float16 storage allows ~1e-2 slack.
+    """Predictions must be finite probability rows; ~1e-2 slack for older float16 files.
     One pass: a NaN or inf anywhere makes its row sum fail the test too."""
     sums = block.sum(1)
     off = ~((sums - 1).abs() <= 2e-2)
@@ -178,7 +189,7 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
     else:
         data = open_split(data_root, split, classes, per_class)
         loader = stream_batches(data, geometry, batch_size, loader_workers(device))
-    out = np.zeros((len(data), data.num_classes), dtype=np.float16)
+    out = np.zeros((len(data), data.num_classes), dtype=np.float32)
 
     def ready(idx, images):
         return idx, normalize_batch(images.to(device, non_blocking=True), ev.mean, ev.std)
@@ -192,7 +203,7 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
         task = bar.add_task(f"{member.name}: predicting ({tta})", total=len(data))
         for idx, images in batches:
             probs = sum(model(v).float().softmax(1) for v in _views(images, tta, ev.crop)) / TTA_VIEWS[tta]
-            out[idx.numpy()] = probs.cpu().numpy().astype(np.float16)
+            out[idx.numpy()] = probs.cpu().numpy()
             bar.advance(task, len(idx))
     cached.parent.mkdir(parents=True, exist_ok=True)
     np.save(cached, out)

@@ -29,7 +29,7 @@ class Tally:
     def add(self, probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tally a block; returns (top-1 correct, top-1 class) per row."""
         p_true = probs.gather(1, labels.view(-1, 1))
-        rank = em.count_greater(probs, p_true)  # em.true_class_rank, sharing p_true with the NLL
+        rank = em.rank_of(probs, p_true)  # em.true_class_rank, sharing p_true with the NLL
         top = probs.max(1)
         self.n += len(labels)
         self.top1 += int((rank < 1).sum())

@@ -64,7 +64,7 @@ def check_runs_file(runs, expected_members: int, num_classes: int):
         opener = s3fs.S3FileSystem().open if m.predictions.startswith("s3://") else open
         with opener(m.predictions, "rb") as f:
             probs = np.load(f)
-        assert probs.dtype == np.float16 and probs.shape == (len(labels), num_classes)
+        assert probs.dtype == np.float32 and probs.shape == (len(labels), num_classes)
         assert np.allclose(probs.astype(np.float32).sum(1), 1, atol=1e-2)
         # the recorded errors are those of the stored predictions, scored as ensemble.evaluate does
         assert topk_error(probs, labels, 1) == pytest.approx(m.metrics["top1_err"], abs=1e-6)

@@ -39,10 +39,13 @@ def test_top1_top5_with_ties():
                   [0.3, 0.2, 0.2, 0.1, 0.1, 0.1],      # label 5 tied with 3 and 4 at ranks 4-6
                   [0.1, 0.1, 0.1, 0.1, 0.1, 0.5]])
     y = np.array([2, 5, 0])
-    assert em.topk_correct(p, y, 1).tolist() == [True, False, False]
-    # sample 1: only 3 classes strictly above label 5 -> within top-5 (ties never count as a miss)
-    assert em.topk_correct(p, y, 5).tolist() == [True, True, True]
-    assert em.topk_error(p, y, 1) == pytest.approx(2 / 3)
+    # a tie with the true class is not a hit: sample 0's label shares the top with 3 others
+    assert em.topk_correct(p, y, 1).tolist() == [False, False, False]
+    assert em.topk_correct(p, y, 4).tolist() == [True, False, False]
+    # samples 1 and 2: the label ties with others for ranks 4-6 and 1-5 (5 classes are at
+    # least as probable in both), so neither is a top-5 hit
+    assert em.topk_correct(p, y, 5).tolist() == [True, False, False]
+    assert em.topk_error(p, y, 1) == pytest.approx(1.0)
 
 def test_top1_error_of_a_member():
     # A's argmax: 0, 1, 0 -> right, right, wrong

@@ -20,7 +20,7 @@ def make_runs(folder, members=3, n=300, c=10, seed=0, edit=None, extra_member=No
     for i in range(members):
         logits = torch.randn(n, c, generator=torch.Generator().manual_seed(seed * 100 + i)) * 1.5
         logits[torch.arange(n), torch.from_numpy(labels)] += 1.0 + i * 0.3
-        probs = logits.softmax(1).numpy().astype(np.float16)
+        probs = logits.softmax(1).numpy()
         if edit:
             probs = edit(i, probs)
         np.save(folder / f"m{i}.npy", probs)

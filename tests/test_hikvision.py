@@ -243,7 +243,7 @@ def test_a_member_trains_with_every_option_from_a_teacher(tiny_root, tmp_path):
     data = open_member_data(cfg.data)
     teacher_model = build_model("resnet18", num_classes=3, low_res=True)
     save_checkpoint(str(tmp_path / "t.pt"), arch="resnet18", num_classes=3, low_res=True, model=teacher_model)
-    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=len(data.val)).astype(np.float16)
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=len(data.val)).astype(np.float32)
     np.save(tmp_path / "p.npy", probs)
     np.save(tmp_path / "l.npy", np.array([s.label for s in data.val.iter_samples()]))
     write_runs(str(tmp_path / "runs.yaml"), RunsFile(

@@ -116,7 +116,7 @@ def library(n: int = 600, seed: int = 0):
         p[np.arange(n), labels] += np.where(right, 0.6, 0.0)
         p[np.arange(n), (labels + 1) % 10] += np.where(right, 0.0, 0.6)
         p += noise * rng.random((n, 10))
-        return (p / p.sum(1, keepdims=True)).astype(np.float16)
+        return (p / p.sum(1, keepdims=True)).astype(np.float32)
     common = rng.random(n) < 0.70
     copies = [member(common, 0.01) for _ in range(3)]
     other = [member(rng.random(n) < 0.62, 0.01) for _ in range(2)]

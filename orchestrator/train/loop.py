@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ensemble.math import true_class_rank
 from orchestrator.train import lr as lr_policies
 
 
@@ -40,12 +41,11 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """Number of samples whose label is among the top-k scores, for each k."""
-    k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices
-    hits = top.eq(labels.view(-1, 1))
-    return [int(hits[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
+def topk_correct(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of samples whose label is among the top-k, for each k, by the platform's one
+    rule (ensemble.math: a tie with the true class is not a hit)."""
+    rank = true_class_rank(probs, labels)
+    return [int((rank < k).sum()) for k in ks]
 
 
 def _sync(device: torch.device) -> None:
@@ -135,7 +135,7 @@ def train_epoch(model, optimizer, batches: Iterator, steps: int, lr_at: Callable
 def evaluate(model, loader, device, bf16=True, channels_last=False, keep_probs=False) -> tuple[dict, dict | None]:
     """Top-1/top-5 error and NLL over this rank's part of the split (summed over ranks).
 
-    With `keep_probs`, also returns {dataset index: float16 softmax row} for this rank.
+    With `keep_probs`, also returns {dataset index: float32 softmax row} for this rank.
     """
     model.eval()
     n = correct1 = correct5 = nll = 0.0
@@ -146,13 +146,14 @@ def evaluate(model, loader, device, bf16=True, channels_last=False, keep_probs=F
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, bf16):
             logits = model(images).float()
-        c1, c5 = topk_correct(logits, labels)
+        p = logits.softmax(dim=1)
+        # scored on the float32 softmax that is stored, so the epoch's figure is the stored rows'
+        c1, c5 = topk_correct(p, labels)
         correct1, correct5 = correct1 + c1, correct5 + c5
         nll += float(F.cross_entropy(logits, labels, reduction="sum"))
         n += labels.shape[0]
         if probs is not None:
-            p = logits.softmax(dim=1).to(torch.float16).cpu()
-            probs.update(zip(idx.tolist(), p))
+            probs.update(zip(idx.tolist(), p.cpu()))
     n, correct1, correct5, nll = _all_reduce([n, correct1, correct5, nll], device)
     metrics = {"val_top1_err": 1 - correct1 / max(n, 1), "val_top5_err": 1 - correct5 / max(n, 1),
                "val_loss": nll / max(n, 1), "val_samples": int(n)}
@@ -169,7 +170,7 @@ def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epoc
         bf16=True, channels_last=False, on_epoch_end: Callable[[FitState, dict, dict | None], None] | None = None,
         plain_last_epochs: int = 0, multiscale: Sequence[int] = ()) -> FitState:
     """Train from `state` (a resumed one, or fresh) to `epochs`; returns the final state.
-    `on_epoch_end(state, metrics, probs)`: probs is this rank's {index: float16 softmax row}
+    `on_epoch_end(state, metrics, probs)`: probs is this rank's {index: float32 softmax row}
     of the val split after the final epoch, None before it.
     In the last `plain_last_epochs` epochs the batch mix (mixup/cutmix) is off, as the
     data stream's strong augmentation is (Hikvision's train/test consistency)."""

@@ -170,7 +170,7 @@ def count_bad_images(metrics: dict, seen: dict, train_stream, val_stream, limit:
 
 
 def predict(model, split: Split, member: ResolvedMember, device, rank=0, world=1) -> dict:
-    """{dataset index: float16 softmax row} for this rank's part of `split`."""
+    """{dataset index: float32 softmax row} for this rank's part of `split`."""
     _, eval_tf = eval_transform_of(member)
     loader = build_eval_loader(split, eval_tf, member.recipe.batch_size * 2, member.resources.loader_workers,
                                rank, world)
@@ -179,7 +179,7 @@ def predict(model, split: Split, member: ResolvedMember, device, rank=0, world=1
 
 
 def assemble_predictions(parts: list[dict], n: int) -> np.ndarray:
-    """Merge per-rank {index: row} parts into an [N, C] float16 array in dataset order;
+    """Merge per-rank {index: row} parts into an [N, C] float32 array in dataset order;
     every index must appear exactly once (no padding, no gaps)."""
     merged: dict[int, torch.Tensor] = {}
     for part in parts:
@@ -189,7 +189,7 @@ def assemble_predictions(parts: list[dict], n: int) -> np.ndarray:
             merged[i] = row
     if len(merged) != n:
         raise RuntimeError(f"predictions cover {len(merged)} of {n} samples")
-    return torch.stack([merged[i] for i in range(n)]).numpy().astype(np.float16)
+    return torch.stack([merged[i] for i in range(n)]).float().numpy()
 
 
 def split_labels(split: Split) -> np.ndarray:
@@ -205,10 +205,9 @@ def final_predictions(parts: list[dict], split: Split, metrics: dict) -> tuple[n
 
 
 def score_stored(metrics: dict, probs: np.ndarray, labels: np.ndarray) -> None:
-    """Set the final top-1/top-5 errors to those of the stored float16 predictions, scored
-    as `ensemble.evaluate` scores them. float16 rounding can tie two near-equal classes that
-    the float32 logits had ordered; ensemble.math ranks ties for the true class, so without
-    this a member's recorded error could differ by a sample from its own predictions'."""
+    """Set the final top-1/top-5 errors to those of the stored predictions, scored as
+    `ensemble.evaluate` scores them (one rule: ensemble.math), so a member's recorded
+    error is exactly its stored predictions' error."""
     from ensemble.math import topk_error
 
     metrics.update(val_top1_err=topk_error(probs, labels, 1), val_top5_err=topk_error(probs, labels, 5))
