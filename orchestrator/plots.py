@@ -13,7 +13,8 @@ def plot_lr_schedule(path: str, schedule, base_lr: float, steps_per_epoch: int, 
     total = steps_per_epoch * epochs
     warmup = round(schedule.warmup_epochs * steps_per_epoch)
     steps = range(total)
-    values = [base_lr * lr_policies.multiplier(schedule.policy, s, total, warmup, **schedule.params) for s in steps]
+    at = lr_policies.schedule(schedule.policy, total, warmup, schedule.params)
+    values = [base_lr * at(s) for s in steps]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([s / steps_per_epoch for s in steps], values)
     ax.set(xlabel="epoch", ylabel="learning rate", title=f"{title}: {schedule.policy}")
@@ -49,7 +50,7 @@ def plot_lr_policies(path: str, warmup_fraction: float = 0.05) -> None:
     for ax, warm in zip(axes, (0, round(warmup_fraction * total))):
         for name in names:
             ax.plot([s / total for s in range(total)],
-                    [lr_policies.multiplier(name, s, total, warm) for s in range(total)], label=name)
+                    list(map(lr_policies.schedule(name, total, warm), range(total))), label=name)
         ax.set(xlabel="fraction of training", title=f"warm-up {warm / total:.0%}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("LR / peak LR")

@@ -36,13 +36,42 @@ def test_endpoints(policy):
 
 
 @pytest.mark.parametrize("policy", sorted(ENDPOINTS))
-def test_linear_warmup_in_front_of_every_policy(policy):
+def test_linear_warmup_joins_every_policy_without_a_jump(policy):
     warm = 100
-    ramp = [lr.multiplier(policy, s, TOTAL, warmup_steps=warm) for s in range(warm)]
-    assert ramp[0] == pytest.approx(1 / warm) and ramp[-1] == pytest.approx(1.0)
-    assert all(b > a for a, b in zip(ramp, ramp[1:]))
     first = ENDPOINTS[policy][0]
-    assert lr.multiplier(policy, warm, TOTAL, warmup_steps=warm) == pytest.approx(first, abs=1e-6)
+    at = lr.schedule(policy, TOTAL, warmup_steps=warm)
+    ramp = [at(s) for s in range(warm)]
+    assert ramp[0] == pytest.approx(first / warm) and ramp[-1] == pytest.approx(first)
+    assert all(b > a for a, b in zip(ramp, ramp[1:]))
+    assert at(warm) == pytest.approx(first, abs=1e-6)
+    # at the hand-over the multiplier never falls by more than one step's worth of either side
+    one_step = max(first / warm, abs(at(warm + 1) - at(warm)))
+    assert at(warm - 1) - at(warm) <= one_step + 1e-9
+
+
+def test_cosine_restarts_with_equal_integer_cycles_restarts_every_cycle():
+    # `cycle_mult: 1` read from YAML is an int; the old identity test left the LR at 0
+    # for the last two cycles
+    values = [lr.multiplier("cosine_restarts", s, 900, cycles=3, cycle_mult=1) for s in range(900)]
+    assert values[300] > 0.99 and values[600] > 0.99
+    assert values[450] == pytest.approx(0.5, abs=0.02) and values[750] == pytest.approx(0.5, abs=0.02)
+    assert min(values[300:]) < 0.01 and sum(v > 0.5 for v in values[600:]) > 100
+
+
+@pytest.mark.parametrize("policy,params,match", [
+    ("cosine", {"finall": 0.1}, "no parameter 'finall'; valid params: final"),
+    ("step", {"gamma": 2.0}, "'gamma'.*less than or equal to 1"),
+    ("multistep", {"milestones": [0.8, 0.2]}, "increasing fractions"),
+    ("cosine_restarts", {"cycles": 0}, "'cycles'.*greater than or equal to 1"),
+])
+def test_policy_parameters_are_typed(policy, params, match):
+    with pytest.raises(UserError, match=match):
+        lr.parse_params(policy, params)
+
+
+def test_step_size_is_an_alias_of_every():
+    assert lr.multiplier("step", 500, 1000, step_size=0.5) == lr.multiplier("step", 500, 1000, every=0.5) == 0.1
+    assert "step_size" in lr.policy_params("step")
 
 
 def test_shapes_between_the_endpoints():

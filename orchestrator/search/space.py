@@ -15,7 +15,6 @@ range: one line naming the problem).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from orchestrator.config import Dimension, ResolvedMember, member_key, parse_recipe
@@ -45,7 +44,7 @@ def check_dimension(path: str, dim: Dimension) -> None:
 
 
 def _policy_params(policy: str) -> set[str]:
-    return {p for p in inspect.signature(lr.get_policy(policy)).parameters if p != "t"}
+    return set(lr.policy_params(policy))
 
 
 def _set(tree: dict, path: str, value: Any) -> None:

@@ -178,8 +178,10 @@ def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epoc
     total = epochs * steps_per_epoch
     warmup = round(schedule.warmup_epochs * steps_per_epoch)
 
+    multiplier = lr_policies.schedule(schedule.policy, total, warmup, schedule.params)
+
     def lr_at(step: int) -> float:
-        return base_lr * lr_policies.multiplier(schedule.policy, step, total, warmup, **schedule.params)
+        return base_lr * multiplier(step)
 
     while state.epoch < epochs:
         start = time.perf_counter()
