@@ -135,14 +135,20 @@ class Resources(Strict):
         while it waits on a data-parallel member's TorchTrainer (Tune refuses 0 CPUs)."""
         return 0.0 if self.workers == 1 else 0.25
 
-    @model_validator(mode="after")
-    def _fractional(self):
+    def check(self, member: str) -> None:
+        """Cross-field rules, checked on the merged resources of a member (a member's own
+        `resources:` is a partial override of the defaults and may not be whole)."""
+        share_set = "gpus_per_worker" in self.model_fields_set and self.gpus_per_worker != 0
+        if share_set and not self.use_gpu:
+            raise UserError(f"member {member}: resources.gpus_per_worker is {self.gpus_per_worker} but use_gpu is "
+                            f"false; set use_gpu: true to train on GPUs, or drop gpus_per_worker")
         # Fractional GPUs only for single-worker members: two DDP ranks on one GPU fail in NCCL.
         if self.use_gpu and self.workers > 1 and self.gpus_per_worker != "auto" and self.gpus_per_worker < 1:
-            raise UserError("gpus_per_worker < 1 is only allowed with workers: 1 (NCCL cannot share a GPU)")
+            raise UserError(f"member {member}: gpus_per_worker < 1 is only allowed with workers: 1 "
+                            f"(NCCL cannot share a GPU)")
         if self.decode == "gpu" and not self.use_gpu:
-            raise UserError("resources.decode: gpu needs use_gpu: true (valid without a GPU: auto, cpu)")
-        return self
+            raise UserError(f"member {member}: resources.decode: gpu needs use_gpu: true "
+                            f"(valid without a GPU: auto, cpu)")
 
 
 class Member(Strict):
@@ -150,7 +156,9 @@ class Member(Strict):
     arch: str | None = None
     recipe: str | None = None
     seed: int = 0
-    low_res: bool = True
+    # unset: follows an explicit input_size (on at 64 px and below, off above); with
+    # neither set, the architecture's native size with the ImageNet stem
+    low_res: bool | None = None
     input_size: int | None = Field(None, ge=16)
     weight: float = Field(1.0, ge=0)
     resources: Resources | None = None
@@ -376,8 +384,28 @@ def member_key(name: str, payload: dict) -> str:
     return f"{name}-{digest}"
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _merge(defaults: Member, m: Member) -> Member:
-    return Member(**{**defaults.model_dump(exclude_unset=True), **m.model_dump(exclude_unset=True)})
+    """Member over defaults over built-ins, field by field in nested sections too: a
+    member's `resources: {workers: 2}` keeps the defaults' `use_gpu`."""
+    return Member.model_validate(_deep_merge(defaults.model_dump(exclude_unset=True), m.model_dump(exclude_unset=True)))
+
+
+LOW_RES_MAX = 64  # px: at or below, a unset low_res means the 32-64 px stem
+
+
+def input_geometry(m: Member, spec) -> tuple[int, bool]:
+    """(input size, low_res) with no silent default: see Member.low_res."""
+    if m.low_res is None:
+        size = m.input_size or spec.eval.input_size
+        return size, size <= LOW_RES_MAX
+    return m.input_size or (spec.low_res_size if m.low_res else spec.eval.input_size), m.low_res
 
 
 def _grid_members(grid: Grid) -> list[Member]:
@@ -414,17 +442,18 @@ def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
         if recipe_name not in cfg.recipes:
             raise unknown_name("recipe", recipe_name, cfg.recipes)
         recipe = cfg.recipes[recipe_name]
-        size = m.input_size or (spec.low_res_size if m.low_res else spec.eval.input_size)
-        if m.low_res and size < spec.min_low_res_size:
+        size, low_res = input_geometry(m, spec)
+        if low_res and size < spec.min_low_res_size:
             raise UserError(f"{m.arch} needs input_size >= {spec.min_low_res_size} in its low-res form, got {size}")
         name = m.name or f"{m.arch}-{recipe_name}-s{m.seed}"
         resources = m.resources or Resources()
+        resources.check(name)
         _check_decode(name, recipe, resources)
         resources, packing = _pack(name, resources, cfg.packing)
-        payload = {"arch": m.arch, "recipe": recipe.model_dump(), "seed": m.seed, "low_res": m.low_res,
+        payload = {"arch": m.arch, "recipe": recipe.model_dump(), "seed": m.seed, "low_res": low_res,
                    "input_size": size, "workers": resources.workers, "data": cfg.data.model_dump()}
         out.append(ResolvedMember(key=member_key(name, payload), name=name, arch=m.arch, recipe_name=recipe_name,
-                                  recipe=recipe, seed=m.seed, low_res=m.low_res, input_size=size,
+                                  recipe=recipe, seed=m.seed, low_res=low_res, input_size=size,
                                   weight=m.weight, resources=resources, packing=packing))
     names = [m.name for m in out]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -82,11 +82,12 @@ def imported(cfg: EnsembleConfig, members: list[ResolvedMember]) -> list[MemberR
 
 def print_plan(cfg: EnsembleConfig, members: list[ResolvedMember]) -> None:
     table = Table(title=f"ensemble {cfg.name}: {len(members)} members")
-    for col in ("member", "key", "arch", "recipe", "epochs", "input", "workers"):
+    for col in ("member", "key", "arch", "recipe", "epochs", "input", "low_res", "workers", "gpus"):
         table.add_column(col)
     for m in members:
-        table.add_row(m.name, m.key, m.arch, m.recipe_name, str(m.recipe.epochs), str(m.input_size),
-                      str(m.resources.workers))
+        r = m.resources
+        table.add_row(m.name, m.key, m.arch, m.recipe_name, str(m.recipe.epochs), f"{m.input_size} px",
+                      "on" if m.low_res else "off", str(r.workers), str(r.gpus_per_worker) if r.use_gpu else "cpu")
     console.print(table)
 
 

@@ -119,3 +119,63 @@ def test_an_unwritable_storage_path_fails_before_training(tmp_path, tiny_root):
 def test_cli_missing_config_file():
     out = run_cli("jobs/train_ensemble.py", "--config", "nope.yaml")
     assert out.returncode == 2 and out.stderr.strip() == "error: config file not found: nope.yaml"
+
+
+def test_readme_example_merges_resources_field_by_field():
+    # the README's example: a member's resources override the defaults' one field at a time
+    cfg = parse_config(base(defaults={"input_size": 64, "resources": {"workers": 1, "use_gpu": True,
+                                                                      "gpus_per_worker": 0.25}},
+                            members=[{"arch": "resnet50", "recipe": "a", "seed": 0,
+                                      "resources": {"workers": 2, "gpus_per_worker": 1}},
+                                     {"arch": "resnet18", "recipe": "a"}]))
+    big, small = resolve_members(cfg)
+    assert (big.resources.use_gpu, big.resources.workers, big.resources.gpus_per_worker) == (True, 2, 1)
+    assert (small.resources.use_gpu, small.resources.workers, small.resources.gpus_per_worker) == (True, 1, 0.25)
+    assert big.resources.cpus_per_worker == 1.0  # built-in, under both
+
+
+def test_a_gpu_share_without_use_gpu_is_refused():
+    cfg = parse_config(base(members=[{"arch": "resnet18", "recipe": "a", "resources": {"gpus_per_worker": 0.5}}]))
+    with pytest.raises(UserError, match="gpus_per_worker is 0.5 but use_gpu is false"):
+        resolve_members(cfg)
+    # a member that turns the defaults' GPU off may say so with a zero share
+    cpu = parse_config(base(defaults={"resources": {"use_gpu": True, "gpus_per_worker": 0.5}},
+                            members=[{"arch": "resnet18", "recipe": "a",
+                                      "resources": {"use_gpu": False, "gpus_per_worker": 0}}]))
+    assert resolve_members(cpu)[0].resources.use_gpu is False
+
+
+@pytest.mark.parametrize("member,size,low_res", [
+    ({"input_size": 64}, 64, True),
+    ({"input_size": 32}, 32, True),
+    ({"input_size": 224}, 224, False),   # an ImageNet member keeps the ImageNet stem
+    ({}, 224, False),                    # neither set: the native size, low_res off
+    ({"low_res": True}, 64, True),
+    ({"low_res": False, "input_size": 64}, 64, False),
+])
+def test_low_res_follows_the_input_size_unless_set(member, size, low_res):
+    m = resolve_members(parse_config(base(members=[{"arch": "resnet18", "recipe": "a", **member}])))[0]
+    assert (m.input_size, m.low_res) == (size, low_res)
+
+
+def test_dry_run_prints_input_size_and_low_res(tmp_path):
+    path = tmp_path / "c.yaml"
+    cfg = base(members=[{"arch": "resnet18", "recipe": "a", "input_size": 224, "name": "big"},
+                        {"arch": "resnet18", "recipe": "a", "input_size": 64, "name": "small"}])
+    path.write_text(yaml.safe_dump(cfg))
+    import io
+
+    from rich.console import Console
+
+    import orchestrator.ensemble_job as job
+
+    buf = io.StringIO()
+    old, job.console = job.console, Console(file=buf, width=200)
+    try:
+        job.print_plan(load_config(str(path)), resolve_members(load_config(str(path))))
+    finally:
+        job.console = old
+    rows = [line for line in buf.getvalue().splitlines() if "│" in line]
+    lines = {line.split("│")[1].strip(): line for line in rows}
+    assert "224 px" in lines["big"] and " off " in lines["big"]
+    assert "64 px" in lines["small"] and " on " in lines["small"]
