@@ -19,7 +19,8 @@ import numpy as np
 
 from ensemble import math as em
 from ensemble import report as rep
-from ensemble.predictions import TTA_VIEWS, MemberPredictions, open_npy, recompute
+from ensemble.predictions import MemberPredictions, open_npy, recompute
+from ensemble.tta import TTA_VIEWS
 from ensemble.scoring import size_curves, score
 from orchestrator.errors import UserError, exit_on_user_error
 from orchestrator.runs_file import RunsFile, load_runs
@@ -113,11 +114,13 @@ def fit_on_selection(records, preds, labels, sel, args) -> tuple[list, np.ndarra
         return transforms[i](rows) if transforms[i] else rows
 
     rounds = args.select_rounds or 2 * len(preds)
-    chosen, curve = em.greedy_selection(load, len(preds), labels[sel], rounds, init=1, metric=args.select_metric)
+    chosen, curve = em.greedy_selection(load, len(preds), labels[sel], rounds, init=1, metric=args.select_metric,
+                                        method=METHODS[args.method])
     weights = em.weights_from_selection(chosen, len(preds))
     names = [r.name for r in records]
-    selection = {"method": "greedy_with_replacement", "metric": args.select_metric, "samples": int(len(sel)),
-                 "rounds": rounds, "order": [names[i] for i in chosen], "loss_curve": curve,
+    selection = {"method": "greedy_with_replacement", "combination": METHODS[args.method],
+                 "metric": args.select_metric, "samples": int(len(sel)), "rounds": rounds,
+                 "best_prefix": len(chosen), "order": [names[i] for i in chosen], "loss_curve": curve,
                  "weights": dict(zip(names, weights.tolist())),
                  "temperatures": dict(zip(names, temps)) if args.calibrate else None}
     return transforms, weights, selection

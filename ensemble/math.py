@@ -108,7 +108,18 @@ class Combiner:
         self.weight += weight
 
     def result(self) -> torch.Tensor:
-        mean = self.total / self.weight
+        return self._finish(self.total, self.weight)
+
+    def result_with(self, probs, weight: float = 1.0) -> torch.Tensor:
+        """The result if `probs` were added, leaving this combination as it is (a
+        selection step tries every candidate)."""
+        p = as_tensor(probs)
+        term = p.clamp_min(EPS).log() if self.method == "geometric" else p
+        total = term * weight if self.total is None else self.total + term * weight
+        return self._finish(total, self.weight + weight)
+
+    def _finish(self, total: torch.Tensor, weight: float) -> torch.Tensor:
+        mean = total / weight
         return mean.softmax(1) if self.method == "geometric" else mean
 
 
@@ -163,25 +174,30 @@ def selection_loss(probs, labels, metric: str) -> float:
 
 
 def greedy_selection(load, n_members: int, labels, rounds: int, init: int = 1,
-                     metric: str = "nll") -> tuple[list[int], list[float]]:
-    """Caruana et al. 2004: sorted initialisation with the `init` best members, then
-    `rounds` forward steps with replacement. `load(i)` returns member i's probabilities on
-    the selection split (streamed: only the running sum and one member are in memory).
-    Returns the chosen indices in order (with repeats) and the loss after each step."""
+                     metric: str = "nll", method: str = "mean") -> tuple[list[int], list[float]]:
+    """Caruana et al. 2004, "Ensemble Selection from Libraries of Models": sorted
+    initialisation with the `init` best members, then `rounds` forward steps with
+    replacement, each adding the member whose addition most lowers the selection loss of
+    the combination `method` (the one that will be reported). Returns the **best prefix**
+    of the chosen sequence (the paper's rule: the ensemble is the step with the lowest
+    selection loss, not the last one; the first such step on ties) and the loss after
+    every step (the whole curve, for plotting). `load(i)` returns member i's
+    probabilities on the selection split (streamed: the running combination and one
+    member are in memory)."""
     own = [selection_loss(load(i), labels, metric) for i in range(n_members)]
     chosen = sorted(range(n_members), key=own.__getitem__)[:init]
-    total = sum(as_tensor(load(i)) for i in chosen)
-    curve = [selection_loss(total / len(chosen), labels, metric)]
+    comb = Combiner(method)
+    for i in chosen:
+        comb.add(load(i))
+    curve = [selection_loss(comb.result(), labels, metric)]
     for _ in range(rounds):
-        best, best_loss = None, None
-        for i in range(n_members):
-            cand = selection_loss((total + as_tensor(load(i))) / (len(chosen) + 1), labels, metric)
-            if best_loss is None or cand < best_loss:
-                best, best_loss = i, cand
+        losses = [selection_loss(comb.result_with(load(i)), labels, metric) for i in range(n_members)]
+        best = int(np.argmin(losses))
         chosen.append(best)
-        total = total + as_tensor(load(best))
-        curve.append(best_loss)
-    return chosen, curve
+        comb.add(load(best))
+        curve.append(losses[best])
+    best_step = int(np.argmin(curve))
+    return chosen[:init + best_step], curve
 
 
 def forward_selection(load, n_members: int, labels, size: int, metric: str = "nll") -> tuple[list[int], list[float]]:

@@ -28,14 +28,13 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.progress import Progress
 
+from ensemble.tta import TTA_VIEWS, canvas, check_mode, views
 from orchestrator.errors import UserError
 from orchestrator.runs_file import MemberRecord
 
 CACHE = Path(os.environ.get("ENSEMBLE_CACHE", Path.home() / ".cache" / "ensemble-eval"))
-TTA_VIEWS = {"none": 1, "flip": 2, "10crop": 10, "multiscale": 3}
 
 
 def local_copy(uri: str, what: str) -> str:
@@ -130,26 +129,6 @@ def check_block(name: str, block: torch.Tensor, idx: np.ndarray) -> None:
                         f"{float(sums[row]):.4f}); are these logits instead of softmax?")
 
 
-def _views(images: torch.Tensor, tta: str, crop: int) -> list[torch.Tensor]:
-    """Test-time views of a batch already resized to the member's eval size."""
-    if tta == "none":
-        return [images]
-    if tta == "flip":
-        return [images, images.flip(3)]
-    if tta == "10crop":
-        from torchvision.transforms import v2  # imported on use: it pulls in torch._dynamo (~3 s)
-
-        # AlexNet/GoogLeNet: 4 corners + centre, and their mirrors, from a 1.14x larger image
-        big = F.interpolate(images, scale_factor=8 / 7, mode="bilinear", align_corners=False, antialias=True)
-        crops = v2.functional.ten_crop(big, [crop, crop])
-        return list(crops)
-    if tta == "multiscale":
-        # the same net at 0.875x, 1x and 1.143x the eval size (Simonyan & Zisserman 2015, 3.2)
-        return [F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False, antialias=True)
-                if s != 1 else images for s in (0.875, 1.0, 8 / 7)]
-    raise UserError(f"unknown test-time augmentation {tta!r}; valid choices: {', '.join(TTA_VIEWS)}")
-
-
 def loader_workers(device: torch.device) -> int:
     """For a split too large to decode once: decode in 4 loader processes beside a GPU; in
     this process on CPU, where inference already uses every core and loader processes
@@ -167,11 +146,13 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
     from orchestrator.train.augment import EvalGeometry, normalize_batch
     from orchestrator.train.batch_augment import Prefetcher
 
+    check_mode(tta)
     if not member.checkpoint:
         raise UserError(f"member {member.name}: no predictions and no checkpoint to recompute them from")
-    # the eval transform is part of the key: evaluating a checkpoint at another size is another result
+    # the eval transform is part of the key: evaluating a checkpoint at another size is another
+    # result; "views-2": the views are cut from the resized image (ensemble/tta.py)
     key = hashlib.sha256(f"{member.checkpoint}|{member.eval.model_dump_json()}|{data_root}|{split}|{classes}|"
-                         f"{per_class}|{tta}".encode()).hexdigest()
+                         f"{per_class}|{tta}|views-2".encode()).hexdigest()
     cached = CACHE / "recomputed" / f"{key[:24]}.npy"
     if cached.exists():
         return MemberPredictions(member.name, NpyRows(str(cached)), f"recomputed ({tta}, cached)",
@@ -181,7 +162,7 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     ev = member.eval
-    geometry = EvalGeometry(ev.resize, ev.crop)
+    geometry = EvalGeometry(*canvas(tta, ev.resize, ev.crop))
     # members sharing an eval geometry read one decoded copy of the split (ensemble/decoded.py)
     data = open_decoded(CACHE, data_root, split, classes, per_class, geometry)
     if data is not None:
@@ -202,7 +183,7 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
     with Progress(transient=True) as bar, contextlib.closing(batches):
         task = bar.add_task(f"{member.name}: predicting ({tta})", total=len(data))
         for idx, images in batches:
-            probs = sum(model(v).float().softmax(1) for v in _views(images, tta, ev.crop)) / TTA_VIEWS[tta]
+            probs = sum(model(v).float().softmax(1) for v in views(images, tta, ev.crop)) / TTA_VIEWS[tta]
             out[idx.numpy()] = probs.cpu().numpy()
             bar.advance(task, len(idx))
     cached.parent.mkdir(parents=True, exist_ok=True)

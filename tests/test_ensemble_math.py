@@ -100,3 +100,32 @@ def test_greedy_selection_with_replacement_on_a_known_case():
     assert 0 not in chosen                      # the always-wrong member is never picked
     w = em.weights_from_selection(chosen, 3)
     assert w.sum() == pytest.approx(1) and w[0] == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_greedy_selection_returns_its_best_prefix(seed):
+    rng = np.random.default_rng(seed)
+    n, c, m = 60, 5, 6
+    y = rng.integers(0, c, n)
+    members = [torch.from_numpy(rng.dirichlet(np.ones(c) * 0.5, size=n)).float() for _ in range(m)]
+    chosen, curve = em.greedy_selection(lambda i: members[i], m, y, rounds=8, init=1, metric="nll")
+    assert len(curve) == 9 and 1 <= len(chosen) <= 9
+    returned = em.nll(em.combine([members[i] for i in chosen]), y)
+    assert returned == pytest.approx(min(curve), abs=1e-6)
+    # no prefix of the sequence is better on the selection rows than what is returned
+    assert all(returned <= c_ + 1e-6 for c_ in curve)
+
+
+def test_greedy_selection_optimises_the_combination_in_use():
+    rng = np.random.default_rng(5)
+    n, c, m = 80, 4, 5
+    y = rng.integers(0, c, n)
+    members = [torch.from_numpy(rng.dirichlet(np.ones(c) * 0.3, size=n)).float() for _ in range(m)]
+    for method in ("mean", "geometric"):
+        chosen, curve = em.greedy_selection(lambda i: members[i], m, y, rounds=6, init=1, metric="nll",
+                                            method=method)
+        # the losses it minimised are those of its own combination rule
+        assert em.nll(em.combine([members[i] for i in chosen], method=method), y) == pytest.approx(min(curve), rel=1e-5)
+    geo, _ = em.greedy_selection(lambda i: members[i], m, y, rounds=6, init=1, metric="nll", method="geometric")
+    assert em.nll(em.combine([members[i] for i in geo], method="mean"), y) != pytest.approx(
+        em.nll(em.combine([members[i] for i in geo], method="geometric"), y), rel=1e-3)

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from ensemble import evaluate
-from ensemble.predictions import TTA_VIEWS, _views, recompute
+from ensemble import tta as tta_views
+from ensemble.predictions import recompute
+from ensemble.tta import TTA_VIEWS
+from orchestrator.train.augment import EvalGeometry
 from models import save_checkpoint
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.runs_file import MemberRecord
@@ -14,11 +17,52 @@ from orchestrator.train.member import (assemble_predictions, eval_transform_of, 
 
 @pytest.mark.parametrize("tta", sorted(TTA_VIEWS))
 def test_views_have_the_member_input_size(tta):
-    views = _views(torch.rand(2, 3, 32, 32), tta, 32)
+    side, crop = tta_views.canvas(tta, 32, 32)
+    views = tta_views.views(torch.rand(2, 3, crop, crop), tta, 32)
     assert len(views) == TTA_VIEWS[tta]
-    assert all(v.shape[:2] == (2, 3) for v in views)
-    if tta in ("none", "flip", "10crop"):
-        assert all(v.shape[-2:] == (32, 32) for v in views)
+    assert all(v.shape == (2, 3, 32, 32) for v in views)
+
+
+def _marked_image() -> torch.Tensor:
+    """A 120 x 160 grey image with a red square at the top-left and a blue one at the
+    bottom-right of its central 120 x 120 square, both outside any 0.875 centre crop."""
+    img = torch.full((3, 120, 160), 128, dtype=torch.uint8)
+    img[:, :5, 20:25] = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)
+    img[:, 115:, 135:140] = torch.tensor([0, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    return img
+
+
+def test_ten_crops_are_cut_from_the_resized_image():
+    # a low-res member: eval resize == crop == 32, so its own centre crop sees neither mark
+    resize, crop = tta_views.canvas("10crop", 32, 32)
+    assert (resize, crop) == (37, 37)  # 32 / 0.875
+    canvas = EvalGeometry(resize, crop)(_marked_image()).unsqueeze(0).float()
+    views = tta_views.views(canvas, "10crop", 32)
+    red = [bool(((v[0, 0] > 200) & (v[0, 2] < 60)).any()) for v in views]
+    blue = [bool(((v[0, 2] > 200) & (v[0, 0] < 60)).any()) for v in views]
+    # order: top-left, top-right, bottom-left, bottom-right, centre, then their mirrors
+    assert red == [True, False, False, False, False, True, False, False, False, False]
+    assert blue == [False, False, False, True, False, False, False, False, True, False]
+    assert torch.equal(views[0], canvas[..., :32, :32]) and torch.equal(views[5], canvas[..., :32, :32].flip(-1))
+    assert torch.equal(views[4], canvas[..., 2:34, 2:34])
+    # a standard member (resize 37, crop 32): its centre crop, from which the corners were
+    # once cut, holds neither mark; the ten crops still reach the image's corners
+    assert tta_views.canvas("10crop", 37, 32) == (37, 37)
+    centre = EvalGeometry(37, 32)(_marked_image()).float()
+    assert not ((centre[0] > 200) & (centre[2] < 60)).any() and not ((centre[2] > 200) & (centre[0] < 60)).any()
+
+
+def test_multiscale_crops_each_scale_of_the_resized_image():
+    resize, crop = tta_views.canvas("multiscale", 32, 32)
+    assert resize == crop == round(37 * 1.25)
+    canvas = EvalGeometry(resize, crop)(_marked_image()).unsqueeze(0).float()
+    views = tta_views.views(canvas, "multiscale", 32)
+    assert len(views) == 30
+    # each scale's top-left corner crop holds the red mark; each scale's crops are distinct
+    for s in range(3):
+        v = views[10 * s]
+        assert ((v[0, 0] > 180) & (v[0, 2] < 90)).any()
+    assert not torch.equal(views[4], views[14]) and not torch.equal(views[14], views[24])
 
 
 @pytest.fixture(scope="module")
