@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from ensemble.evaluate import split_rows  # noqa: E402
+from ensemble.protocol import split_rows  # noqa: E402
 from ensemble.math import combine, topk_error  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def main() -> None:
         labels = job._load_npy(complete[0]["labels"])
         defaults = default_members(raw, k)
 
-    _, rows_ = split_rows(len(labels), 0.5, True, 0)  # the same held-out half as the search's choice
+    _, rows_ = split_rows(len(labels), 0.5, 0)  # the same held-out half as the search's choice
     choice = out["choice"]
     lab = labels[rows_]
     best_search = min(topk_error(p[rows_], lab, 1) for p in preds)

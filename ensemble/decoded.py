@@ -41,9 +41,11 @@ def _dataset_digest(manifest, split: str) -> str:
     """The split's identity, so a dataset rebuilt at the same path is decoded afresh: its
     classes and shards (names, sample counts, sizes, checksums), and for a folder layout
     read in place its files' names, labels, sizes and modification times."""
+    from orchestrator.data import minival
     from orchestrator.data.manifest import FOLDER_PREFIX
     from orchestrator.data.sources import list_folder_split
 
+    split = minival.parse(split)[0]  # a part of train is identified by train's files (and its name)
     shards = manifest.shards(split)
     digest = hashlib.sha256(json.dumps([manifest.classes, [dataclasses.astuple(s) for s in shards]]).encode())
     if shards and shards[0].file.startswith(FOLDER_PREFIX):

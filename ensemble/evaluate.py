@@ -20,6 +20,7 @@ import numpy as np
 from ensemble import math as em
 from ensemble import report as rep
 from ensemble.predictions import MemberPredictions, open_npy, recompute
+from ensemble.protocol import Protocol, decide
 from ensemble.tta import TTA_VIEWS
 from ensemble.scoring import size_curves, score
 from orchestrator.errors import UserError, exit_on_user_error
@@ -55,6 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def member_predictions(m, ds, cached: str | None, args, what: str) -> MemberPredictions:
+    """A member's rows on split `ds`: its cached file, or recomputed from its checkpoint."""
+    if args.tta != "none" or args.recompute or not cached:
+        return recompute(m, ds.uri, ds.split, ds.classes, ds.per_class, args.tta)
+    return MemberPredictions(m.name, open_npy(cached, f"member {m.name} {what}", rows=True), "cached")
+
+
 def load_members(runs: RunsFile, args) -> tuple[list, list[MemberPredictions]]:
     records, preds = [], []
     for m in runs.members:
@@ -62,64 +70,66 @@ def load_members(runs: RunsFile, args) -> tuple[list, list[MemberPredictions]]:
             print(f"warning: skipping member {m.name}: status {m.status} ({m.error or 'no error recorded'})",
                   file=sys.stderr)
             continue
-        if args.tta != "none" or args.recompute or not m.predictions:
-            ds = runs.dataset
-            preds.append(recompute(m, ds.uri, ds.split, ds.classes, ds.per_class, args.tta))
-        else:
-            preds.append(MemberPredictions(m.name, open_npy(m.predictions, f"member {m.name} predictions", rows=True),
-                                           "cached"))
+        preds.append(member_predictions(m, runs.dataset, m.predictions, args, "predictions"))
         records.append(m)
     if not records:
         raise UserError(f"{args.members}: no finished members to evaluate")
     return records, preds
 
 
-def check_shapes(runs: RunsFile, preds: list[MemberPredictions], labels: np.ndarray) -> None:
+class Selection:
+    """The rows that choose: each member's minival predictions, or held-out rows of the
+    reported split (ensemble/protocol.py)."""
+
+    def __init__(self, runs: RunsFile, records, preds, labels, proto: Protocol, args):
+        if proto.on_minival:
+            self.preds = [member_predictions(m, runs.minival, m.minival_predictions, args, "minival predictions")
+                          for m in records]
+            self.labels = np.asarray(open_npy(runs.minival.labels, "minival labels"), dtype=np.int64)
+            self.rows = np.arange(len(self.labels))
+            check_shapes(runs, self.preds, self.labels, "minival")
+        else:
+            self.preds, self.labels, self.rows = preds, labels[proto.selection], proto.selection
+
+    def load(self, i: int):
+        return self.preds[i].rows(self.rows)
+
+
+def check_shapes(runs: RunsFile, preds: list[MemberPredictions], labels: np.ndarray, what: str = "") -> None:
     n, c = len(labels), runs.dataset.num_classes
     if labels.min() < 0 or labels.max() >= c:
-        raise UserError(f"dataset labels fall outside 0..{c - 1} (min {labels.min()}, max {labels.max()})")
+        raise UserError(f"{what or 'dataset'} labels fall outside 0..{c - 1} (min {labels.min()}, max {labels.max()})")
     for p in preds:
         if p.array.ndim != 2:
             raise UserError(f"member {p.name}: predictions must be [N, C], got shape {p.array.shape}")
         if p.array.shape[1] != c:
             raise UserError(f"member {p.name}: {p.array.shape[1]} classes, but the dataset has {c}")
         if p.array.shape[0] != n:
-            raise UserError(f"member {p.name}: {p.array.shape[0]} samples, but the labels have {n}")
+            raise UserError(f"member {p.name}: {p.array.shape[0]} samples, but the {what + ' ' if what else ''}labels have {n}")
 
 
-def split_rows(n: int, fraction: float, needed: bool, seed: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """(selection rows, reported rows): disjoint, by a seeded permutation; without
-    selection or calibration every row is reported."""
-    if not needed:
-        return None, np.arange(n)
-    if not 0 < fraction < 1:
-        raise UserError(f"--selection-fraction must be in (0, 1), got {fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
-    cut = int(round(n * fraction))
-    return np.sort(perm[:cut]), np.sort(perm[cut:])
-
-
-def fit_on_selection(records, preds, labels, sel, args) -> tuple[list, np.ndarray | None, dict | None]:
+def fit_on_selection(records, sel: Selection, args) -> tuple[list, np.ndarray | None, dict | None]:
     """Temperatures and/or greedy weights, from the selection rows only."""
-    temps = [None] * len(preds)
+    m = len(records)
+    temps = [None] * m
     if args.calibrate:
-        temps = [em.fit_temperature(p.rows(sel), labels[sel]) for p in preds]
+        temps = [em.fit_temperature(sel.load(i), sel.labels) for i in range(m)]
     transforms = [(lambda x, t=t: em.apply_temperature(x, t)) if t else None for t in temps]
     if args.select != "greedy":
-        return transforms, None, ({"samples": int(len(sel)), "temperatures": dict(zip([r.name for r in records],
+        return transforms, None, ({"samples": int(len(sel.labels)), "temperatures": dict(zip([r.name for r in records],
                                   temps))} if args.calibrate else None)
 
     def load(i):
-        rows = preds[i].rows(sel)
+        rows = sel.load(i)
         return transforms[i](rows) if transforms[i] else rows
 
-    rounds = args.select_rounds or 2 * len(preds)
-    chosen, curve = em.greedy_selection(load, len(preds), labels[sel], rounds, init=1, metric=args.select_metric,
+    rounds = args.select_rounds or 2 * m
+    chosen, curve = em.greedy_selection(load, m, sel.labels, rounds, init=1, metric=args.select_metric,
                                         method=METHODS[args.method])
-    weights = em.weights_from_selection(chosen, len(preds))
+    weights = em.weights_from_selection(chosen, m)
     names = [r.name for r in records]
     selection = {"method": "greedy_with_replacement", "combination": METHODS[args.method],
-                 "metric": args.select_metric, "samples": int(len(sel)), "rounds": rounds,
+                 "metric": args.select_metric, "samples": int(len(sel.labels)), "rounds": rounds,
                  "best_prefix": len(chosen), "order": [names[i] for i in chosen], "loss_curve": curve,
                  "weights": dict(zip(names, weights.tolist())),
                  "temperatures": dict(zip(names, temps)) if args.calibrate else None}
@@ -143,9 +153,10 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
     m = len(preds)
     check_shapes(runs, preds, labels)
     needs_selection = args.select == "greedy" or args.calibrate
-    sel, rows = split_rows(len(labels), args.selection_fraction, needs_selection, args.seed)
-    transforms, weights, selection = fit_on_selection(records, preds, labels, sel, args) if needs_selection \
-        else ([None] * m, None, None)
+    proto = decide(runs, records, len(labels), needs_selection, args.selection_fraction, args.seed)
+    rows = proto.reported
+    transforms, weights, selection = fit_on_selection(records, Selection(runs, records, preds, labels, proto, args),
+                                                      args) if needs_selection else ([None] * m, None, None)
     if weights is None:
         weights = np.array([r.weight for r in records]) if args.method == "weighted" else np.ones(m)
     scored = score(preds, transforms, labels, rows, weights, METHODS[args.method])
@@ -176,6 +187,7 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
                 "gain_top1_over_best": min(x["top1_err"] for x in per_member) - scored["ensemble"].summary()["top1_err"]}
     ds = runs.dataset
     report = {"dataset": {"name": ds.name, "split": ds.split, "samples": int(len(rows)), "num_classes": ds.num_classes},
+              "protocol": proto.describe(runs),
               "members": per_member, "ensemble": ensemble,
               "best_member": {"name": best["name"], "top5_err": best["top5_err"]},
               "size_curve": size_curve, "size_curve_samples": int(len(curve_rows)), "selection": selection,

@@ -179,6 +179,24 @@ class Data(Strict):
     val_per_class: int | None = Field(None, ge=1)
     num_classes: int | None = Field(None, description="if given, must agree with the manifest")
     max_bad_images: int = Field(50, ge=0, description="undecodable images skipped per epoch before the run fails")
+    # a held-out part of train that makes every choice (per-epoch metrics, Tune's metric,
+    # checkpoints, search choice, selection, temperatures, confusion statistics), so val is
+    # scored once, at the end, and only reported (orchestrator/data/minival.py)
+    minival: int | None = Field(None, ge=1, description="samples per class held out of train, never trained on")
+    minival_seed: int = 0
+
+    @property
+    def heldout(self) -> str:
+        """The split every per-epoch metric and every choice is made on."""
+        return "minival" if self.minival else "val"
+
+    def key_fields(self) -> dict:
+        """What of the data enters a member's key: minival only when set, so configs
+        without it keep their members' keys (a re-run retrains nothing)."""
+        d = self.model_dump()
+        if self.minival is None:
+            d.pop("minival"), d.pop("minival_seed")
+        return d
 
 
 class Storage(Strict):
@@ -451,7 +469,7 @@ def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
         _check_decode(name, recipe, resources)
         resources, packing = _pack(name, resources, cfg.packing)
         payload = {"arch": m.arch, "recipe": recipe.model_dump(), "seed": m.seed, "low_res": low_res,
-                   "input_size": size, "workers": resources.workers, "data": cfg.data.model_dump()}
+                   "input_size": size, "workers": resources.workers, "data": cfg.data.key_fields()}
         out.append(ResolvedMember(key=member_key(name, payload), name=name, arch=m.arch, recipe_name=recipe_name,
                                   recipe=recipe, seed=m.seed, low_res=low_res, input_size=size,
                                   weight=m.weight, resources=resources, packing=packing))

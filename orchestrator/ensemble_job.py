@@ -18,7 +18,7 @@ from orchestrator.config import EnsembleConfig, ResolvedMember, load_config, res
 from orchestrator.data.dataset import select_classes
 from orchestrator.data.manifest import check_shards_exist, load_manifest
 from orchestrator.errors import UserError
-from orchestrator.runs_file import DatasetRef, MemberRecord, MlflowRef, RunsFile, write_runs
+from orchestrator.runs_file import Choice, DatasetRef, MemberRecord, MlflowRef, RunsFile, write_runs
 
 console = Console(width=None if Console().is_terminal else 120)
 
@@ -45,12 +45,28 @@ def check_data(cfg: EnsembleConfig) -> None:
         check_shards_exist(manifest, split)
 
 
-def dataset_ref(cfg: EnsembleConfig, labels: str, samples: int | None) -> DatasetRef:
+def dataset_ref(cfg: EnsembleConfig, labels: str, samples: int | None, split: str | None = None) -> DatasetRef:
+    """The reported split (val), or with `split` the minival carved from train."""
     manifest = load_manifest(cfg.data.root)
     kept = select_classes(manifest, cfg.data.classes)
-    return DatasetRef(name=manifest.name, uri=cfg.data.root, split=cfg.data.val_split, num_classes=len(kept),
-                      samples=samples, labels=labels, classes=cfg.data.classes, per_class=cfg.data.val_per_class,
+    per_class = cfg.data.train_per_class if split else cfg.data.val_per_class
+    return DatasetRef(name=manifest.name, uri=cfg.data.root, split=split or cfg.data.val_split, num_classes=len(kept),
+                      samples=samples, labels=labels, classes=cfg.data.classes, per_class=per_class,
                       class_names=[manifest.classes[i]["wnid"] for i in kept])
+
+
+def minival_ref(cfg: EnsembleConfig, finished: list[dict]) -> tuple[DatasetRef | None, list[Choice]]:
+    """The runs file's minival section and what it chose (per-epoch metrics; with a
+    search, the trials), when the config has a minival and every member was trained with it."""
+    from orchestrator.data.minival import split_names
+
+    if not cfg.data.minival or not finished or not all(r.get("minival_labels") for r in finished):
+        return None, []
+    name = split_names(cfg.data.train_split, cfg.data.minival, cfg.data.minival_seed)[0]
+    samples = int(storage.read_npy(finished[0]["minival_labels"]).shape[0])
+    ref = dataset_ref(cfg, finished[0]["minival_labels"], samples, split=name)
+    return ref, [Choice(what="per-epoch metrics and Tune's metric (each member keeps its last epoch)", split=name,
+                        samples=samples)]
 
 
 def imported(cfg: EnsembleConfig, members: list[ResolvedMember]) -> list[MemberRecord]:
@@ -240,6 +256,8 @@ def _runs_file(cfg: EnsembleConfig, ctx: dict, records: list[dict], tracking_uri
         d = load_runs(cfg.imported_runs[0]).dataset
         labels, samples = d.labels, d.samples
     dataset = dataset_ref(cfg, labels, samples)
-    members = [MemberRecord(**{k: v for k, v in r.items() if k != "labels"}) for r in records] + extra
-    return RunsFile(ensemble=cfg.name, dataset=dataset, members=members,
+    minival, choices = minival_ref(cfg, finished)
+    members = [MemberRecord(**{k: v for k, v in r.items() if k not in ("labels", "minival_labels")})
+               for r in records] + extra
+    return RunsFile(ensemble=cfg.name, dataset=dataset, minival=minival, choices=choices, members=members,
                     mlflow=MlflowRef(tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment, parent_run_id=parent))

@@ -34,7 +34,8 @@ from orchestrator import storage
 from orchestrator.config import ResolvedMember
 from orchestrator.errors import UserError
 from orchestrator import in_trial
-from orchestrator.member_worker import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
+from orchestrator.member_worker import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE,
+                                        PREDICTIONS_FILE)
 from orchestrator.ray_train import train_loop_per_worker
 from orchestrator.tracking import get_or_create_child
 from orchestrator.train.lr import scaled_lr
@@ -64,9 +65,10 @@ def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> Torc
         run_config=train.RunConfig(
             name=member.key,  # same name + storage path = resume from the latest checkpoint
             storage_path=path, storage_filesystem=fs,
-            # the latest checkpoint is always kept besides the num_to_keep best
-            checkpoint_config=train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1_err",
-                                                     checkpoint_score_order="min"),
+            # the member is its final epoch: only the latest checkpoint is kept, none is
+            # picked by a held-out score (that would be a choice made on the reported split)
+            checkpoint_config=train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="epoch",
+                                                     checkpoint_score_order="max"),
             failure_config=train.FailureConfig(max_failures=ctx["max_failures"]),
             callbacks=[TuneReportCallback()],
         ),
@@ -82,8 +84,9 @@ def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ck
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.local_dir(ckpt_uri, os.path.join(tmp, "checkpoint"))
         history = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)["history"]
-        for name in (PREDICTIONS_FILE, LABELS_FILE):
-            client.log_artifact(run_id, os.path.join(local, name), "predictions")
+        for name in (PREDICTIONS_FILE, LABELS_FILE, MINIVAL_PREDICTIONS_FILE, MINIVAL_LABELS_FILE):
+            if os.path.exists(os.path.join(local, name)):
+                client.log_artifact(run_id, os.path.join(local, name), "predictions")
         if ctx.get("log_checkpoint", True):
             client.log_artifact(run_id, os.path.join(local, CHECKPOINT_FILE), "checkpoint")
         recipe = member.recipe
@@ -151,16 +154,25 @@ def member_trial(config: dict, ctx: dict) -> None:
     storage.write_json(record_uri(ctx, member.key), _record(
         member, ctx, run_id, status="finished",
         checkpoint=storage.join(ckpt_uri, CHECKPOINT_FILE), predictions=storage.join(ckpt_uri, PREDICTIONS_FILE),
-        labels=storage.join(ckpt_uri, LABELS_FILE),
+        labels=storage.join(ckpt_uri, LABELS_FILE), **minival_files(ctx, ckpt_uri),
         metrics={"top1_err": final["val_top1_err"], "top5_err": final["val_top5_err"], "val_loss": final["val_loss"],
                  "images_per_s": final["images_per_s"], "minutes": minutes, "epochs": final["epoch"],
                  "val_samples": final["val_samples"], **_extra_metrics(history, final)}))
+
+
+def minival_files(ctx: dict, ckpt_uri: str) -> dict:
+    """A member trained with a minival: where its minival predictions and labels are."""
+    if not ctx["data"].get("minival"):
+        return {}
+    return {"minival_predictions": storage.join(ckpt_uri, MINIVAL_PREDICTIONS_FILE),
+            "minival_labels": storage.join(ckpt_uri, MINIVAL_LABELS_FILE)}
 
 
 def _extra_metrics(history: list[dict], final: dict) -> dict[str, float]:
     """Peak GPU memory (what packing decides from), compile time and the member's own
     work in seconds (what bench/overhead_bench.py compares wall time with), when recorded."""
     out = {"member_s": final["member_s"]} if "member_s" in final else {}
+    out.update({k: final[k] for k in ("minival_top1_err", "minival_top5_err", "minival_loss") if k in final})
     memory = [h["gpu_memory_gb"] for h in history if h.get("gpu_memory_gb")]
     if memory:
         out["gpu_memory_gb"] = max(memory)

@@ -1,5 +1,6 @@
 """What a member's training process does, whoever hosts it: resume, train, checkpoint
-every epoch, and put the val predictions into the final checkpoint.
+every epoch, and put the final predictions (val, and minival when there is one) into the
+final checkpoint.
 
 Two hosts provide a `Session` (rank, device, the latest checkpoint, a place to report
 to): `ray_train.py`, a Ray Train worker of a data-parallel member, and `in_trial.py`, the
@@ -22,9 +23,9 @@ from mlflow.tracking import MlflowClient
 from models import save_checkpoint
 from orchestrator.config import Data, ResolvedMember
 from orchestrator.tracking import log_epoch
-from orchestrator.train.member import final_predictions, open_member_data, train_member
-
-CHECKPOINT_FILE, PREDICTIONS_FILE, LABELS_FILE = "model.pt", "predictions.npy", "labels.npy"
+from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE,  # noqa: F401
+                                       MINIVAL_PREDICTIONS_FILE, PREDICTIONS_FILE, final_outputs, open_member_data,
+                                       train_member)
 
 
 class Session(Protocol):
@@ -71,11 +72,10 @@ def run_member(config: dict, session: Session) -> None:
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and run_id else None
 
     def on_epoch_end(state, metrics, model, optimizer, probs):
-        final = probs is not None  # this rank's part of the final val predictions
+        final = probs is not None  # this rank's part of the final held-out predictions
         if final:
-            parts = _gather(probs, world)
-            if rank == 0:
-                stored, labels = final_predictions(parts, data.val, metrics)
+            files = final_outputs(probs, lambda part: _gather(part, world), model, member, data, metrics, device,
+                                  rank, world)
             # the member's own work in this process: data, model, epochs, predictions
             metrics["member_s"] = time.perf_counter() - started
         if client is not None:
@@ -86,9 +86,8 @@ def run_member(config: dict, session: Session) -> None:
                 save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), arch=member.arch, num_classes=data.num_classes,
                                 low_res=member.low_res, model=net, optimizer=optimizer.state_dict(),
                                 epoch=state.epoch, step=state.step, history=state.history, metrics=metrics)
-                if final:
-                    np.save(os.path.join(tmp, PREDICTIONS_FILE), stored)
-                    np.save(os.path.join(tmp, LABELS_FILE), labels)
+                for name, array in (files or {}).items() if final else ():
+                    np.save(os.path.join(tmp, name), array)
             session.report(metrics, tmp if rank == 0 else None)
 
     train_member(member, data, device=device, rank=rank, world=world, resume=resume,

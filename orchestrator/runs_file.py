@@ -3,8 +3,13 @@
     version: 1
     ensemble: <name>
     mlflow: {tracking_uri, experiment, parent_run_id}     # optional
-    dataset: {name, uri, split, num_classes, labels}
-    members: [{name, arch, checkpoint, predictions, eval, weight, mlflow_run_id, ...}]
+    dataset: {name, uri, split, num_classes, labels}      # the reported split (val)
+    minival: {name, uri, split, num_classes, labels}      # optional: the split choices are made on
+    choices: [{what, split, samples}]                     # optional: which rows chose what
+    members: [{name, arch, checkpoint, predictions, minival_predictions, eval, weight, ...}]
+
+New fields are optional: a version-1 file written by hand or by an older version still
+evaluates (the evaluation then holds out part of the reported split to choose on).
 
 Unknown keys are rejected, so a hand-edited file fails loudly instead of being half-read.
 """
@@ -51,13 +56,25 @@ class EvalRef(_Strict):
     std: list[float]
 
 
+class Choice(_Strict):
+    """One thing chosen, and the rows that chose it (never the rows that are reported)."""
+
+    what: str
+    split: str
+    samples: int | None = None
+    # when the rows are part of `split`: the seeded share that chose (ensemble.protocol)
+    fraction: float | None = Field(None, gt=0, lt=1)
+    seed: int | None = None
+
+
 class MemberRecord(_Strict):
     name: str
     key: str
     arch: str
     status: Literal["finished", "failed"] = "finished"
     checkpoint: str | None = None
-    predictions: str | None = None
+    predictions: str | None = None  # on `dataset` (reported)
+    minival_predictions: str | None = None  # on `minival` (chosen on), when the runs file has one
     eval: EvalRef
     low_res: bool = True
     weight: float = 1.0
@@ -73,6 +90,8 @@ class RunsFile(_Strict):
     ensemble: str
     mlflow: MlflowRef | None = None
     dataset: DatasetRef
+    minival: DatasetRef | None = None
+    choices: list[Choice] = []
     members: list[MemberRecord]
 
 

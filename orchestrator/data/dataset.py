@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
+from orchestrator.data import minival
 from orchestrator.data.manifest import FOLDER_PREFIX, Manifest, check_shards_exist, load_manifest
 from orchestrator.data.sampling import epoch_length, epoch_order, rank_part
 from orchestrator.data.sources import Sample, iter_shard, list_folder_split
@@ -155,6 +156,16 @@ def _read(path: str) -> bytes:
 
 def open_split(root: str, split: str, classes=None, per_class: int | None = None,
                num_classes: int | None = None) -> Split:
+    """A split of the dataset at `root`; `<train>@minival:m:seed` and `<train>@rest:m:seed`
+    name the two parts of train carved by orchestrator/data/minival.py."""
+    base, part, held, seed = minival.parse(split)
+    if part is not None:
+        whole = open_split(root, base, classes, per_class, num_classes)
+        if whole.records is None:  # carving needs the labels in order: read the split once
+            whole.records = _read_subset(whole)
+        rest, chosen = minival.carve(whole.labels, whole.num_classes, held, seed)
+        keep = chosen if part == "minival" else rest
+        return Split(whole.manifest, split, whole.kept, per_class, [whole.records[i] for i in keep])
     manifest = load_manifest(root)
     if num_classes is not None and num_classes != manifest.num_classes:
         raise UserError(f"data.num_classes is {num_classes} but {root}/manifest.json lists {manifest.num_classes}")

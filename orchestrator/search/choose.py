@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.evaluate import split_rows
+from ensemble.protocol import split_rows
 from ensemble.math import combine, forward_selection, topk_error
 
 
@@ -25,7 +25,7 @@ def compare(preds: list[np.ndarray], labels: np.ndarray, size: int, metric: str,
             seed: int = 0) -> dict:
     """{"topk": {...}, "greedy": {...}, "selection_rows", "report_rows"}: each choice's
     trial indices and its ensemble's errors on the held-out rows."""
-    sel, rows = split_rows(len(labels), fraction, True, seed)
+    sel, rows = split_rows(len(labels), fraction, seed)
     own = [topk_error(p[sel], labels[sel], 1) for p in preds]
     topk = [int(i) for i in np.argsort(own, kind="stable")[:size]]
     greedy, curve = forward_selection(lambda i: preds[i][sel], len(preds), labels[sel], size, metric)

@@ -24,10 +24,9 @@ from ray import tune
 
 from models import save_checkpoint
 from orchestrator.config import Data, ResolvedMember
-from orchestrator.member_worker import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
 from orchestrator.search import space
 from orchestrator.tracking import get_or_create_trial_run, log_epoch
-from orchestrator.train.member import final_predictions, open_member_data, train_member
+from orchestrator.train.member import CHECKPOINT_FILE, final_outputs, open_member_data, train_member
 
 
 def fingerprint(state_dict: dict) -> float:
@@ -74,9 +73,8 @@ def search_trial(config: dict, ctx: dict) -> None:
     extra = {"trial_id": trial_id, "restored_from": restored_from, "restored_fingerprint": restored_fp}
 
     def on_epoch_end(state, metrics, model, optimizer, probs):
-        final = probs is not None  # the final epoch's val predictions
-        if final:
-            stored, labels = final_predictions([probs], data.val, metrics)
+        final = probs is not None  # the final epoch's held-out predictions
+        files = final_outputs(probs, lambda part: [part], model, member, data, metrics, device) if final else {}
         fp = fingerprint(model.state_dict())
         log_epoch(client, run_id, {**metrics, **numeric(overrides), "fingerprint": fp}, state.epoch)
         with tempfile.TemporaryDirectory() as tmp:
@@ -84,10 +82,10 @@ def search_trial(config: dict, ctx: dict) -> None:
                             low_res=member.low_res, model=model, optimizer=optimizer.state_dict(), epoch=state.epoch,
                             step=state.step, history=state.history, metrics=metrics, trial_id=trial_id,
                             fingerprint=fp, overrides=overrides)
+            for name, array in files.items():
+                np.save(os.path.join(tmp, name), array)
             if final:
-                np.save(os.path.join(tmp, PREDICTIONS_FILE), stored)
-                np.save(os.path.join(tmp, LABELS_FILE), labels)
-                _log_final(client, run_id, tmp, member, state.history)
+                _log_final(client, run_id, tmp, member, state.history, list(files))
             tune.report({**metrics, **extra, "fingerprint": fp, "member_key": member.key},  # TUNE
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
@@ -97,10 +95,11 @@ def search_trial(config: dict, ctx: dict) -> None:
     client.set_terminated(run_id, "FINISHED")
 
 
-def _log_final(client: MlflowClient, run_id: str, folder: str, member: ResolvedMember, history: list[dict]) -> None:
+def _log_final(client: MlflowClient, run_id: str, folder: str, member: ResolvedMember, history: list[dict],
+               files: list[str]) -> None:
     from orchestrator import plots
 
-    for name in (PREDICTIONS_FILE, LABELS_FILE):
+    for name in files:
         client.log_artifact(run_id, os.path.join(folder, name), "predictions")
     with tempfile.TemporaryDirectory() as tmp:
         plots.plot_curves(os.path.join(tmp, "curves.png"), history, member.name)

@@ -132,8 +132,10 @@ def train_epoch(model, optimizer, batches: Iterator, steps: int, lr_at: Callable
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, bf16=True, channels_last=False, keep_probs=False) -> tuple[dict, dict | None]:
-    """Top-1/top-5 error and NLL over this rank's part of the split (summed over ranks).
+def evaluate(model, loader, device, bf16=True, channels_last=False, keep_probs=False,
+             split: str = "val") -> tuple[dict, dict | None]:
+    """Top-1/top-5 error and NLL over this rank's part of the split (summed over ranks),
+    named `<split>_top1_err` etc.
 
     With `keep_probs`, also returns {dataset index: float32 softmax row} for this rank.
     """
@@ -155,8 +157,8 @@ def evaluate(model, loader, device, bf16=True, channels_last=False, keep_probs=F
         if probs is not None:
             probs.update(zip(idx.tolist(), p.cpu()))
     n, correct1, correct5, nll = _all_reduce([n, correct1, correct5, nll], device)
-    metrics = {"val_top1_err": 1 - correct1 / max(n, 1), "val_top5_err": 1 - correct5 / max(n, 1),
-               "val_loss": nll / max(n, 1), "val_samples": int(n)}
+    metrics = {f"{split}_top1_err": 1 - correct1 / max(n, 1), f"{split}_top5_err": 1 - correct5 / max(n, 1),
+               f"{split}_loss": nll / max(n, 1), f"{split}_samples": int(n)}
     return metrics, probs
 
 
@@ -168,10 +170,11 @@ def build_criterion(label_smoothing: float) -> nn.Module:
 def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epochs: int, base_lr: float,
         schedule, val_loader, device, criterion, state: FitState | None = None, mix=None,
         bf16=True, channels_last=False, on_epoch_end: Callable[[FitState, dict, dict | None], None] | None = None,
-        plain_last_epochs: int = 0, multiscale: Sequence[int] = ()) -> FitState:
+        plain_last_epochs: int = 0, multiscale: Sequence[int] = (), heldout: str = "val") -> FitState:
     """Train from `state` (a resumed one, or fresh) to `epochs`; returns the final state.
     `on_epoch_end(state, metrics, probs)`: probs is this rank's {index: float32 softmax row}
-    of the val split after the final epoch, None before it.
+    of the held-out split (`val_loader`, named `heldout`: val, or minival when there is
+    one) after the final epoch, None before it.
     In the last `plain_last_epochs` epochs the batch mix (mixup/cutmix) is off, as the
     data stream's strong augmentation is (Hikvision's train/test consistency)."""
     state = state or FitState()
@@ -191,7 +194,7 @@ def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epoc
         # the final epoch's validation pass also yields the member's predictions, so they are
         # the very outputs its final metrics came from (and the split is read once, not twice)
         final = state.epoch + 1 == epochs
-        val, probs = evaluate(model, val_loader, device, bf16, channels_last, keep_probs=final)
+        val, probs = evaluate(model, val_loader, device, bf16, channels_last, keep_probs=final, split=heldout)
         state.epoch += 1
         metrics.update(val, epoch=state.epoch, epoch_minutes=(time.perf_counter() - start) / 60,
                        steps_per_epoch=steps_per_epoch)

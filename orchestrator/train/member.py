@@ -15,11 +15,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ensemble.math import topk_error
 from models import build_model, get_spec
 from orchestrator.config import Data, ResolvedMember
+from orchestrator.data import minival
 from orchestrator.data.dataset import EvalStream, Split, TooManyBadImages, TrainStream, open_split
 from orchestrator.train import augment, batch_augment, confusion, loop, lr, teacher
 from orchestrator.train.optim import build_optimizer
+
+
+CHECKPOINT_FILE, PREDICTIONS_FILE, LABELS_FILE = "model.pt", "predictions.npy", "labels.npy"
+MINIVAL_PREDICTIONS_FILE, MINIVAL_LABELS_FILE = "minival_predictions.npy", "minival_labels.npy"
 
 
 @dataclass
@@ -27,16 +33,27 @@ class MemberData:
     train: Split
     val: Split
     max_bad_images: int = 50
+    minival: Split | None = None  # held out of train: every choice is made on it (data/minival.py)
 
     @property
     def num_classes(self) -> int:
         return self.train.num_classes
 
+    @property
+    def heldout(self) -> Split:
+        """The split of the per-epoch metrics and the final epoch's kept predictions."""
+        return self.minival if self.minival is not None else self.val
+
 
 def open_member_data(data: Data) -> MemberData:
-    train = open_split(data.root, data.train_split, data.classes, data.train_per_class, data.num_classes)
+    train_split, minival_split = data.train_split, None
+    if data.minival:
+        minival_split, train_split = minival.split_names(data.train_split, data.minival, data.minival_seed)
+    train = open_split(data.root, train_split, data.classes, data.train_per_class, data.num_classes)
     val = open_split(data.root, data.val_split, data.classes, data.val_per_class, data.num_classes)
-    return MemberData(train, val, data.max_bad_images)
+    held = (open_split(data.root, minival_split, data.classes, data.train_per_class, data.num_classes)
+            if minival_split else None)
+    return MemberData(train, val, data.max_bad_images, held)
 
 
 def eval_transform_of(member: ResolvedMember):
@@ -100,7 +117,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
         train_batches = iter(DataLoader(stream, batch_size=recipe.batch_size, num_workers=workers, drop_last=True,
                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0))
     steps_per_epoch = max(stream.samples_per_pass() // global_batch, 1)
-    val_loader = build_eval_loader(data.val, eval_tf, recipe.batch_size * 2, workers, rank, world)
+    val_loader = build_eval_loader(data.heldout, eval_tf, recipe.batch_size * 2, workers, rank, world)
     bf16, cl = recipe.bf16, recipe.channels_last and device.type == "cuda"
     smoothing = teacher.load_confusion_smoothing(recipe, data.train.class_names)
     criterion = (confusion.PriorSmoothingLoss(smoothing).to(device) if smoothing is not None
@@ -126,7 +143,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                          device=device, criterion=criterion, state=state,
                          mix=augment.build_batch_mix(fields, data.num_classes), bf16=bf16, channels_last=cl,
                          on_epoch_end=epoch_end, plain_last_epochs=recipe.plain_last_epochs,
-                         multiscale=recipe.multiscale)
+                         multiscale=recipe.multiscale, heldout="minival" if data.minival is not None else "val")
     finally:
         # a trial process trains the next member after this one: stop the prefetch thread
         if hasattr(train_batches, "close"):
@@ -196,18 +213,43 @@ def split_labels(split: Split) -> np.ndarray:
     return np.array([s.label for s in split.iter_samples()], dtype=np.int64)
 
 
-def final_predictions(parts: list[dict], split: Split, metrics: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The final validation pass's rows (per-rank parts) as the member's stored predictions
-    and their labels, in dataset order; the recorded errors become theirs (`score_stored`)."""
+def final_predictions(parts: list[dict], split: Split, metrics: dict, name: str = "val"
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """A final pass's rows (per-rank parts) as the member's stored predictions and their
+    labels, in dataset order; the recorded `<name>_*` errors become theirs (`score_stored`)."""
     stored, labels = assemble_predictions(parts, len(split)), split_labels(split)
-    score_stored(metrics, stored, labels)
+    score_stored(metrics, stored, labels, name)
     return stored, labels
 
 
-def score_stored(metrics: dict, probs: np.ndarray, labels: np.ndarray) -> None:
+def score_stored(metrics: dict, probs: np.ndarray, labels: np.ndarray, name: str = "val") -> None:
     """Set the final top-1/top-5 errors to those of the stored predictions, scored as
     `ensemble.evaluate` scores them (one rule: ensemble.math), so a member's recorded
     error is exactly its stored predictions' error."""
-    from ensemble.math import topk_error
+    metrics.update({f"{name}_top1_err": topk_error(probs, labels, 1), f"{name}_top5_err": topk_error(probs, labels, 5)})
 
-    metrics.update(val_top1_err=topk_error(probs, labels, 1), val_top5_err=topk_error(probs, labels, 5))
+
+def final_outputs(heldout_parts: dict, gather: Callable[[dict], list[dict]], model, member: ResolvedMember,
+                  data: MemberData, metrics: dict, device, rank: int = 0, world: int = 1) -> dict | None:
+    """The member's final prediction files {file name: array} (rank 0; None on other ranks),
+    from its final epoch's held-out pass (`heldout_parts`, this rank's). With a minival,
+    those rows are the minival predictions and val is scored now, once: the only pass
+    over val in the member's life, after every choice was made; `metrics` gets both."""
+    parts = gather(heldout_parts)
+    if data.minival is None:
+        if rank != 0:
+            return None
+        stored, labels = final_predictions(parts, data.val, metrics, "val")
+        return {PREDICTIONS_FILE: stored, LABELS_FILE: labels}
+    held = final_predictions(parts, data.minival, metrics, "minival") if rank == 0 else None
+    _, eval_tf = eval_transform_of(member)
+    loader = build_eval_loader(data.val, eval_tf, member.recipe.batch_size * 2, member.resources.loader_workers,
+                               rank, world)
+    val_metrics, val_probs = loop.evaluate(model, loader, device, member.recipe.bf16, keep_probs=True, split="val")
+    metrics.update(val_metrics)
+    val_parts = gather(val_probs)
+    if rank != 0:
+        return None
+    stored, labels = final_predictions(val_parts, data.val, metrics, "val")
+    return {PREDICTIONS_FILE: stored, LABELS_FILE: labels, MINIVAL_PREDICTIONS_FILE: held[0],
+            MINIVAL_LABELS_FILE: held[1]}

@@ -1,0 +1,54 @@
+"""A held-out *minival* carved from train: the split every choice is made on.
+
+Anything chosen on the split that is then reported flatters the report: the epoch whose
+checkpoint is kept, a Tune trial's rank, the members a search or Caruana selection picks,
+fitted temperatures, a confusion prior's statistics. With `data.minival: m` every such
+choice is made on m samples per class held out of train (never trained on), and val is
+scored once, at the end, only to be reported (the protocol of ILSVRC entries that kept a
+"minival" of the training set, e.g. Szegedy et al. 2016 "Rethinking the Inception
+Architecture", and of Ashukha et al. 2020 for temperature scaling).
+
+Carving is deterministic: per class, a permutation seeded by (minival_seed, class) picks
+the class's m held-out samples, so every rank, loader, resume and evaluation agrees
+without a stored list. The two parts are addressed as splits named
+`<train>@minival:<m>:<seed>` and `<train>@rest:<m>:<seed>` (`open_split` understands
+them), so a runs file can name the minival and the evaluation can recompute on it.
+The train split is read into memory to carve it (as label shuffling does).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from orchestrator.errors import UserError
+
+_NAME = re.compile(r"^(?P<base>.+)@(?P<part>minival|rest):(?P<m>\d+):(?P<seed>-?\d+)$")
+
+
+def split_names(train_split: str, per_class: int, seed: int) -> tuple[str, str]:
+    """(minival split name, the rest of train's split name)."""
+    return f"{train_split}@minival:{per_class}:{seed}", f"{train_split}@rest:{per_class}:{seed}"
+
+
+def parse(split: str) -> tuple[str, str | None, int, int]:
+    """(base split, "minival" | "rest" | None, per class, seed)."""
+    m = _NAME.match(split)
+    if not m:
+        return split, None, 0, 0
+    return m["base"], m["part"], int(m["m"]), int(m["seed"])
+
+
+def carve(labels: list[int], num_classes: int, per_class: int, seed: int) -> tuple[list[int], list[int]]:
+    """(rest, minival): positions into `labels`, each in dataset order."""
+    y = np.asarray(labels)
+    held = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(y == c)
+        if len(idx) <= per_class:
+            raise UserError(f"data.minival: {per_class} per class leaves no training sample of class {c} "
+                            f"({len(idx)} samples); lower data.minival or raise data.train_per_class")
+        perm = np.random.default_rng([seed, c]).permutation(len(idx))
+        held.extend(idx[perm[:per_class]].tolist())
+    held_set = set(held)
+    return [i for i in range(len(y)) if i not in held_set], sorted(held)
