@@ -26,11 +26,12 @@ def plot_lr_schedule(path: str, schedule, base_lr: float, steps_per_epoch: int, 
 
 def plot_curves(path: str, history: list[dict], title: str) -> None:
     epochs = [h["epoch"] for h in history]
+    held = "minival" if "minival_loss" in history[-1] else "val"  # the per-epoch held-out split
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    a.plot(epochs, [h["val_loss"] for h in history], label="val loss")
-    b.plot(epochs, [h["val_top1_err"] for h in history], label="val top-1 error")
-    b.plot(epochs, [h["val_top5_err"] for h in history], label="val top-5 error")
+    a.plot(epochs, [h[f"{held}_loss"] for h in history], label=f"{held} loss")
+    b.plot(epochs, [h[f"{held}_top1_err"] for h in history], label=f"{held} top-1 error")
+    b.plot(epochs, [h[f"{held}_top5_err"] for h in history], label=f"{held} top-5 error")
     for ax in (a, b):
         ax.set_xlabel("epoch")
         ax.legend()

@@ -2,9 +2,10 @@
 
 The top-k trials by their own error tend to be near-copies of one configuration; an
 ensemble gains most from members that are good *and* different (Hansen & Salamon 1990;
-Caruana et al. 2004). Both choices are made on a selection part of the val split from
-the trials' cached predictions (no retraining, no data read), and both are reported on
-the held-out rest, so the comparison is not biased by the choosing.
+Caruana et al. 2004). Both choices are made from the trials' cached predictions (no
+retraining, no data read) on the minival when the config has one, reported on all of
+val; without one, on a seeded part of val, reported on the rest (the runs file records
+which rows, so `ensemble.evaluate` never reports them either).
 """
 from __future__ import annotations
 
@@ -22,13 +23,20 @@ def _ensemble_errors(preds: list[np.ndarray], chosen: list[int], labels: np.ndar
 
 
 def compare(preds: list[np.ndarray], labels: np.ndarray, size: int, metric: str, fraction: float,
-            seed: int = 0) -> dict:
+            seed: int = 0, selection: tuple[list[np.ndarray], np.ndarray] | None = None) -> dict:
     """{"topk": {...}, "greedy": {...}, "selection_rows", "report_rows"}: each choice's
-    trial indices and its ensemble's errors on the held-out rows."""
-    sel, rows = split_rows(len(labels), fraction, seed)
-    own = [topk_error(p[sel], labels[sel], 1) for p in preds]
+    trial indices and its ensemble's errors on the reported rows. `selection`: (each
+    trial's minival predictions, minival labels) to choose on; else a part of `preds`."""
+    if selection is not None:
+        chooser, sel_labels = selection
+        rows = np.arange(len(labels))
+        n_sel = len(sel_labels)
+    else:
+        sel, rows = split_rows(len(labels), fraction, seed)
+        chooser, sel_labels, n_sel = [p[sel] for p in preds], labels[sel], len(sel)
+    own = [topk_error(p, sel_labels, 1) for p in chooser]
     topk = [int(i) for i in np.argsort(own, kind="stable")[:size]]
-    greedy, curve = forward_selection(lambda i: preds[i][sel], len(preds), labels[sel], size, metric)
+    greedy, curve = forward_selection(lambda i: chooser[i], len(preds), sel_labels, size, metric)
     return {"topk": {"chosen": topk, **_ensemble_errors(preds, topk, labels, rows)},
             "greedy": {"chosen": greedy, "selection_curve": curve, **_ensemble_errors(preds, greedy, labels, rows)},
-            "selection_rows": len(sel), "report_rows": len(rows)}
+            "selection_rows": n_sel, "report_rows": len(rows)}

@@ -17,8 +17,9 @@ import time
 from orchestrator import storage
 from orchestrator.config import EnsembleConfig, ResolvedMember, Search, load_config, resolve_members
 from orchestrator.errors import UserError
-from orchestrator.member_worker import CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE
-from orchestrator.runs_file import EvalRef, MemberRecord, MlflowRef, RunsFile, write_runs
+from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE,
+                                       PREDICTIONS_FILE)
+from orchestrator.runs_file import Choice, EvalRef, MemberRecord, MlflowRef, RunsFile, write_runs
 from orchestrator.search import space
 
 MUTABLE_PREFIXES = ("recipe.optimizer.lr", "recipe.augment.overrides.")  # PBT's default: LR and augmentation
@@ -118,7 +119,7 @@ def run_search(cfg: EnsembleConfig, bases: list[ResolvedMember], ctx: dict, run_
     fs, path = storage.ray_storage(storage.join(ctx["storage"], cfg.name, "search"))
     tuner = tune.Tuner(
         trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(metric=search.metric, mode="min", scheduler=build_scheduler(search, epochs),
+        tune_config=tune.TuneConfig(metric=tune_metric(cfg), mode="min", scheduler=build_scheduler(search, epochs),
                                     search_alg=build_search_alg(search), num_samples=search.num_samples,
                                     max_concurrent_trials=search.max_concurrent_trials),
         run_config=tune.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
@@ -131,7 +132,16 @@ def run_search(cfg: EnsembleConfig, bases: list[ResolvedMember], ctx: dict, run_
     return tuner.fit()
 
 
-def collect(results, bases: dict[str, ResolvedMember], root: str) -> list[dict]:
+def tune_metric(cfg: EnsembleConfig) -> str:
+    """`search.metric` on the held-out split: minival when the config has one (val is then
+    never seen by ASHA, PBT or the choice of members), else val."""
+    return cfg.search.metric.replace("val_", f"{cfg.data.heldout}_", 1)
+
+
+FINAL = ("val_top1_err", "val_top5_err", "val_loss", "images_per_s", "val_samples")
+
+
+def collect(results, bases: dict[str, ResolvedMember], root: str, heldout: str = "val") -> list[dict]:
     """One row per trial: its overrides, epochs trained, final metrics, history, and (when
     it trained every epoch) the URIs of its final checkpoint and predictions."""
     rows = []
@@ -142,16 +152,16 @@ def collect(results, bases: dict[str, ResolvedMember], root: str) -> list[dict]:
         overrides = {k: v for k, v in r.config.items() if k != "base"}
         member = space.apply(base, overrides)
         hist = r.metrics_dataframe.sort_values("training_iteration") if r.metrics_dataframe is not None else None
-        history = ([{k: row[k] for k in ("epoch", "val_top1_err", "val_top5_err", "val_loss", "train_loss",
-                                         "epoch_minutes")}
-                    for _, row in hist.iterrows()] if hist is not None else [])
+        keys = ("epoch", f"{heldout}_top1_err", f"{heldout}_top5_err", f"{heldout}_loss", "train_loss", "epoch_minutes")
+        history = [{k: row[k] for k in keys} for _, row in hist.iterrows()] if hist is not None else []
         own = r.metrics["trial_id"]
         donors = [d for d in (hist["restored_from"] if hist is not None and "restored_from" in hist else [])
                   if isinstance(d, str) and d and d != own]
         row = {"trial_id": own, "base": base.name, "member": member, "overrides": overrides,
                "epochs": int(r.metrics["epoch"]), "complete": int(r.metrics["epoch"]) >= member.recipe.epochs,
-               "metrics": {k: float(r.metrics[k]) for k in ("val_top1_err", "val_top5_err", "val_loss",
-                                                            "images_per_s", "val_samples")},
+               # a trial stopped early never scored val (with a minival): nan
+               "metrics": {k: float(r.metrics.get(k, float("nan")))
+                           for k in dict.fromkeys(FINAL + (f"{heldout}_top1_err", f"{heldout}_top5_err"))},
                "history": history, "cloned_from": sorted(set(donors))}
         if row["complete"] and r.checkpoint is not None:
             uri = storage.checkpoint_uri(root, r.checkpoint.path)
@@ -159,6 +169,9 @@ def collect(results, bases: dict[str, ResolvedMember], root: str) -> list[dict]:
             if not any(other.get("checkpoint", "").startswith(uri + "/") for other in rows):
                 row.update(checkpoint=storage.join(uri, CHECKPOINT_FILE), predictions=storage.join(uri, PREDICTIONS_FILE),
                            labels=storage.join(uri, LABELS_FILE))
+                if heldout == "minival":
+                    row.update(minival_predictions=storage.join(uri, MINIVAL_PREDICTIONS_FILE),
+                               minival_labels=storage.join(uri, MINIVAL_LABELS_FILE))
         rows.append(row)
     return rows
 
@@ -171,7 +184,7 @@ def member_record(row: dict, run_ids: dict[str, str]) -> MemberRecord:
     minutes = sum(h.get("epoch_minutes", 0.0) for h in row["history"])
     return MemberRecord(
         name=f"{m.name}-{row['trial_id']}", key=m.key, arch=m.arch, checkpoint=row["checkpoint"],
-        predictions=row["predictions"], eval=EvalRef(**ev.to_dict()), low_res=m.low_res, weight=m.weight,
+        predictions=row["predictions"], minival_predictions=row.get("minival_predictions"), eval=EvalRef(**ev.to_dict()), low_res=m.low_res, weight=m.weight,
         mlflow_run_id=run_ids.get(row["trial_id"]), seed=m.seed, recipe=f"search:{row['trial_id']}",
         metrics={"top1_err": row["metrics"]["val_top1_err"], "top5_err": row["metrics"]["val_top5_err"],
                  "val_loss": row["metrics"]["val_loss"], "images_per_s": row["metrics"]["images_per_s"],
@@ -179,13 +192,27 @@ def member_record(row: dict, run_ids: dict[str, str]) -> MemberRecord:
 
 
 def runs_files(cfg: EnsembleConfig, rows: list[dict], choice: dict, ctx: dict, run_ids: dict) -> dict[str, RunsFile]:
-    from orchestrator.ensemble_job import dataset_ref
+    from orchestrator.ensemble_job import dataset_ref, minival_ref
 
     complete = [r for r in rows if r.get("predictions")]
     dataset = dataset_ref(cfg, complete[0]["labels"], int(complete[0]["metrics"]["val_samples"]))
+    minival, choices = minival_ref(cfg, complete)
+    sel = cfg.search.select
+    if minival is not None:
+        choices = [c.model_copy(update={"what": "per-epoch metrics and Tune's metric (ASHA/PBT ranked trials)"})
+                   for c in choices]
+        choices.append(Choice(what="the trials that became members", split=minival.split,
+                              samples=minival.samples))
+    else:
+        # without a minival Tune ranked trials on all of val, and the members were chosen on
+        # a seeded part of it: ensemble.evaluate reports only the rest
+        choices = [Choice(what="Tune's metric (ASHA/PBT ranked trials)", split=dataset.split, samples=dataset.samples),
+                   Choice(what="the trials that became members", split=dataset.split,
+                          samples=choice["selection_rows"], fraction=sel.selection_fraction, seed=0)]
     mlflow = MlflowRef(tracking_uri=ctx["tracking_uri"], experiment=cfg.mlflow.experiment,
                        parent_run_id=ctx["parent_run_id"])
-    return {kind: RunsFile(ensemble=f"{cfg.name}-{kind}", mlflow=mlflow, dataset=dataset,
+    return {kind: RunsFile(ensemble=f"{cfg.name}-{kind}", mlflow=mlflow, dataset=dataset, minival=minival,
+                           choices=choices,
                            members=[member_record(complete[i], run_ids) for i in choice[kind]["chosen"]])
             for kind in ("greedy", "topk")}
 
@@ -211,8 +238,9 @@ def log_search(client, parent: str, cfg: EnsembleConfig, rows: list[dict], choic
             w.writeheader()
             w.writerows(table)
         plots.plot_lr_policies(os.path.join(tmp, "lr_policies.png"))
-        plots.plot_trials(os.path.join(tmp, "trial_curves.png"), {r["trial_id"]: r["history"] for r in rows})
-        plots.plot_parallel(os.path.join(tmp, "parallel_coordinates.png"), table, keys, cfg.search.metric)
+        plots.plot_trials(os.path.join(tmp, "trial_curves.png"), {r["trial_id"]: r["history"] for r in rows},
+                          tune_metric(cfg).replace("_loss", "_top1_err"))
+        plots.plot_parallel(os.path.join(tmp, "parallel_coordinates.png"), table, keys, tune_metric(cfg))
         for name in ("trials.csv", "lr_policies.png", "trial_curves.png", "parallel_coordinates.png"):
             client.log_artifact(parent, os.path.join(tmp, name), "search")
     if choice:
@@ -248,7 +276,7 @@ def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs
     console.print(f"search [bold]{cfg.name}[/]: {cfg.search.scheduler}, {cfg.search.num_samples} samples x "
                   f"{len(bases)} base member(s); MLflow {tracking_uri} run {parent}")
     results = run_search(cfg, bases, ctx, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    rows = collect(results, {b.key: b for b in bases}, root)
+    rows = collect(results, {b.key: b for b in bases}, root, cfg.data.heldout)
     if not rows:
         client.set_terminated(parent, "FAILED")
         raise RuntimeError("no search trial reported a result")
@@ -263,7 +291,11 @@ def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs
         labels = storage.read_npy(complete[0]["labels"])
         preds = [storage.read_npy(r["predictions"]) for r in complete]
         sel = cfg.search.select
-        choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction)
+        held = None
+        if cfg.data.minival:  # choose on the minival, report on all of val
+            held = ([storage.read_npy(r["minival_predictions"]) for r in complete],
+                    storage.read_npy(complete[0]["minival_labels"]))
+        choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction, selection=held)
         files = runs_files(cfg, rows, choice, ctx, run_ids)
         write_runs(runs_path, files["greedy"])
         write_runs(storage.join(root, cfg.name, "runs.yaml"), files["greedy"])

@@ -6,6 +6,8 @@ ensemble or a search can serve; its class set must be the one being trained.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from orchestrator import storage
@@ -39,11 +41,23 @@ def load_confusion_smoothing(recipe: Recipe, class_names: list[str]) -> torch.Te
         return None
     runs, member = find_teacher(cp.teacher)
     _check_classes(runs, class_names, "confusion_prior")
-    if not member.predictions:
-        raise UserError(f"confusion_prior: member {member.name} of {cp.teacher.runs} has no cached predictions")
-    probs, labels = storage.read_npy(member.predictions), storage.read_npy(runs.dataset.labels)
+    probs, labels = confusion_source(runs, member, cp.teacher.runs)
     prior = confusion_prior(probs, labels, cp.k)
     return smoothing_matrix(prior, recipe.augment.fields().label_smoothing)
+
+
+def confusion_source(runs: RunsFile, member: MemberRecord, where: str):
+    """(probabilities, labels) the confusion statistics come from: the teacher's minival
+    predictions, so that val stays unseen; a teacher trained without a minival falls back
+    to its val predictions, with a warning that val then informed training."""
+    if runs.minival is not None and member.minival_predictions:
+        return storage.read_npy(member.minival_predictions), storage.read_npy(runs.minival.labels)
+    if not member.predictions:
+        raise UserError(f"confusion_prior: member {member.name} of {where} has no cached predictions")
+    print(f"warning: confusion_prior: teacher {member.name} of {where} has no minival predictions; its confusion "
+          f"statistics come from val, so val then informs training (train the teacher with data.minival)",
+          file=sys.stderr, flush=True)
+    return storage.read_npy(member.predictions), storage.read_npy(runs.dataset.labels)
 
 
 def load_cam_maps(recipe: Recipe, split, device) -> dict[str, torch.Tensor] | None:
