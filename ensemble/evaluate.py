@@ -22,7 +22,7 @@ from ensemble import report as rep
 from ensemble.predictions import MemberPredictions, open_npy, recompute
 from ensemble.protocol import Protocol, decide
 from ensemble.tta import TTA_VIEWS
-from ensemble.scoring import size_curves, score
+from ensemble.scoring import intervals, size_curves, score
 from orchestrator.errors import UserError, exit_on_user_error
 from orchestrator.runs_file import RunsFile, load_runs
 
@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the MLflow parent run")
     p.add_argument("--log-model", action="store_true",
                    help="also log the ensemble as one MLflow pyfunc model (members, transforms, weights)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -178,13 +180,21 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
             entry["random_top5_err"] = float(np.mean([c[k, 1] for c in curves[1:]]))
         size_curve.append(entry)
     best = min(per_member, key=lambda x: x["top5_err"])
+    best_by = {k: int(np.argmin([x[f"top{k}_err"] for x in per_member])) for k in (1, 5)}  # best member per metric
     used = [r.name for r, w in zip(records, weights) if w > 0]
-    ensemble = {"method": args.method, "members": used, **scored["ensemble"].summary(),
+    summary = scored["ensemble"].summary()
+    ensemble = {"method": args.method, "members": used, **summary,
                 "oracle_top1_err": scored["oracle_err"],
                 "mean_pairwise_disagreement": float(scored["disagreement"][np.triu_indices(m, 1)].mean()) if m > 1
                 else 0.0,
-                "gain_top5_over_best": best["top5_err"] - scored["ensemble"].summary()["top5_err"],
-                "gain_top1_over_best": min(x["top1_err"] for x in per_member) - scored["ensemble"].summary()["top1_err"]}
+                "gain_top5_over_best": per_member[best_by[5]]["top5_err"] - summary["top5_err"],
+                "gain_top1_over_best": per_member[best_by[1]]["top1_err"] - summary["top1_err"],
+                "best_member_top1": per_member[best_by[1]]["name"], "best_member_top5": per_member[best_by[5]]["name"]}
+    # 95% bootstrap intervals over the reported rows (ensemble/scoring.py: intervals)
+    ci = intervals(scored["members"], scored["ensemble"], best_by, args.bootstrap, args.seed)
+    for row, extra in zip(per_member, ci["members"]):
+        row.update(extra)
+    ensemble.update(ci["ensemble"])
     ds = runs.dataset
     report = {"dataset": {"name": ds.name, "split": ds.split, "samples": int(len(rows)), "num_classes": ds.num_classes},
               "protocol": proto.describe(runs),

@@ -25,6 +25,12 @@ Metrics
 - oracle error: no member has the true class at top-1 (a lower bound for any combination);
 - pairwise disagreement: fraction of samples where two members' top-1 classes differ.
 
+Uncertainty
+- 95% percentile bootstrap over samples (Efron & Tibshirani 1993): resample the reported
+  rows with replacement, recompute each error (and each paired difference, such as the
+  ensemble's gain over its best member, on the same resample), take the 2.5th and 97.5th
+  percentiles. `bootstrap_ci` does all figures on shared resamples.
+
 Selection and calibration (fitted on a *selection* split, never the reported one)
 - greedy forward selection with replacement from a sorted initialisation (Caruana et al.
   2004, "Ensemble Selection from Libraries of Models"): start from the best `init` members,
@@ -131,6 +137,19 @@ def oracle_error(top1_correct: list) -> float:
 
 def disagreement(pred_a, pred_b) -> float:
     return (torch.as_tensor(pred_a) != torch.as_tensor(pred_b)).float().mean().item()
+
+
+def disagreement_counts(top1: torch.Tensor) -> np.ndarray:
+    """[M, M] counts of rows where members i and j predict different top-1 classes, from
+    their top-1 classes [M, N] (summed over blocks and divided by N: `disagreement` for
+    every pair at once)."""
+    return (top1[:, None, :] != top1[None, :, :]).sum(2).numpy()
+
+
+def oracle_misses(top1_correct: torch.Tensor) -> int:
+    """Rows [M, N] no member gets right at top-1 (summed over blocks and divided by N:
+    `oracle_error`)."""
+    return int((~top1_correct.any(0)).sum())
 
 
 def apply_temperature(probs, t: float) -> torch.Tensor:
@@ -241,3 +260,19 @@ def rank_of(p: torch.Tensor, p_true: torch.Tensor) -> torch.Tensor:
     # summing the comparison as uint8 into int32 is ~2x faster than a bool -> int64 sum
     at_least = torch.ge(p, p_true).view(torch.uint8).sum(1, dtype=torch.int32) - 1
     return torch.where(torch.isnan(p_true.view(-1)), p.shape[1], at_least)
+
+
+def bootstrap_ci(columns, n_boot: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 50) -> np.ndarray:
+    """[K, 2] percentile intervals of the column means of `columns` [N, K] (per-row misses,
+    or paired differences of misses) over `n_boot` resamples of the N rows. Each resample
+    is a row-count vector (bincount of N draws), so one matrix product scores every column."""
+    x = np.asarray(columns, dtype=np.float64)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    means = np.empty((n_boot, x.shape[1]))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(b)])
+        means[start:start + b] = counts @ x / n
+    tail = (1 - level) / 2 * 100
+    return np.percentile(means, [tail, 100 - tail], axis=0).T

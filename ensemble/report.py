@@ -16,25 +16,53 @@ from rich.table import Table  # noqa: E402
 console = Console(width=None if Console().is_terminal else 120)
 
 
+def _err(row: dict, key: str) -> str:
+    ci = row.get(f"{key}_ci")
+    return f"{row[key]:.2%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "")
+
+
+def headline(report: dict) -> list[str]:
+    """The ensemble against its best member, per metric, in points and relative, with the
+    gain's 95% bootstrap interval."""
+    e, members = report["ensemble"], {m["name"]: m for m in report["members"]}
+    lines = []
+    for k in (1, 5):
+        best = members[e.get(f"best_member_top{k}") or report["best_member"]["name"]]
+        gain, ci = e[f"gain_top{k}_over_best"], e.get(f"gain_top{k}_over_best_ci")
+        rel = gain / best[f"top{k}_err"] if best[f"top{k}_err"] else 0.0
+        interval = f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else ""
+        lines.append(f"top-{k} error: ensemble {e[f'top{k}_err']:.2%} vs best member {best['name']} "
+                     f"{best[f'top{k}_err']:.2%}: {gain * 100:+.2f} points{interval} ({rel:+.1%} relative)")
+    return lines
+
+
 def print_table(report: dict) -> None:
     ds = report["dataset"]
-    table = Table(title=f"{ds['name']} {ds['split']}: {ds['samples']} samples, {ds['num_classes']} classes")
+    table = Table(title=f"{ds['name']} {ds['split']}: {ds['samples']} samples, {ds['num_classes']} classes "
+                        f"(errors with 95% bootstrap intervals)")
     for col in ("model", "top-1 err", "top-5 err", "NLL", "ECE"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for m in report["members"]:
-        table.add_row(m["name"], f"{m['top1_err']:.2%}", f"{m['top5_err']:.2%}", f"{m['nll']:.3f}", f"{m['ece']:.3f}")
-    e, best = report["ensemble"], report["best_member"]
-    table.add_row(f"[bold]ensemble ({e['method']}, {len(set(e['members']))} members)[/]", f"[bold]{e['top1_err']:.2%}",
-                  f"[bold]{e['top5_err']:.2%}", f"{e['nll']:.3f}", f"{e['ece']:.3f}")
+        table.add_row(m["name"], _err(m, "top1_err"), _err(m, "top5_err"), f"{m['nll']:.3f}", f"{m['ece']:.3f}")
+    e = report["ensemble"]
+    table.add_row(f"[bold]ensemble ({e['method']}, {len(set(e['members']))} members)[/]",
+                  f"[bold]{_err(e, 'top1_err')}", f"[bold]{_err(e, 'top5_err')}", f"{e['nll']:.3f}", f"{e['ece']:.3f}")
     console.print(table)
-    gain = best["top5_err"] - e["top5_err"]
-    rel = gain / best["top5_err"] if best["top5_err"] else 0.0
-    console.print(f"best member {best['name']}: top-5 error {best['top5_err']:.2%}; the ensemble gains "
-                  f"{gain:+.2%} ({rel:+.1%} relative); oracle top-1 error {e['oracle_top1_err']:.2%}")
+    for line in headline(report):
+        console.print(line)
+    console.print(f"oracle top-1 error {e['oracle_top1_err']:.2%}")
+    proto = report.get("protocol")
+    if proto:
+        console.print(f"chosen on: {proto['chosen_on']}; reported on: {proto['reported_on']}")
+        for c in proto["choices"]:
+            console.print(f"  {c['what']}: chosen on {c['split']}")
+        for note in proto["notes"]:
+            console.print(f"  [yellow]note:[/] {note}")
     if report.get("selection"):
         s = report["selection"]
-        console.print(f"selection on {s['samples']} held-out samples: weights "
-                      + ", ".join(f"{k}={v:.2f}" for k, v in s["weights"].items() if v > 0))
+        if s.get("weights"):
+            console.print(f"selection on {s['samples']} samples: weights "
+                          + ", ".join(f"{k}={v:.2f}" for k, v in s["weights"].items() if v > 0))
     if report.get("tta") and report["tta"]["mode"] != "none":
         console.print(f"test-time augmentation {report['tta']['mode']}: {report['tta']['inference_cost']:g}x "
                       "the inference of one view per member")

@@ -25,6 +25,7 @@ class Tally:
     top5: int = 0
     nll: float = 0.0
     bins: list = field(default_factory=lambda: [np.zeros(BINS), np.zeros(BINS), np.zeros(BINS)])
+    ranks: list = field(default_factory=list)  # per-row rank of the true class, for the bootstrap
 
     def add(self, probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tally a block; returns (top-1 correct, top-1 class) per row."""
@@ -35,6 +36,7 @@ class Tally:
         self.top1 += int((rank < 1).sum())
         self.top5 += int((rank < 5).sum())
         self.nll += -p_true.clamp_min(em.EPS).log().sum().item()
+        self.ranks.append(rank)
         for acc, part in zip(self.bins, em.reliability(probs, labels, BINS, top=top)):
             acc += part
         return rank < 1, top.indices
@@ -42,6 +44,10 @@ class Tally:
     def summary(self) -> dict:
         return {"top1_err": 1 - self.top1 / self.n, "top5_err": 1 - self.top5 / self.n, "nll": self.nll / self.n,
                 "ece": em.ece_from_bins(*self.bins)}
+
+    def misses(self, k: int) -> np.ndarray:
+        """Per reported row: 1 where the true class is not in the top-k."""
+        return (torch.cat(self.ranks) >= k).numpy().astype(np.float64)
 
     def reliability_curve(self) -> dict:
         conf, correct, count = self.bins
@@ -75,8 +81,8 @@ def score(members, transforms, labels: np.ndarray, rows: np.ndarray, weights: np
         y = torch.from_numpy(labels[idx]).long()
         probs = load_block(members, idx, transforms)
         right, top1 = map(torch.stack, zip(*(t.add(p, y) for t, p in zip(per_member, probs))))
-        oracle_wrong += int((~right.any(0)).sum())
-        disagree += (top1[:, None, :] != top1[None, :, :]).sum(2).numpy()
+        oracle_wrong += em.oracle_misses(right)
+        disagree += em.disagreement_counts(top1)
         comb = em.Combiner(method)
         for p, w in zip(probs, weights):
             if w > 0:
@@ -102,3 +108,25 @@ def size_curves(members, transforms, labels, rows, orders: list[list[int]]) -> l
                 rank = em.true_class_rank(running, y)  # the sum ranks like the mean
                 acc[k] += [(rank < 1).sum().item(), (rank < 5).sum().item()]
     return [1 - c / len(rows) for c in correct]
+
+
+def intervals(members: list[Tally], combined: Tally, best: dict[int, int], n_boot: int = 1000,
+              seed: int = 0) -> dict:
+    """95% bootstrap intervals (ensemble.math.bootstrap_ci, shared resamples) for each
+    member's and the ensemble's top-1/top-5 error, and for the ensemble's gain over the
+    best member on each metric (`best`: k -> member index), a paired difference."""
+    cols, names = [], []
+    for k in (1, 5):
+        for i, t in enumerate(members):
+            cols.append(t.misses(k))
+            names.append(("member", i, f"top{k}_err"))
+        cols.append(combined.misses(k))
+        names.append(("ensemble", None, f"top{k}_err"))
+        cols.append(members[best[k]].misses(k) - combined.misses(k))
+        names.append(("ensemble", None, f"gain_top{k}_over_best"))
+    ci = em.bootstrap_ci(np.stack(cols, 1), n_boot, seed)
+    out: dict = {"members": [{} for _ in members], "ensemble": {}}
+    for (who, i, key), (lo, hi) in zip(names, ci):
+        target = out["members"][i] if who == "member" else out["ensemble"]
+        target[f"{key}_ci"] = [float(lo), float(hi)]
+    return out

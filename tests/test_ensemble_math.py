@@ -129,3 +129,26 @@ def test_greedy_selection_optimises_the_combination_in_use():
     geo, _ = em.greedy_selection(lambda i: members[i], m, y, rounds=6, init=1, metric="nll", method="geometric")
     assert em.nll(em.combine([members[i] for i in geo], method="mean"), y) != pytest.approx(
         em.nll(em.combine([members[i] for i in geo], method="geometric"), y), rel=1e-3)
+
+
+def test_blockwise_oracle_and_disagreement_equal_the_whole_split_functions():
+    rng = np.random.default_rng(1)
+    top1 = torch.from_numpy(rng.integers(0, 3, (4, 100)))
+    right = torch.from_numpy(rng.random((4, 100)) < 0.4)
+    counts = sum(em.disagreement_counts(top1[:, s:s + 30]) for s in range(0, 100, 30)) / 100
+    for i in range(4):
+        for j in range(4):
+            assert counts[i, j] == pytest.approx(em.disagreement(top1[i], top1[j]))
+    misses = sum(em.oracle_misses(right[:, s:s + 30]) for s in range(0, 100, 30)) / 100
+    assert misses == pytest.approx(em.oracle_error(list(right)))
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_rows():
+    rng = np.random.default_rng(0)
+    small = (rng.random((400, 1)) < 0.3).astype(float)
+    large = (rng.random((10000, 1)) < 0.3).astype(float)
+    (lo_s, hi_s), (lo_l, hi_l) = em.bootstrap_ci(small, 400)[0], em.bootstrap_ci(large, 400)[0]
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    # binomial s.e. sqrt(.21 / n): the 95% width is about 3.9 s.e.
+    assert hi_l - lo_l == pytest.approx(3.92 * np.sqrt(0.21 / 10000), rel=0.2)
+    assert hi_s - lo_s > 4 * (hi_l - lo_l)
