@@ -254,7 +254,9 @@ def main(argv=None) -> int:
 
             weights = [report["selection"]["weights"][r.name] for r in records] if report["selection"] and \
                 report["selection"].get("weights") else [r.weight if args.method == "weighted" else 1.0 for r in records]
-            uri = log_ensemble_model(runs, records, weights, run, mlflow_target(runs)[0])
+            sel = report["selection"] or {}
+            uri = log_ensemble_model(runs, records, weights, run, mlflow_target(runs)[0], method=METHODS[args.method],
+                                     temperatures=sel.get("temperatures"), tta=args.tta)
             print(f"ensemble model: {uri}  (mlflow.pyfunc.load_model(uri).predict(images))")
     return 0
 

@@ -1,9 +1,13 @@
 """Serve an ensemble as one MLflow model.
 
-`log_ensemble_model` packs every member's checkpoint, eval transform and weight into an
-MLflow pyfunc model; `mlflow.pyfunc.load_model(uri).predict(images)` then returns the
-top-5 classes with their ensemble probabilities (weighted mean of member softmaxes, each
-member fed through its own eval transform).
+`log_ensemble_model` packs every member's checkpoint, eval transform and weight, and every
+option the evaluation applied (combination method, fitted temperatures, test-time
+augmentation), into an MLflow pyfunc model; `mlflow.pyfunc.load_model(uri).predict(images)`
+then returns the top-5 classes with their ensemble probabilities, computed as
+`ensemble.evaluate` computed them: each member's views (ensemble/tta.py) of its own eval
+geometry, softmaxes averaged over views, temperature applied, members combined by the
+weighted mean or the geometric mean (ensemble/math.py). The served ensemble is the
+evaluated one.
 
 Input: a list of encoded images (JPEG/PNG bytes), a uint8 array [B, H, W, 3], or a
 DataFrame with an `image` column of bytes. Output: a DataFrame with `top5_classes`
@@ -36,51 +40,69 @@ def _images(model_input) -> list[torch.Tensor]:
 class EnsembleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from models import load_checkpoint
-        from orchestrator.train.augment import build_eval_transform
 
         with open(context.artifacts["ensemble"]) as f:
             spec = yaml.safe_load(f)
         self.class_names = spec["class_names"]
+        self.method, self.tta = spec.get("method", "mean"), spec.get("tta", "none")
         self.members = []
         for m in spec["members"]:
             model, _ = load_checkpoint(context.artifacts[m["artifact"]], expect_arch=m["arch"])
-            ev = m["eval"]
-            self.members.append((model.eval(), build_eval_transform(ev["resize"], ev["crop"], ev["mean"], ev["std"]),
-                                 float(m["weight"])))
+            self.members.append((model.eval(), m["eval"], float(m["weight"]), m.get("temperature")))
+
+    def member_probs(self, model, ev: dict, images: list[torch.Tensor]) -> torch.Tensor:
+        """One member's probabilities, as the recompute path makes them (ensemble/predictions.py)."""
+        from ensemble.tta import TTA_VIEWS, canvas, views
+        from orchestrator.train.augment import EvalGeometry, normalize_batch
+
+        geometry = EvalGeometry(*canvas(self.tta, ev["resize"], ev["crop"]))
+        batch = normalize_batch(torch.stack([geometry(img) for img in images]), ev["mean"], ev["std"])
+        return sum(model(v).float().softmax(1) for v in views(batch, self.tta, ev["crop"])) / TTA_VIEWS[self.tta]
 
     @torch.no_grad()
     def predict(self, context, model_input, params=None):
+        from ensemble import math as em
+
         images = _images(model_input)
-        total = sum(w for _, _, w in self.members)
-        probs = 0
-        for model, transform, weight in self.members:
-            batch = torch.stack([transform(img) for img in images])
-            probs = probs + weight * model(batch).softmax(1)
-        probs = probs / total
+        comb = em.Combiner(self.method)
+        for model, ev, weight, temperature in self.members:
+            probs = self.member_probs(model, ev, images)
+            comb.add(em.apply_temperature(probs, temperature) if temperature else probs, weight)
+        probs = comb.result()
         top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
         return pd.DataFrame({"top5_classes": [[self.class_names[i] for i in row] for row in top.indices.tolist()],
                              "top5_probs": top.values.tolist()})
 
 
-def log_ensemble_model(runs, records, weights, client_run_id: str, tracking_uri: str, name: str = "ensemble"):
-    """Log the ensemble as a pyfunc model to run `client_run_id`; returns the model URI."""
+def ensemble_spec(runs, records, weights, method: str = "mean", temperatures=None, tta: str = "none"
+                  ) -> tuple[dict, dict[str, str]]:
+    """(the served ensemble's spec, {artifact key: local checkpoint}) for the members of
+    positive weight."""
     from ensemble.predictions import local_copy
 
     artifacts, members = {}, []
+    temperatures = temperatures or {}
     for i, (m, w) in enumerate(zip(records, weights)):
         if w <= 0:
             continue
         key = f"member_{i}"
         artifacts[key] = local_copy(m.checkpoint, f"member {m.name} checkpoint")
         members.append({"name": m.name, "arch": m.arch, "artifact": key, "eval": m.eval.model_dump(),
-                        "weight": float(w)})
+                        "weight": float(w), "temperature": temperatures.get(m.name)})
     class_names = runs.dataset.class_names or [str(i) for i in range(runs.dataset.num_classes)]
+    return {"members": members, "class_names": class_names, "method": method, "tta": tta}, artifacts
+
+
+def log_ensemble_model(runs, records, weights, client_run_id: str, tracking_uri: str, name: str = "ensemble",
+                       method: str = "mean", temperatures=None, tta: str = "none"):
+    """Log the ensemble as a pyfunc model to run `client_run_id`; returns the model URI."""
+    spec, artifacts = ensemble_spec(runs, records, weights, method, temperatures, tta)
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        spec = os.path.join(tmp, "ensemble.yaml")
-        with open(spec, "w") as f:
-            yaml.safe_dump({"members": members, "class_names": class_names}, f)
-        artifacts["ensemble"] = spec
+        path = os.path.join(tmp, "ensemble.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(spec, f)
+        artifacts["ensemble"] = path
         with mlflow.start_run(run_id=client_run_id):
             info = mlflow.pyfunc.log_model(name=name, python_model=EnsembleModel(), artifacts=artifacts,
                                            code_paths=[_package_dir("models"), _package_dir("orchestrator"),

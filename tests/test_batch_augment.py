@@ -150,4 +150,4 @@ def test_decode_gpu_refuses_per_image_augmentations(tiny_root, overrides, proble
 
 def test_decode_gpu_without_a_gpu_is_refused(tiny_root):
     with pytest.raises(UserError, match="decode: gpu needs use_gpu: true"):
-        config(tiny_root, use_gpu=False)
+        resolve_members(config(tiny_root, use_gpu=False))  # checked on the merged resources

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ensemble import evaluate
 from ensemble import tta as tta_views
@@ -203,3 +204,34 @@ def test_a_full_disk_falls_back_to_decoding_per_member(trained, monkeypatch, tmp
     assert "No space left on device" in capsys.readouterr().err
     assert list((tmp_path / "decoded").iterdir()) == []
     assert np.abs(np.asarray(fresh.array, dtype=np.float32) - cached.astype(np.float32)).max() < 1e-2
+
+
+def test_served_model_applies_every_evaluated_option(trained, monkeypatch, tmp_path):
+    """The pyfunc model with geometric combination, weights, temperatures and flip TTA
+    predicts what the evaluation scored: same top classes, same probabilities."""
+    from types import SimpleNamespace
+
+    from ensemble import math as em
+    from ensemble.serve import EnsembleModel, ensemble_spec
+    from orchestrator.data.dataset import open_split
+
+    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    record, _, root = trained
+    a, b = record.model_copy(update={"name": "a"}), record.model_copy(update={"name": "b"})
+    runs = SimpleNamespace(dataset=SimpleNamespace(class_names=None, num_classes=4))
+    temps = {"a": 0.5, "b": 2.0}
+    spec, artifacts = ensemble_spec(runs, [a, b], [0.7, 0.3], method="geometric", temperatures=temps, tta="flip")
+    (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump(spec))
+    served = EnsembleModel()
+    served.load_context(SimpleNamespace(artifacts={**artifacts, "ensemble": str(tmp_path / "ensemble.yaml")}))
+    split = open_split(root, "val", 4, 3)
+    out = served.predict(None, [s.data for s in split.records])
+
+    probs = torch.from_numpy(np.asarray(recompute(record, root, "val", 4, 3, "flip").array))
+    evaluated = em.combine([em.apply_temperature(probs, temps["a"]), em.apply_temperature(probs, temps["b"])],
+                           weights=[0.7, 0.3], method="geometric")
+    top = evaluated.topk(4, dim=1)
+    assert [[int(c) for c in row] for row in out["top5_classes"]] == top.indices.tolist()
+    assert np.allclose(np.array(out["top5_probs"].tolist()), top.values.numpy(), atol=1e-4)
+    plain = em.combine([probs, probs])  # what the old served model computed: not the evaluated ensemble
+    assert not np.allclose(plain.topk(4, dim=1).values.numpy(), top.values.numpy(), atol=1e-3)
