@@ -238,26 +238,75 @@ def test_recipe_options_are_checked_when_the_config_loads(tiny_root):
         parse_config(recipe_config(tiny_root, cam_crops={**teacher, "centre": "map"}))
 
 
-def test_a_member_trains_with_every_option_from_a_teacher(tiny_root, tmp_path):
-    cfg = parse_config(recipe_config(tiny_root))
-    data = open_member_data(cfg.data)
-    teacher_model = build_model("resnet18", num_classes=3, low_res=True)
-    save_checkpoint(str(tmp_path / "t.pt"), arch="resnet18", num_classes=3, low_res=True, model=teacher_model)
-    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=len(data.val)).astype(np.float32)
-    np.save(tmp_path / "p.npy", probs)
-    np.save(tmp_path / "l.npy", np.array([s.label for s in data.val.iter_samples()]))
+def train_teacher(tiny_root, tmp_path):
+    """A teacher trained by the platform (3 classes, a minival of 2 per class held out),
+    recorded in a runs file with its checkpoint and its val and minival predictions."""
+    from orchestrator.train.member import final_outputs
+
+    cfg = parse_config({**recipe_config(tiny_root, epochs=4, optimizer={"name": "sgd", "lr": 0.5},
+                                        augment={"preset": "none"}),
+                        "data": {"root": tiny_root, "classes": 3, "train_per_class": 12, "val_per_class": 4,
+                                 "minival": 4}})
+    member, data = resolve_members(cfg)[0], open_member_data(cfg.data)
+    files = {}
+
+    def keep(state, metrics, model, optimizer, probs):
+        if probs is not None:
+            files.update(final_outputs(probs, lambda p: [p], model, member, data, metrics, CPU))
+    model, _ = train_member(member, data, device=CPU, on_epoch_end=keep)
+    save_checkpoint(str(tmp_path / "t.pt"), arch="resnet18", num_classes=3, low_res=True, model=model)
+    for name, array in files.items():
+        np.save(tmp_path / name, array)
+    ref = dict(name="tiny", uri=tiny_root, num_classes=3, class_names=data.train.class_names)
     write_runs(str(tmp_path / "runs.yaml"), RunsFile(
-        ensemble="t", dataset=DatasetRef(name="tiny", uri=tiny_root, num_classes=3, labels=str(tmp_path / "l.npy"),
-                                         class_names=data.train.class_names),
+        ensemble="t", dataset=DatasetRef(**ref, labels=str(tmp_path / "labels.npy")),
+        minival=DatasetRef(**ref, split=data.minival.split, labels=str(tmp_path / "minival_labels.npy")),
         members=[MemberRecord(name="teacher", key="t", arch="resnet18", checkpoint=str(tmp_path / "t.pt"),
-                              predictions=str(tmp_path / "p.npy"),
-                              eval=EvalRef(input_size=32, resize=32, crop=32, mean=[0.5] * 3, std=[0.5] * 3))]))
-    teacher = {"runs": str(tmp_path / "runs.yaml"), "member": "teacher"}
+                              predictions=str(tmp_path / "predictions.npy"),
+                              minival_predictions=str(tmp_path / "minival_predictions.npy"),
+                              eval=EvalRef(input_size=32, resize=32, crop=32, mean=[0.485, 0.456, 0.406],
+                                           std=[0.229, 0.224, 0.225]))]))
+    return {"runs": str(tmp_path / "runs.yaml"), "member": "teacher"}, files
+
+
+def test_a_member_trains_with_every_option_from_a_trained_teacher(tiny_root, tmp_path):
+    from orchestrator.train import teacher as teachers
+    from orchestrator.train.cam import sample_centres
+
+    teacher, files = train_teacher(tiny_root, tmp_path)
+    eps = 0.1
     cfg = parse_config(recipe_config(
         tiny_root, label_shuffling=True, cam_crops={"teacher": teacher, "probability": 0.8},
         confusion_prior={"teacher": teacher, "k": 1}, plain_last_epochs=1, multiscale=[24, 32],
-        augment={"preset": "light", "overrides": {"label_smoothing": 0.1, "random_interpolation": True}}))
+        augment={"preset": "light", "overrides": {"label_smoothing": eps, "random_interpolation": True}}))
     member = resolve_members(cfg)[0]
+    data = open_member_data(cfg.data)
+
+    # the confusion prior's targets: the mass goes to the one class the trained teacher confuses
+    # most with the truth, measured on its minival (not val), where uniform smoothing spreads it
+    S = teachers.load_confusion_smoothing(member.recipe, data.train.class_names).numpy()
+    want = confusion_prior(files["minival_predictions.npy"], files["minival_labels.npy"], k=1)
+    assert np.allclose(S, smoothing_matrix(want, eps).numpy())
+    for y in range(3):
+        off = np.delete(S[y], y)
+        assert sorted(off.tolist()) == pytest.approx([0.0, eps])  # one class gets it all, not eps / 3 each
+    uniform = (1 - eps) * np.eye(3) + eps / 3
+    assert not np.allclose(S, uniform, atol=1e-3)
+
+    # the CAM crops' centres: drawn where the teacher's map of the true class is high, so
+    # the map's mass at the guided centres exceeds its mass at uniform (plain-crop) centres
+    maps = teachers.load_cam_maps(member.recipe, data.train, CPU)
+    assert set(maps) == {s.key for s in data.train.records}
+    gain = []
+    gen = torch.Generator().manual_seed(0)
+    for cam in list(maps.values())[:12]:
+        cam = cam.float()
+        h, w = cam.shape
+        guided = sample_centres(cam, 400, h, w, generator=gen).long()
+        plain = (torch.rand(400, 2, generator=gen) * torch.tensor([w, h])).long()
+        gain.append(float(cam[guided[:, 1], guided[:, 0]].mean() - cam[plain[:, 1], plain[:, 0]].mean()))
+    assert np.mean(gain) > 0 and sum(g > 0 for g in gain) >= 10
+
     seen = []
     train_member(member, data, device=CPU, on_epoch_end=lambda s, m, *_: seen.append(m))
     assert [m["epoch"] for m in seen] == [1, 2] and all(np.isfinite(m["train_loss"]) for m in seen)
