@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from ensemble.protocol import split_rows  # noqa: E402
-from ensemble.math import combine, topk_error  # noqa: E402
+from ensemble.math import bootstrap_ci, combine, topk_correct, topk_error  # noqa: E402
 
 
 def config(args, folder: str) -> dict:
@@ -104,29 +104,43 @@ def main() -> None:
         k = max(args.size, round(compute / args.epochs))
         print(f"search: {len(rows)} trials, {compute} epochs in total -> {k} default members "
               f"({k * args.epochs} epochs)", flush=True)
-        preds = [job._load_npy(r["predictions"]) for r in complete]
-        labels = job._load_npy(complete[0]["labels"])
+        from orchestrator import storage
+
+        preds = [storage.read_npy(r["predictions"]) for r in complete]
+        labels = storage.read_npy(complete[0]["labels"])
         defaults = default_members(raw, k)
 
     _, rows_ = split_rows(len(labels), 0.5, 0)  # the same held-out half as the search's choice
     choice = out["choice"]
     lab = labels[rows_]
-    best_search = min(topk_error(p[rows_], lab, 1) for p in preds)
-    best_default = min(topk_error(p[rows_], lab, 1) for p in defaults)
+
+    def misses(probs) -> np.ndarray:
+        return (~topk_correct(probs, lab, 1)).numpy().astype(float)
+
+    best_search = min((misses(p[rows_]) for p in preds), key=np.mean)
+    best_default = min((misses(p[rows_]) for p in defaults), key=np.mean)
     default_ens = combine([p[rows_] for p in defaults[: args.size]])
-    table = [
-        ("best single model", best_search, best_default),
-        (f"ensemble of {args.size}: top-k own error", choice["topk"]["top1_err"], None),
-        (f"ensemble of {args.size}: greedy marginal gain", choice["greedy"]["top1_err"], None),
-        (f"ensemble of {args.size}: default seeds", None, topk_error(default_ens, lab, 1)),
-        (f"ensemble of all {k} default members", None, topk_error(combine([p[rows_] for p in defaults]), lab, 1)),
-    ]
+    cols = {
+        "best single model": (best_search, best_default),
+        f"ensemble of {args.size}: top-k own error": (misses(combine([preds[i][rows_] for i in choice["topk"]["chosen"]])), None),
+        f"ensemble of {args.size}: greedy marginal gain": (misses(combine([preds[i][rows_] for i in choice["greedy"]["chosen"]])), None),
+        f"ensemble of {args.size}: default seeds": (None, misses(default_ens)),
+        f"ensemble of all {k} default members": (None, misses(combine([p[rows_] for p in defaults]))),
+    }
+
+    def cell(m):  # error [95% bootstrap interval] (ensemble.math.bootstrap_ci)
+        if m is None:
+            return ""
+        lo, hi = bootstrap_ci(m[:, None])[0]
+        return f"{m.mean():.3f} [{lo:.2f}, {hi:.2f}]"
+
+    table = [(name, cell(s), cell(d)) for name, (s, d) in cols.items()]
     print(f"\nTiny-ImageNet subset: {args.classes} classes, {args.train_per_class}/class train, n = {len(lab)} "
           f"held-out val images; {args.arch} at 32 px, {args.epochs} epochs; search seeds = Tune's random "
           f"samples, default seeds 0..{k - 1}")
-    print(f"{'top-1 error':48s} {'search':>8s} {'default':>8s}")
+    print(f"{'top-1 error [95% interval]':48s} {'search':>20s} {'default':>20s}")
     for name, s, d in table:
-        print(f"{name:48s} {'' if s is None else f'{s:8.3f}':>8s} {'' if d is None else f'{d:8.3f}':>8s}")
+        print(f"{name:48s} {s:>20s} {d:>20s}")
     ratio = choice["greedy"]["top1_err"] / topk_error(default_ens, lab, 1)
     print(f"greedy-choice ensemble / default-recipe ensemble top-1 error at equal compute: {ratio:.3f}")
 
