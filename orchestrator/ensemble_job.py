@@ -245,6 +245,18 @@ def _collect(ctx: dict, members: list[ResolvedMember]) -> tuple[list[dict], list
     return records, failed
 
 
+def _with_imported_protocol(cfg: EnsembleConfig, minival, choices: list) -> tuple:
+    """Imported members keep the record of what chose them (a search's choice on val rows
+    stays out of every report), and their minival when this job has none."""
+    from orchestrator.runs_file import load_runs
+
+    for path in cfg.imported_runs:
+        runs = load_runs(path)
+        choices = choices + [c for c in runs.choices if c not in choices]
+        minival = minival or runs.minival
+    return minival, choices
+
+
 def _runs_file(cfg: EnsembleConfig, ctx: dict, records: list[dict], tracking_uri: str, parent: str,
                extra: list[MemberRecord]) -> RunsFile:
     finished = [r for r in records if r["status"] == "finished"]
@@ -257,6 +269,7 @@ def _runs_file(cfg: EnsembleConfig, ctx: dict, records: list[dict], tracking_uri
         labels, samples = d.labels, d.samples
     dataset = dataset_ref(cfg, labels, samples)
     minival, choices = minival_ref(cfg, finished)
+    minival, choices = _with_imported_protocol(cfg, minival, choices)
     members = [MemberRecord(**{k: v for k, v in r.items() if k not in ("labels", "minival_labels")})
                for r in records] + extra
     return RunsFile(ensemble=cfg.name, dataset=dataset, minival=minival, choices=choices, members=members,

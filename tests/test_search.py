@@ -54,6 +54,10 @@ def test_asha_search_on_the_embedded_defaults_chooses_members(tiny_root, tmp_pat
     for m in runs.members:
         probs = np.load(m.predictions)
         assert probs.shape == (80, 10) and topk_error(probs, labels, 1) == pytest.approx(m.metrics["top1_err"])
+        assert np.load(m.minival_predictions).shape == (40, 10)  # 4 per class, chosen on
+    assert runs.minival.split == "train@minival:4:0" and runs.minival.samples == 40
+    assert {c.what for c in runs.choices} >= {"the trials that became members"}
+    assert all(c.split == runs.minival.split for c in runs.choices)  # nothing was chosen on val
     assert load_runs(str(tmp_path / "out" / raw["name"] / "runs-topk.yaml")).members
 
     client = MlflowClient(raw["mlflow"]["tracking_uri"])
@@ -61,8 +65,8 @@ def test_asha_search_on_the_embedded_defaults_chooses_members(tiny_root, tmp_pat
     parent = client.search_runs([exp.experiment_id], "tags.`ensemble.kind` = 'search'")[0]
     children = children_of(client, parent)
     assert len(children) == 6 and all(c.data.tags.get("trial.id") for c in children)
-    for c in children:
-        assert client.get_metric_history(c.info.run_id, "val_top1_err")
+    for c in children:  # every epoch scored on the minival, never on val
+        assert client.get_metric_history(c.info.run_id, "minival_top1_err")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
     assert {"search/trials.csv", "search/lr_policies.png", "search/trial_curves.png",
             "search/parallel_coordinates.png"} <= artifacts
@@ -70,8 +74,10 @@ def test_asha_search_on_the_embedded_defaults_chooses_members(tiny_root, tmp_pat
 
     # the chosen trials are members as they are: evaluated, and imported into an ensemble
     report = run_cli("-m", "ensemble.evaluate", "--members", str(runs_path), "--out", str(tmp_path / "report"),
-                     "--no-mlflow")
+                     "--json", str(tmp_path / "report.json"), "--no-mlflow", "--select", "greedy")
     assert report.returncode == 0, report.stderr[-2000:]
+    protocol = json.loads((tmp_path / "report.json").read_text())["protocol"]
+    assert protocol["chosen_on"].startswith("train@minival:4:0") and protocol["reported_on"] == "val: 80 rows"
     ens = {"name": "from-search", "data": raw["data"], "storage": raw["storage"], "mlflow": raw["mlflow"],
            "imported_runs": [str(runs_path)]}
     (tmp_path / "ens.yaml").write_text(yaml.safe_dump(ens))
@@ -111,5 +117,9 @@ def test_pbt_on_the_cluster_path_clones_the_donors_weights(stack, s3_data):  # n
 
     runs = load_runs(f"{storage}/search-pbt-smoke/runs.yaml")
     check_runs_file(runs, 2, 10)
+    # no minival here: the val rows that chose the members are recorded, and never reported
+    rowed = [c for c in runs.choices if c.fraction]
+    assert rowed and rowed[0].split == "val" and rowed[0].samples == 40
+    assert any(c.what.startswith("Tune's metric") and c.split == "val" for c in runs.choices)
     assert s3fs.S3FileSystem().exists(runs.members[0].checkpoint)
     assert_no_credentials(client, [parent, *children.values()], [out.stdout + out.stderr])
