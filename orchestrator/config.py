@@ -185,6 +185,13 @@ class Data(Strict):
     minival: int | None = Field(None, ge=1, description="samples per class held out of train, never trained on")
     minival_seed: int = 0
 
+    @model_validator(mode="after")
+    def _minival_fits(self):
+        if self.minival and self.train_per_class and self.minival >= self.train_per_class:
+            raise UserError(f"data.minival ({self.minival} per class) must be below data.train_per_class "
+                            f"({self.train_per_class}): the rest of train is what the members learn from")
+        return self
+
     @property
     def heldout(self) -> str:
         """The split every per-epoch metric and every choice is made on."""

@@ -150,3 +150,8 @@ def test_search_choice_on_minival_reports_on_all_of_val():
     out = compare(preds, y, 2, "nll", 0.5, selection=(held, y_mv))
     assert out["selection_rows"] == 40 and out["report_rows"] == 100
     assert out["topk"]["chosen"][0] == 2  # the strongest on minival
+
+
+def test_a_minival_as_large_as_train_is_refused_at_load():
+    with pytest.raises(UserError, match=r"data.minival \(10 per class\) must be below data.train_per_class \(10\)"):
+        config("/data/tiny", minival=10)
