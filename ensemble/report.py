@@ -85,50 +85,68 @@ def write_csv(path: str, report: dict) -> None:
         w.writerow([f"ensemble:{e['method']}", e["top1_err"], e["top5_err"], e["nll"], e["ece"], ""])
 
 
+# one colour per metric in every plot (matplotlib's first two cycle colours)
+COLOURS = {"top1": "tab:blue", "top5": "tab:orange"}
+ORDER_WORDS = {"greedy": "the order greedy selection added them",
+               "sorted": "best member first (by own top-5 error)"}
+
+
 def plot_size_curve(path: str, report: dict) -> None:
     curve = report["size_curve"]
     ks = [c["k"] for c in curve]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     order = curve[0].get("order", "greedy")
-    ax.plot(ks, [c["top5_err"] for c in curve], "o-", label=f"top-5, {order} order")
-    ax.plot(ks, [c["top1_err"] for c in curve], "o-", label=f"top-1, {order} order")
-    if "random_top5_err" in curve[0]:
-        ax.plot(ks, [c["random_top5_err"] for c in curve], "--", label="top-5, mean of random orders")
-        ax.plot(ks, [c["random_top1_err"] for c in curve], "--", label="top-1, mean of random orders")
-    ax.set(xlabel="members in the ensemble", ylabel="error", title="error against ensemble size")
+    for k in ("top1", "top5"):
+        ax.plot(ks, [c[f"{k}_err"] for c in curve], "o-", color=COLOURS[k], label=f"{k[:3]}-{k[3]} error")
+        if f"random_{k}_err" in curve[0]:
+            ax.plot(ks, [c[f"random_{k}_err"] for c in curve], "--", color=COLOURS[k],
+                    label=f"{k[:3]}-{k[3]}, mean of random orders")
+    ax.set(xlabel=f"members in the ensemble, added in {ORDER_WORDS.get(order, order)}", ylabel="error",
+           title="error against ensemble size")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_members(path: str, report: dict) -> None:
-    names = [m["name"] for m in report["members"]] + ["ensemble"]
-    top5 = [m["top5_err"] for m in report["members"]] + [report["ensemble"]["top5_err"]]
-    top1 = [m["top1_err"] for m in report["members"]] + [report["ensemble"]["top1_err"]]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], top1, 0.4, label="top-1 error")
-    ax.bar([i + 0.2 for i in x], top5, 0.4, label="top-5 error")
-    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+    """Members and, set apart on the right, the ensemble: top-1 and top-5 error with the
+    value on each bar; the legend sits below the axes, where it covers nothing."""
+    members, e = report["members"], report["ensemble"]
+    names = [m["name"] for m in members] + ["ensemble"]
+    x = [float(i) for i in range(len(members))] + [len(members) + 0.6]  # a gap before the ensemble
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(names) + 1.5), 4.8))
+    for shift, k in ((-0.2, "top1"), (0.2, "top5")):
+        values = [m[f"{k}_err"] for m in members] + [e[f"{k}_err"]]
+        bars = ax.bar([i + shift for i in x], values, 0.4, color=COLOURS[k], label=f"{k[:3]}-{k[3]} error")
+        bars[-1].set_edgecolor("black")
+        bars[-1].set_linewidth(1.5)
+        ax.bar_label(bars, labels=[f"{v:.1%}" for v in values], fontsize=6, padding=1, rotation=90)
+    ax.axvline(len(members) - 0.2, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    ax.get_xticklabels()[-1].set_fontweight("bold")
+    ax.set_ylim(0, min(1.0, max(max(m["top1_err"] for m in members), e["top1_err"]) * 1.25 + 0.02))
     ax.set(ylabel="error", title="members and their ensemble")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_reliability(path: str, reliability: dict) -> None:
+    """Accuracy per confidence bin, with the number of samples in each bin over its bar."""
     conf, acc, count = reliability["confidence"], reliability["accuracy"], reliability["count"]
     keep = [i for i, c in enumerate(count) if c > 0]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = plt.subplots(figsize=(5, 4.8))
     ax.plot([0, 1], [0, 1], "k:", label="perfect calibration")
-    ax.bar([conf[i] for i in keep], [acc[i] for i in keep], width=1 / len(count), alpha=0.7, edgecolor="k",
-           label="ensemble")
-    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability (15 bins)", xlim=(0, 1), ylim=(0, 1))
-    ax.legend()
+    bars = ax.bar([conf[i] for i in keep], [acc[i] for i in keep], width=1 / len(count), alpha=0.7,
+                  edgecolor="k", color=COLOURS["top1"], label="ensemble (top-1)")
+    ax.bar_label(bars, labels=[f"n={int(count[i])}" for i in keep], fontsize=6, padding=1, rotation=90)
+    ax.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", title=f"reliability ({len(count)} bins)",
+           xlim=(0, 1), ylim=(0, 1.12))
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
