@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         return 0
     start = time.time()
     runs, failed = ensemble_job.run(cfg, members, args.config, args.runs)
-    print(f"\nwrote {os.path.abspath(args.runs)} with {len(runs.members)} members "
+    where = args.runs if "://" in args.runs else os.path.abspath(args.runs)  # an s3:// URL stays one
+    print(f"\nwrote {where} with {len(runs.members)} members "
           f"in {(time.time() - start) / 60:.1f} min")
     return 1 if failed else 0
 

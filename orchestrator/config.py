@@ -396,7 +396,9 @@ def load_config(path: str) -> EnsembleConfig:
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        from orchestrator.runs_file import yaml_problem
+
+        raise UserError(f"config {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"config {path} must be a mapping of keys, got {type(raw).__name__}")
     return parse_config(raw)

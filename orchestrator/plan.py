@@ -275,7 +275,7 @@ def print_plan(result: dict, cluster: Cluster) -> None:
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--config", required=True, help="ensemble config YAML")
     p.add_argument("--cluster", required=True, help="cluster description YAML (see infra/clusters/)")
     p.add_argument("--measured", help="a runs.yaml whose members' images/s replace the estimates")

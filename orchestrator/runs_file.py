@@ -100,16 +100,26 @@ def load_runs(path: str) -> RunsFile:
     try:
         with fsspec.open(path, "r") as f:
             raw = yaml.safe_load(f)
+        if not isinstance(raw, dict):
+            raise UserError(f"{path} must be a mapping with version, ensemble, dataset and members; "
+                            f"it holds {'nothing' if raw is None else type(raw).__name__}")
         return RunsFile.model_validate(raw)
     except FileNotFoundError:
         raise UserError(f"runs file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path} is not valid YAML: {yaml_problem(exc)}") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         raise UserError(f"{path}: {where}: {what}") from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's problem and where it is: 'line L, column C: ...'."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def write_runs(path: str, runs: RunsFile) -> None:

@@ -71,6 +71,9 @@ def load_manifest(root: str) -> Manifest:
     except FileNotFoundError:
         import os
 
+        if "://" not in root and not os.path.isdir(root):
+            raise UserError(f"data folder not found: {root} (set data.root, or DATA_ROOT for the shipped "
+                            f"configs)") from None
         if "://" not in root and os.path.isdir(os.path.join(root, "train")):
             return folder_manifest(root)
         raise UserError(f"data path {root!r} has no manifest.json (run `python -m orchestrator.data.prepare` "

@@ -1,0 +1,51 @@
+"""What a new user meets first: bad input answered in one line that says where, help that
+reads to its end."""
+import pytest
+
+from ensemble import evaluate
+from orchestrator.config import load_config
+from orchestrator.data.manifest import load_manifest
+from orchestrator.errors import UserError
+from tests.conftest import ROOT, run_cli
+
+
+def evaluate_error(path, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--members", str(path), "--no-mlflow"])
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_empty_runs_file_says_what_it_should_hold(tmp_path, capsys):
+    (tmp_path / "runs.yaml").write_text("")
+    assert evaluate_error(tmp_path / "runs.yaml", capsys) == \
+        f"error: {tmp_path / 'runs.yaml'} must be a mapping with version, ensemble, dataset and members; it holds nothing"
+
+
+def test_yaml_syntax_errors_name_the_line(tmp_path, capsys):
+    (tmp_path / "runs.yaml").write_text("version: 1\nensemble: [a, b\nmembers: []\n")
+    line = evaluate_error(tmp_path / "runs.yaml", capsys)
+    assert "is not valid YAML: line 3, column 8" in line
+    (tmp_path / "c.yaml").write_text("name: x\ndata:\n  root: /d\n   classes: 3\n")
+    with pytest.raises(UserError, match=r"is not valid YAML: line 4, column \d+"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_a_missing_data_folder_is_named_as_such(tmp_path):
+    with pytest.raises(UserError, match=f"data folder not found: {tmp_path / 'nowhere'}"):
+        load_manifest(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no manifest.json"):
+        load_manifest(str(tmp_path / "empty"))
+
+
+def test_plan_help_reads_to_the_end_of_its_sentence():
+    out = run_cli("-m", "orchestrator.plan", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "where each member of an ensemble would run on a given cluster, for how long, and at what cost, " \
+           "before anything is launched." in text
+
+
+def test_the_report_folder_is_ignored_by_git():
+    assert "ensemble-report/" in (ROOT / ".gitignore").read_text().splitlines()
