@@ -68,10 +68,14 @@ def run_member(config: dict, session: Session) -> None:
         return
 
     data = open_member_data(Data.model_validate(config["data"]))
+    state_start = resume["epoch"] if resume else 0
     run_id = config.get("mlflow_run_id")
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and run_id else None
 
     def on_epoch_end(state, metrics, model, optimizer, probs):
+        if client is not None and state.epoch == state_start + 1:
+            for tag, text in notes.items():  # what the Hikvision options did, on the member's run
+                client.set_tag(run_id, tag, text)
         final = probs is not None  # this rank's part of the final held-out predictions
         if final:
             files = final_outputs(probs, lambda part: _gather(part, world), model, member, data, metrics, device,
@@ -90,5 +94,6 @@ def run_member(config: dict, session: Session) -> None:
                     np.save(os.path.join(tmp, name), array)
             session.report(metrics, tmp if rank == 0 else None)
 
+    notes: dict = {}
     train_member(member, data, device=device, rank=rank, world=world, resume=resume,
-                 prepare_model=session.prepare_model, on_epoch_end=on_epoch_end)
+                 prepare_model=session.prepare_model, on_epoch_end=on_epoch_end, notes=notes)

@@ -307,9 +307,14 @@ def test_a_member_trains_with_every_option_from_a_trained_teacher(tiny_root, tmp
         gain.append(float(cam[guided[:, 1], guided[:, 0]].mean() - cam[plain[:, 1], plain[:, 0]].mean()))
     assert np.mean(gain) > 0 and sum(g > 0 for g in gain) >= 10
 
-    seen = []
-    train_member(member, data, device=CPU, on_epoch_end=lambda s, m, *_: seen.append(m))
+    seen, notes = [], {}
+    train_member(member, data, device=CPU, on_epoch_end=lambda s, m, *_: seen.append(m), notes=notes)
     assert [m["epoch"] for m in seen] == [1, 2] and all(np.isfinite(m["train_loss"]) for m in seen)
+    # each option says what it did (printed, and set as tags on the member's run)
+    assert notes["hikvision.label_shuffling"].startswith("label-shuffled epoch: 3 classes x 6 = 18 samples")
+    assert notes["hikvision.cam_crops"].startswith("CAM maps from teacher teacher: 18 images in ")
+    assert "top-1 confused classes" in notes["hikvision.confusion_prior"]
+    assert notes["hikvision.plain_last_epochs"] == "strong augmentation off for the last 1 epochs"
     bad = parse_config(recipe_config(tiny_root, cam_crops={"teacher": {**teacher, "member": "nobody"}}))
     with pytest.raises(UserError, match="nobody"):
         train_member(resolve_members(bad)[0], data, device=CPU)

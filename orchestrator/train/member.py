@@ -8,6 +8,7 @@ it directly on CPU.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,10 +76,14 @@ def build_eval_loader(split: Split, transform, batch_size: int, workers: int, ra
 
 def train_member(member: ResolvedMember, data: MemberData, *, device: torch.device, rank: int = 0, world: int = 1,
                  resume: dict | None = None, prepare_model: Callable = lambda m: m,
-                 on_epoch_end: Callable | None = None) -> tuple[torch.nn.Module, loop.FitState]:
+                 on_epoch_end: Callable | None = None, notes: dict | None = None
+                 ) -> tuple[torch.nn.Module, loop.FitState]:
     """Train `member` on this rank. `prepare_model` wraps the model for data parallelism
     (Ray's `prepare_model` -> DDP); `on_epoch_end(state, metrics, model, optimizer, probs)`,
-    where probs (final epoch only) is this rank's part of the val predictions (`predict`'s form)."""
+    where probs (final epoch only) is this rank's part of the val predictions (`predict`'s form).
+    What the recipe's Hikvision options did is printed (rank 0) and put into `notes`
+    ({tag: text}: the member layer sets them as tags on the member's run)."""
+    said = {} if notes is None else notes
     recipe = member.recipe
     seed_everything(member.seed)  # same init on every rank; DDP also broadcasts rank 0's
     model = build_model(member.arch, num_classes=data.num_classes, low_res=member.low_res)
@@ -107,7 +112,12 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                              label_shuffling=recipe.label_shuffling)
         train_batches = device_batches(member, fields, ev, stream, device, plain_from)
     else:
+        started = time.perf_counter()
         cam_maps = teacher.load_cam_maps(recipe, data.train, device)
+        if cam_maps is not None:
+            said["hikvision.cam_crops"] = (f"CAM maps from teacher {recipe.cam_crops.teacher.member}: "
+                                           f"{len(cam_maps)} images in {time.perf_counter() - started:.1f} s, "
+                                           f"{recipe.cam_crops.probability:.0%} of crops guided")
         train_tf = augment.build_train_transform(fields, member.input_size, ev.mean, ev.std, cam_maps,
                                                  recipe.cam_crops.probability if recipe.cam_crops else 1.0)
         plain_tf = augment.build_train_transform(augment.plain_fields(fields), member.input_size, ev.mean, ev.std)
@@ -120,6 +130,21 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     val_loader = build_eval_loader(data.heldout, eval_tf, recipe.batch_size * 2, workers, rank, world)
     bf16, cl = recipe.bf16, recipe.channels_last and device.type == "cuda"
     smoothing = teacher.load_confusion_smoothing(recipe, data.train.class_names)
+    if smoothing is not None:
+        cp = recipe.confusion_prior
+        said["hikvision.confusion_prior"] = (f"confusion prior from teacher {cp.teacher.member}: label smoothing "
+                                             f"{fields.label_smoothing:g} spread over each class's top-{cp.k} "
+                                             f"confused classes")
+    if recipe.label_shuffling:
+        counts = np.bincount(data.train.labels, minlength=data.num_classes)
+        said["hikvision.label_shuffling"] = (f"label-shuffled epoch: {data.num_classes} classes x {counts.max()} = "
+                                             f"{data.num_classes * counts.max()} samples (classes of "
+                                             f"{counts.min()} to {counts.max()} images)")
+    if recipe.plain_last_epochs:
+        said["hikvision.plain_last_epochs"] = f"strong augmentation off for the last {recipe.plain_last_epochs} epochs"
+    if rank == 0:
+        for text in said.values():
+            print(f"member {member.name}: {text}", flush=True)
     criterion = (confusion.PriorSmoothingLoss(smoothing).to(device) if smoothing is not None
                  else loop.build_criterion(fields.label_smoothing))
 
