@@ -233,6 +233,35 @@ def log_to_mlflow(runs: RunsFile, report: dict, files: list[str]) -> str | None:
     return parent
 
 
+def summarize(runs_path: str) -> dict:
+    """What a training job ends with: its finished members and their plain ensemble (mean
+    softmax of the cached predictions, nothing selected), as `ensemble.evaluate` reports it."""
+    args = parse_args(["--members", runs_path, "--random-orders", "0", "--no-mlflow"])
+    runs = load_runs(runs_path)
+    labels = np.asarray(open_npy(runs.dataset.labels, "dataset labels"), dtype=np.int64)
+    records, preds = load_members(runs, args)
+    return build_report(runs, records, preds, labels, args)[0]
+
+
+def log_job_result(runs: RunsFile, report: dict) -> str | None:
+    """The job's result on its parent run: metrics named `job_*` (so a later
+    `ensemble.evaluate --select ...` logging `ensemble_*` does not overwrite them), and the
+    result table as the run's description (shown on the run's page in the MLflow UI)."""
+    from mlflow.tracking import MlflowClient
+
+    uri, parent = mlflow_target(runs)
+    if not uri or not parent:
+        return None
+    client = MlflowClient(uri)
+    e, members = report["ensemble"], {m["name"]: m for m in report["members"]}
+    for k in (1, 5):
+        client.log_metric(parent, f"job_ensemble_top{k}_err", float(e[f"top{k}_err"]))
+        client.log_metric(parent, f"job_best_member_top{k}_err", float(members[e[f"best_member_top{k}"]][f"top{k}_err"]))
+        client.log_metric(parent, f"job_gain_top{k}_points", 100 * float(e[f"gain_top{k}_over_best"]))
+    client.set_tag(parent, "mlflow.note.content", rep.markdown(report))
+    return parent
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)

@@ -34,6 +34,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def show_result(runs, runs_path: str) -> None:
+    """The number the job exists for: its ensemble against its best member, per metric."""
+    from ensemble import evaluate
+    from ensemble.report import headline
+
+    report = evaluate.summarize(runs_path)
+    e = report["ensemble"]
+    print(f"\nensemble of {len(report['members'])} finished members (mean softmax) on "
+          f"{report['dataset']['split']}, {report['dataset']['samples']} samples:")
+    for line in headline(report):
+        print(f"  {line}")
+    if evaluate.log_job_result(runs, report):
+        print(f"  logged to the parent run as job_ensemble_top1_err = {e['top1_err']:.4f}, "
+              f"job_ensemble_top5_err = {e['top5_err']:.4f}")
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -45,6 +61,8 @@ def main(argv=None) -> int:
         return 0
     start = time.time()
     runs, failed = ensemble_job.run(cfg, members, args.config, args.runs)
+    if any(m.status == "finished" and m.predictions for m in runs.members):
+        show_result(runs, args.runs)
     where = args.runs if "://" in args.runs else os.path.abspath(args.runs)  # an s3:// URL stays one
     print(f"\nwrote {where} with {len(runs.members)} members "
           f"in {(time.time() - start) / 60:.1f} min")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import tempfile
 import traceback
 
@@ -75,20 +76,49 @@ def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> Torc
     )
 
 
-def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ckpt_uri: str,
-                   steps_per_epoch: int, ctx: dict) -> list[dict]:
-    """Log the final checkpoint's files and the member's plots; returns its per-epoch
-    history, read from the checkpoint (complete even when the member was resumed)."""
+PREDICTION_FILES = (PREDICTIONS_FILE, LABELS_FILE, MINIVAL_PREDICTIONS_FILE, MINIVAL_LABELS_FILE)
+# what of a training checkpoint the finished member keeps: its weights and how it got there
+FINAL_KEYS = ("arch", "num_classes", "low_res", "state_dict", "epoch", "step", "metrics", "history")
+
+
+def final_uri(ctx: dict, key: str) -> str:
+    """The one stored copy of a finished member: its weights and predictions."""
+    return storage.join(member_dir(ctx), "members", key)
+
+
+def training_uri(ctx: dict, key: str) -> str:
+    """A member's in-progress checkpoints (its trial's, or its Ray Train run's)."""
+    return storage.join(member_dir(ctx), "train", key)
+
+
+def finalize(member: ResolvedMember, ctx: dict, ckpt_uri: str) -> tuple[str, list[dict]]:
+    """Store the finished member once: final weights without optimiser state, and its
+    prediction files, under `final_uri`. Returns that URI and the per-epoch history."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.local_dir(ckpt_uri, os.path.join(tmp, "checkpoint"))
+        state = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+        out = os.path.join(tmp, "final")
+        os.makedirs(out)
+        torch.save({k: state[k] for k in FINAL_KEYS if k in state}, os.path.join(out, CHECKPOINT_FILE))
+        for name in PREDICTION_FILES:
+            if os.path.exists(os.path.join(local, name)):
+                shutil.copyfile(os.path.join(local, name), os.path.join(out, name))
+        uri = final_uri(ctx, member.key)
+        storage.put_dir(out, uri)
+    return uri, state["history"]
+
+
+def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, final: str, history: list[dict],
+                   steps_per_epoch: int) -> None:
+    """Log the member's predictions and plots; its weights are referenced (tag
+    `checkpoint_uri`), not copied: one stored copy of a finished member."""
     from orchestrator import plots  # matplotlib only where plots are drawn
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = storage.local_dir(ckpt_uri, os.path.join(tmp, "checkpoint"))
-        history = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)["history"]
-        for name in (PREDICTIONS_FILE, LABELS_FILE, MINIVAL_PREDICTIONS_FILE, MINIVAL_LABELS_FILE):
+        local = storage.local_dir(final, os.path.join(tmp, "final"))
+        for name in PREDICTION_FILES:
             if os.path.exists(os.path.join(local, name)):
                 client.log_artifact(run_id, os.path.join(local, name), "predictions")
-        if ctx.get("log_checkpoint", True):
-            client.log_artifact(run_id, os.path.join(local, CHECKPOINT_FILE), "checkpoint")
         recipe = member.recipe
         base_lr = scaled_lr(recipe.optimizer.lr, recipe.batch_size * member.resources.workers)
         plots.plot_lr_schedule(os.path.join(tmp, "lr_schedule.png"), recipe.schedule, base_lr, steps_per_epoch,
@@ -98,7 +128,6 @@ def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, ck
             yaml.safe_dump(member.model_dump(mode="json"), f, sort_keys=False)
         for name in ("lr_schedule.png", "curves.png", "member.yaml"):
             client.log_artifact(run_id, os.path.join(tmp, name), "plots" if name.endswith(".png") else None)
-    return history
 
 
 def _record(member: ResolvedMember, ctx: dict, run_id: str | None, **fields) -> dict:
@@ -121,7 +150,7 @@ def failure_message(exc: BaseException) -> str:
 def train_member_here(member: ResolvedMember, ctx: dict, run_id: str | None) -> tuple[dict, str]:
     """Train the member from this trial; returns (its final metrics, its final checkpoint's URI)."""
     if in_trial.eligible(member):
-        checkpoints = storage.join(member_dir(ctx), "train", member.key)
+        checkpoints = training_uri(ctx, member.key)
         return in_trial.train(member, worker_config(member, ctx, run_id), checkpoints, ctx["max_failures"])
     result = build_trainer(member, ctx, run_id).fit()
     return result.metrics, storage.checkpoint_uri(ctx["storage"], result.checkpoint.path)
@@ -147,17 +176,20 @@ def member_trial(config: dict, ctx: dict) -> None:
         # node died, where they resume the member from its checkpoint.
         return
     steps_per_epoch = int(final["steps_per_epoch"])
-    history = _log_artifacts(client, run_id, member, ckpt_uri, steps_per_epoch, ctx)
-    client.set_tag(run_id, "checkpoint_uri", storage.join(ckpt_uri, CHECKPOINT_FILE))
+    kept, history = finalize(member, ctx, ckpt_uri)
+    _log_artifacts(client, run_id, member, kept, history, steps_per_epoch)
+    client.set_tag(run_id, "checkpoint_uri", storage.join(kept, CHECKPOINT_FILE))
     client.set_terminated(run_id, "FINISHED")
     minutes = sum(h.get("epoch_minutes", 0.0) for h in history)
     storage.write_json(record_uri(ctx, member.key), _record(
         member, ctx, run_id, status="finished",
-        checkpoint=storage.join(ckpt_uri, CHECKPOINT_FILE), predictions=storage.join(ckpt_uri, PREDICTIONS_FILE),
-        labels=storage.join(ckpt_uri, LABELS_FILE), **minival_files(ctx, ckpt_uri),
+        checkpoint=storage.join(kept, CHECKPOINT_FILE), predictions=storage.join(kept, PREDICTIONS_FILE),
+        labels=storage.join(kept, LABELS_FILE), **minival_files(ctx, kept),
         metrics={"top1_err": final["val_top1_err"], "top5_err": final["val_top5_err"], "val_loss": final["val_loss"],
                  "images_per_s": final["images_per_s"], "minutes": minutes, "epochs": final["epoch"],
                  "val_samples": final["val_samples"], **_extra_metrics(history, final)}))
+    # recorded: the training checkpoints (optimiser state included) are no longer needed
+    storage.remove(training_uri(ctx, member.key))
 
 
 def minival_files(ctx: dict, ckpt_uri: str) -> dict:

@@ -42,14 +42,23 @@ def embedded_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+# The MLflow UI (3.x) opens an experiment in its GenAI view (traces, latency, tokens)
+# unless the experiment says it holds model training runs
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def get_experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=embedded_artifact_root(client.tracking_uri))
-    except Exception:  # created by a concurrent process meanwhile
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=embedded_artifact_root(client.tracking_uri))
+        except Exception:  # created by a concurrent process meanwhile
+            exp_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+    return exp_id
 
 
 def git_commit() -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -20,6 +21,7 @@ import boto3
 import numpy as np
 import pytest
 import s3fs
+import torch
 from mlflow.tracking import MlflowClient
 
 from ensemble.math import topk_error
@@ -118,11 +120,18 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
 
     # a second submission trains nothing: same members, same checkpoints, same children
     fs = s3fs.S3FileSystem()
-    before = sorted(fs.find(f"{storage}/smoke/train"))
+    before = sorted(fs.find(f"{storage}/smoke/members"))
+    # one stored copy of a finished member: its final weights (no optimiser state) and
+    # predictions; the training checkpoints are gone, MLflow references the weights
+    assert not fs.exists(f"{storage}/smoke/train") or not fs.find(f"{storage}/smoke/train")
+    for m, child in zip(sorted(runs.members, key=lambda m: m.name), sorted(children, key=lambda c: c.info.run_name)):
+        assert child.data.tags["checkpoint_uri"] == m.checkpoint and m.checkpoint.startswith(f"{storage}/smoke/members/")
+        assert "optimizer" not in torch.load(fs.open(m.checkpoint), map_location="cpu", weights_only=False)
+        assert not client.list_artifacts(child.info.run_id, "checkpoint")
     second = submit(stack, "configs/smoke.yaml", env, runs_uri, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:]
     assert "2 already finished, 0 to train" in second.stdout
-    assert sorted(fs.find(f"{storage}/smoke/train")) == before
+    assert sorted(fs.find(f"{storage}/smoke/members")) == before
     assert len(children_of(client, parent)) == 2
     assert load_runs(runs_uri).members == runs.members
 
@@ -239,11 +248,18 @@ def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "top-5 err" in out.stdout and "resnet18-tiny-s0" in out.stdout  # the per-member table
+    # ... and it ends with the ensemble against its best member on both metrics, in points
+    assert re.search(r"top-1 error: ensemble [\d.]+% vs best member \S+ [\d.]+%: [+-][\d.]+ points", out.stdout)
+    assert re.search(r"top-5 error: ensemble [\d.]+% vs best member \S+ [\d.]+%: [+-][\d.]+ points", out.stdout)
     runs = load_runs(str(tmp_path / "runs.yaml"))
     check_runs_file(runs, 2, 10)
     assert runs.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     client = MlflowClient(runs.mlflow.tracking_uri)
     parent = client.get_run(runs.mlflow.parent_run_id)
+    assert {"job_ensemble_top1_err", "job_ensemble_top5_err", "job_gain_top1_points"} <= set(parent.data.metrics)
+    assert "| **ensemble** (mean_softmax, 2 members)" in parent.data.tags["mlflow.note.content"]
+    # the UI opens the experiment in its model-training view
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert len(children_of(client, parent)) == 2
     assert (tmp_path / "outputs" / "smoke" / "runs.yaml").exists()
     assert any((tmp_path / "mlruns" / "artifacts").rglob("predictions.npy"))
