@@ -187,7 +187,7 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
         concurrency = launch.plan_concurrency(pending, ray.cluster_resources(), cfg.ray.max_concurrent_members)
         console.print(f"running up to {concurrency} members at once on {ray.cluster_resources().get('CPU', 0):g} CPUs"
                       f" / {ray.cluster_resources().get('GPU', 0):g} GPUs")
-        launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", console)
 
     records, failed = _collect(ctx, members)
     extra = imported(cfg, members)

@@ -263,8 +263,13 @@ def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | No
     return max(1, min(safe, useful, cap or len(members), len(members)))
 
 
-def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str):
-    """Run every member as a Tune trial; returns Tune's ResultGrid."""
+def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str, console=None):
+    """Run every member as a Tune trial, shown live on `console` (orchestrator/progress.py);
+    returns Tune's ResultGrid."""
+    from orchestrator.progress import MemberBoard
+
+    board = MemberBoard(members, "minival" if ctx["data"].get("minival") else "val", console,
+                        concurrency=concurrency)
     by_key = {m.key: m for m in members}
 
     def resources(config: dict) -> PlacementGroupFactory:
@@ -278,6 +283,10 @@ def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_
         # a finished trial's process takes the next member with the same resource request
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=ctx["max_failures"])),
+                                  failure_config=tune.FailureConfig(max_failures=ctx["max_failures"]),
+                                  callbacks=[board], verbose=0),  # the board replaces Tune's trial tables
     )
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    finally:
+        board.stop()

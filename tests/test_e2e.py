@@ -248,6 +248,10 @@ def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "top-5 err" in out.stdout and "resnet18-tiny-s0" in out.stdout  # the per-member table
+    # the live board as plain lines (not a terminal): one per member epoch, no Tune trial tables
+    assert re.search(r"member resnet18-tiny-s0 \(resnet18\): epoch 2/2, train loss [\d.]+, val top-1 [\d.]+% top-5",
+                     out.stdout)
+    assert "Trial status" not in out.stdout
     # ... and it ends with the ensemble against its best member on both metrics, in points
     assert re.search(r"top-1 error: ensemble [\d.]+% vs best member \S+ [\d.]+%: [+-][\d.]+ points", out.stdout)
     assert re.search(r"top-5 error: ensemble [\d.]+% vs best member \S+ [\d.]+%: [+-][\d.]+ points", out.stdout)
