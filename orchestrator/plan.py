@@ -6,10 +6,15 @@ cluster, for how long, and at what cost, before anything is launched.
 
 Throughput per member: measured images/s (`--measured`: a previous runs.yaml, or the
 cluster file's `throughput:` by member name or arch) when there is one; otherwise an
-estimate from the model's FLOPs at its input size, calibrated on reference rates (one
-H200: ResNet-50 224 px 4,726 images/s ... ; two CPU cores: low-res ResNet-18 64 px
-93 images/s; ../shared/docs/BACKGROUND.md) and the packing gain of small members
-sharing a GPU. Placement simulates Ray's gang scheduling: longest members first, each
+estimate (marked * in the table). On a GPU a training step costs its FLOPs at an
+effective rate plus a fixed time per layer per batch (kernel launches: what makes
+Inception's many small branches slower than their FLOPs say), both fitted on one H200's
+measured training rates (ResNet-18 and ResNet-50 224 px batch 256: 13,283 and 4,726
+images/s; VGG-16 224 px and Inception-v3 299 px batch 128: 3,533 and 2,293; low-res
+ResNet-18 32 px batch 512: 57,303), each estimate within 1.5x of its reference; on CPU,
+FLOPs at the rate of two cores (low-res ResNet-18 64 px: 93 images/s); times the packing
+gain of small members sharing a GPU. FLOPs and layers are counted on the meta device
+(no weights are allocated, no time goes to initialising them). Placement simulates Ray's gang scheduling: longest members first, each
 worker group placed whole when CPUs/GPUs are free (one node if it fits, else spread),
 the rest waiting for the next to finish. A member that can never fit is refused.
 """
@@ -27,7 +32,9 @@ from pydantic import Field
 from orchestrator.config import H200_PACKING_GAINS, ResolvedMember, Strict, load_config, resolve_members
 from orchestrator.errors import UserError, exit_on_user_error
 
-GPU_FLOPS_PER_S = 45e12  # training images/s x forward FLOPs, one H200 (median of the reference nets)
+GPU_FLOPS_PER_S = 45e12  # training images/s x forward FLOPs, one H200 (median of the reference nets): utilisation
+TRAIN_FLOPS_PER_S = 1.27e14  # rate model, fitted (see above): forward FLOPs per second of a training step ...
+LAYER_SECONDS = 1.32e-4  # ... plus this many seconds per layer per batch
 CPU_FLOPS_PER_S = 2.07e11  # per core: low-res ResNet-18 64 px, 4.44 GFLOPs, 93 images/s on 2 cores
 DDP_EFFICIENCY = 0.9
 
@@ -64,16 +71,30 @@ def load_cluster(path: str) -> Cluster:
 
 
 @lru_cache(maxsize=None)
-def forward_flops(arch: str, low_res: bool, size: int, num_classes: int) -> float:
+def model_cost(arch: str, low_res: bool, size: int, num_classes: int) -> tuple[float, int]:
+    """(forward FLOPs of one image, layers that produce a tensor), counted on the meta
+    device: shapes only, no weights (ResNet-50 in 0.1 s, not seconds)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from models import build_model
 
-    model = build_model(arch, num_classes=num_classes, low_res=low_res).eval()
+    with torch.device("meta"):
+        model = build_model(arch, num_classes=num_classes, low_res=low_res).eval()
+    layers = [0]
+
+    def count(module, inputs, output):
+        layers[0] += torch.is_tensor(output)
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, size, size))
-    return float(counter.get_total_flops())
+        model(torch.empty(1, 3, size, size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return float(counter.get_total_flops()), layers[0]
+
+
+def forward_flops(arch: str, low_res: bool, size: int, num_classes: int) -> float:
+    return model_cost(arch, low_res, size, num_classes)[0]
 
 
 def packing_share(gpus_per_worker: float, gains: dict[int, float] | None = None) -> float:
@@ -87,10 +108,10 @@ def packing_share(gpus_per_worker: float, gains: dict[int, float] | None = None)
 def estimated_rate(m: ResolvedMember, cluster: Cluster, num_classes: int) -> float:
     """Images/s of the whole member (all its workers) from FLOPs and the references."""
     r = m.resources
-    flops = forward_flops(m.arch, m.low_res, m.input_size, num_classes)
+    flops, layers = model_cost(m.arch, m.low_res, m.input_size, num_classes)
     if r.use_gpu:
-        per_worker = GPU_FLOPS_PER_S * cluster.gpu_speed / flops * packing_share(r.gpus_per_worker,
-                                                                                 cluster.packing_gains)
+        seconds = flops / TRAIN_FLOPS_PER_S + layers * LAYER_SECONDS / m.recipe.batch_size
+        per_worker = cluster.gpu_speed / seconds * packing_share(r.gpus_per_worker, cluster.packing_gains)
     else:
         per_worker = CPU_FLOPS_PER_S * r.cpus_per_worker / flops
     return per_worker * r.workers * (DDP_EFFICIENCY if r.workers > 1 else 1.0)
@@ -190,16 +211,29 @@ def plan(members: list[ResolvedMember], samples: int, cluster: Cluster, rates: d
             "gpu_utilisation": gpu_hours / (gpu_total * wall) if gpu_total and wall else 0.0}
 
 
+def is_measured(m: ResolvedMember, cluster: Cluster, measured: dict[str, float]) -> bool:
+    return bool(measured.get(m.name) or cluster.throughput.get(m.name) or cluster.throughput.get(m.arch))
+
+
 def member_rates(members, cluster: Cluster, num_classes: int, measured: dict[str, float]) -> dict[str, float]:
     """Images/s per member key. A measured or declared rate of a `gpus_per_worker: auto`
     member counts as its rate alone on a GPU, scaled by the packing gain of its share."""
+    from rich.progress import Progress
+
     rates = {}
-    for m in members:
-        rate = measured.get(m.name) or cluster.throughput.get(m.name) or cluster.throughput.get(m.arch)
-        if rate and m.packing is not None and m.resources.use_gpu:
-            rate *= packing_share(m.resources.gpus_per_worker, cluster.packing_gains)
-        rates[m.key] = rate or estimated_rate(m, cluster, num_classes)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("estimating members' rates", total=len(members))
+        for m in members:
+            rates[m.key] = _rate(m, cluster, num_classes, measured)
+            bar.advance(task)
     return rates
+
+
+def _rate(m: ResolvedMember, cluster: Cluster, num_classes: int, measured: dict[str, float]) -> float:
+    rate = measured.get(m.name) or cluster.throughput.get(m.name) or cluster.throughput.get(m.arch)
+    if rate and m.packing is not None and m.resources.use_gpu:
+        rate *= packing_share(m.resources.gpus_per_worker, cluster.packing_gains)
+    return rate or estimated_rate(m, cluster, num_classes)
 
 
 def _measured(path: str | None) -> tuple[dict[str, float], dict[str, float]]:
@@ -256,7 +290,7 @@ def _train_samples(cfg) -> tuple[int, int]:
     return int(per_class * len(kept)), len(kept)
 
 
-def print_plan(result: dict, cluster: Cluster) -> None:
+def print_plan(result: dict, cluster: Cluster, estimated: set[str] = frozenset()) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -265,12 +299,17 @@ def print_plan(result: dict, cluster: Cluster) -> None:
         table.add_column(col, justify="left" if col in ("member", "arch", "nodes") else "right")
     for r in sorted(result["rows"], key=lambda r: (r["start_h"], r["member"])):
         table.add_row(r["member"], r["arch"], ",".join(r["nodes"]), f"{r['workers']} x {r['gpus'] / r['workers']:g}",
-                      f"{r['images_per_s']:,.0f}", f"{r['start_h']:.2f}", f"{r['end_h']:.2f}", f"{r['gpu_hours']:.2f}")
+                      f"{r['images_per_s']:,.0f}{'*' if r['member'] in estimated else ''}", f"{r['start_h']:.2f}",
+                      f"{r['end_h']:.2f}", f"{r['gpu_hours']:.2f}")
     console = Console(width=None if Console().is_terminal else 140)
     console.print(table)
     cost = f", cost {result['cost']:,.2f}" if result["cost"] else ""
     console.print(f"wall time {result['wall_hours']:.2f} h, {result['gpu_hours']:.2f} GPU-hours, GPU utilisation "
                   f"{result['gpu_utilisation']:.0%}{cost}")
+    if estimated:
+        rest = "" if len(estimated) == len(result["rows"]) else "; the rest measured"
+        console.print(f"* {len(estimated)} of {len(result['rows'])} rates estimated from FLOPs and layers (within "
+                      f"1.5x of one H200's measured rates){rest}; `--measured runs.yaml` replaces estimates")
 
 
 @exit_on_user_error
@@ -288,7 +327,7 @@ def main(argv=None) -> int:
     members, reasons = apply_packing(members, cfg.packing, cluster, classes, measured_rates, measured_memory)
     rates = member_rates(members, cluster, classes, measured_rates)
     result = plan(members, samples, cluster, rates)
-    print_plan(result, cluster)
+    print_plan(result, cluster, {m.name for m in members if not is_measured(m, cluster, measured_rates)})
     if reasons:
         print_packing(reasons, result, plan(unpacked(members), samples, cluster,
                                             member_rates(unpacked(members), cluster, classes, measured_rates)))

@@ -77,3 +77,44 @@ def test_the_cli_plans_the_shipped_config_and_refuses_an_impossible_one(tmp_path
                   "infra/clusters/local-2cpu.yaml")
     assert bad.returncode == 2 and "more than cluster local-2cpu has" in bad.stderr
     assert bad.stderr.strip().count("\n") == 0
+
+
+# one H200's measured training rates (images/s) the estimate is fitted to
+H200 = {("resnet18", 224, 256): 13_283, ("resnet50", 224, 256): 4_726, ("vgg16_bn", 224, 128): 3_533,
+        ("inception_v3", 299, 128): 2_293}
+
+
+def estimate(arch: str, size: int, batch: int) -> float:
+    from orchestrator.plan import estimated_rate
+
+    raw = {"name": "p", "data": {"root": "/data"}, "recipes": {"r": {"batch_size": batch}},
+           "members": [{"arch": arch, "recipe": "r", "input_size": size, "resources": {"use_gpu": True}}]}
+    one_gpu = cluster({"name": "g", "count": 1, "cpus": 8, "gpus": 1})
+    return estimated_rate(resolve_members(parse_config(raw))[0], one_gpu, 1000)
+
+
+@pytest.mark.parametrize("arch,size,batch", sorted(H200))
+def test_estimates_are_within_2x_of_the_h200_measurements(arch, size, batch):
+    assert 0.5 < estimate(arch, size, batch) / H200[(arch, size, batch)] < 2.0
+
+
+def test_no_family_comes_out_faster_than_a_smaller_one():
+    r50 = estimate("resnet50", 224, 256)
+    assert estimate("inception_resnet_v2", 299, 256) < r50 < estimate("resnet18", 224, 256)
+    assert estimate("resnet152", 224, 256) < estimate("resnet101", 224, 256) < r50
+    assert estimate("vgg19_bn", 224, 256) < estimate("vgg16_bn", 224, 256) < estimate("vgg11_bn", 224, 256)
+
+
+def test_costs_are_counted_without_allocating_weights(monkeypatch):
+    import torch
+
+    from orchestrator import plan as planner
+
+    planner.model_cost.cache_clear()
+    made = []
+    real = torch.nn.Conv2d.reset_parameters
+    monkeypatch.setattr(torch.nn.Conv2d, "reset_parameters",
+                        lambda self: made.append(self.weight.device.type) or real(self))
+    flops, layers = planner.model_cost("resnet50", False, 224, 1000)
+    assert flops == pytest.approx(8.18e9, rel=0.01) and layers > 100
+    assert made and set(made) == {"meta"}
