@@ -91,7 +91,7 @@ def test_shipped_configs_are_valid():
     ({"learning_rate": 1}, "unknown config key 'learning_rate'"),
     ({"members": [{"arch": "alexnet9"}]}, "unknown architecture 'alexnet9'; valid choices:"),
     ({"recipes": {"a": {"augment": {"preset": "wild"}}}}, "unknown augmentation preset 'wild'; valid choices:"),
-    ({"data": {"root": "/nonexistent/data"}}, "data path '/nonexistent/data' has no manifest.json"),
+    ({"data": {"root": "/nonexistent/data"}}, "data folder not found: /nonexistent/data"),
     ({"data": {"root": "TINY", "num_classes": 1000}}, "data.num_classes is 1000 but"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_root, edit, message):
