@@ -55,6 +55,12 @@ def worker_config(member: ResolvedMember, ctx: dict, run_id: str | None) -> dict
             "mlflow_run_id": run_id}
 
 
+def checkpoint_config() -> train.CheckpointConfig:
+    """The member is its final epoch: only the latest checkpoint is kept, none is picked by
+    a held-out score (that would be a choice made on the split that is then reported)."""
+    return train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="epoch", checkpoint_score_order="max")
+
+
 def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> TorchTrainer:
     r = member.resources
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
@@ -66,10 +72,7 @@ def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> Torc
         run_config=train.RunConfig(
             name=member.key,  # same name + storage path = resume from the latest checkpoint
             storage_path=path, storage_filesystem=fs,
-            # the member is its final epoch: only the latest checkpoint is kept, none is
-            # picked by a held-out score (that would be a choice made on the reported split)
-            checkpoint_config=train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="epoch",
-                                                     checkpoint_score_order="max"),
+            checkpoint_config=checkpoint_config(),
             failure_config=train.FailureConfig(max_failures=ctx["max_failures"]),
             callbacks=[TuneReportCallback()],
         ),

@@ -155,3 +155,10 @@ def test_search_choice_on_minival_reports_on_all_of_val():
 def test_a_minival_as_large_as_train_is_refused_at_load():
     with pytest.raises(UserError, match=r"data.minival \(10 per class\) must be below data.train_per_class \(10\)"):
         config("/data/tiny", minival=10)
+
+
+def test_a_data_parallel_member_keeps_its_last_epoch_not_its_best_on_a_held_out_split():
+    from orchestrator.launch import checkpoint_config
+
+    cc = checkpoint_config()
+    assert (cc.num_to_keep, cc.checkpoint_score_attribute, cc.checkpoint_score_order) == (1, "epoch", "max")
