@@ -1,0 +1,100 @@
+"""Look at the MLflow UI as a user does: headless Chromium screenshots of an ensemble's
+experiment page, its parent run and one member's run, and a check of the rendered pages.
+
+    python bench/ui_screenshots.py --store mlruns/mlflow.db --out ui-shots
+    python bench/ui_screenshots.py --tracking-uri http://127.0.0.1:5055 --out ui-shots
+
+With `--store` (the embedded default's SQLite file) an MLflow server is started on
+127.0.0.1 for the run and stopped after; with `--tracking-uri` a running one is used.
+Needs Debian's `chromium` (apt-get install chromium). Writes experiment.png,
+parent_run.png and member_run.png, then checks the rendered DOM (`--dump-dom`) of the
+experiment page for every member's name and of the parent run's page for the ensemble's
+top-5 error; the last line says what was found.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def start_server(store: str, port: int) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{os.path.abspath(store)}", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise SystemExit(f"the MLflow server on 127.0.0.1:{port} did not start within 60 s")
+
+
+def chromium(*args: str, timeout: int = 120) -> str:
+    """Headless Chromium; virtual time lets the single-page app render before the shot."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--window-size=1600,1000", "--virtual-time-budget=15000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", help="an MLflow SQLite file (mlruns/mlflow.db): served here for the run")
+    where.add_argument("--tracking-uri", help="a running MLflow server")
+    p.add_argument("--experiment", help="experiment name (default: the newest with an ensemble parent run)")
+    p.add_argument("--out", default="ui-shots")
+    p.add_argument("--port", type=int, default=5077)
+    args = p.parse_args()
+    server = start_server(args.store, args.port) if args.store else None
+    uri = args.tracking_uri or f"http://127.0.0.1:{args.port}"
+    try:
+        client = MlflowClient(uri)
+        exps = [client.get_experiment_by_name(args.experiment)] if args.experiment else client.search_experiments()
+        parents = [r for e in exps for r in client.search_runs([e.experiment_id], "tags.`ensemble.kind` = 'parent'")]
+        if not parents:
+            raise SystemExit("no ensemble parent run found")
+        parent = parents[0]
+        exp_id = parent.info.experiment_id
+        children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        pages = {"experiment": f"{uri}/#/experiments/{exp_id}/runs",
+                 "parent_run": f"{uri}/#/experiments/{exp_id}/runs/{parent.info.run_id}",
+                 "member_run": f"{uri}/#/experiments/{exp_id}/runs/{children[0].info.run_id}"}
+        for name, url in pages.items():
+            chromium(f"--screenshot={out / (name + '.png')}", url)
+        listed = chromium("--dump-dom", pages["experiment"])
+        missing = [c.info.run_name for c in children if c.info.run_name not in listed]
+        top5 = parent.data.metrics.get("job_ensemble_top5_err")
+        shown = chromium("--dump-dom", pages["parent_run"])
+        print(f"screenshots: {', '.join(str(out / (n + '.png')) for n in pages)}")
+        print(f"experiment page lists {len(children) - len(missing)} of {len(children)} members"
+              + (f" (missing: {', '.join(missing)})" if missing else ""))
+        has_result = top5 is not None and f"{top5:.2%}" in shown
+        print(f"parent run page shows the ensemble's top-5 error ({'found' if has_result else 'NOT found'})")
+        if missing or not has_result:
+            raise SystemExit(1)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
