@@ -123,7 +123,8 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
     before = sorted(fs.find(f"{storage}/smoke/members"))
     # one stored copy of a finished member: its final weights (no optimiser state) and
     # predictions; the training checkpoints are gone, MLflow references the weights
-    assert not fs.exists(f"{storage}/smoke/train") or not fs.find(f"{storage}/smoke/train")
+    # (an S3 server may keep empty folder markers: no file of a checkpoint is what counts)
+    assert not [p for p in fs.find(f"{storage}/smoke/train") if p.endswith((".pt", ".npy", ".json"))]
     for m, child in zip(sorted(runs.members, key=lambda m: m.name), sorted(children, key=lambda c: c.info.run_name)):
         assert child.data.tags["checkpoint_uri"] == m.checkpoint and m.checkpoint.startswith(f"{storage}/smoke/members/")
         assert "optimizer" not in torch.load(fs.open(m.checkpoint), map_location="cpu", weights_only=False)
