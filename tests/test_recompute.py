@@ -235,3 +235,31 @@ def test_served_model_applies_every_evaluated_option(trained, monkeypatch, tmp_p
     assert np.allclose(np.array(out["top5_probs"].tolist()), top.values.numpy(), atol=1e-4)
     plain = em.combine([probs, probs])  # what the old served model computed: not the evaluated ensemble
     assert not np.allclose(plain.topk(4, dim=1).values.numpy(), top.values.numpy(), atol=1e-3)
+
+
+def test_tta_recomputes_the_minival_too_and_chooses_there(trained, monkeypatch, tmp_path):
+    """With a minival in the runs file and test-time augmentation, both the minival (the
+    carved part of train, named by its split) and val are recomputed with the same views;
+    selection is fitted on the minival and every val row is reported."""
+    import json
+
+    from orchestrator.data.dataset import open_split
+
+    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    record, _, root = trained
+    held = open_split(root, "train@minival:2:0", 4, 6)
+    assert len(held) == 8 and sorted(s.label for s in held.records) == [0, 0, 1, 1, 2, 2, 3, 3]
+    np.save(tmp_path / "val_labels.npy", np.array([s.label for s in open_split(root, "val", 4, 3).records]))
+    np.save(tmp_path / "mv_labels.npy", np.array([s.label for s in held.records]))
+    ds = {"name": "tiny", "uri": root, "num_classes": 4, "classes": 4}
+    runs = {"version": 1, "ensemble": "t",
+            "dataset": {**ds, "split": "val", "per_class": 3, "labels": str(tmp_path / "val_labels.npy")},
+            "minival": {**ds, "split": "train@minival:2:0", "per_class": 6, "labels": str(tmp_path / "mv_labels.npy")},
+            "members": [{**record.model_dump(mode="json"), "name": n, "minival_predictions": "unused-with-tta.npy"}
+                        for n in ("a", "b")]}
+    (tmp_path / "runs.yaml").write_text(yaml.safe_dump(runs))
+    assert evaluate.main(["--members", str(tmp_path / "runs.yaml"), "--out", str(tmp_path / "rep"), "--no-mlflow",
+                          "--json", str(tmp_path / "r.json"), "--tta", "flip", "--select", "greedy"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["selection"]["samples"] == 8 and report["dataset"]["samples"] == 12
+    assert report["protocol"]["chosen_on"].startswith("train@minival:2:0")
