@@ -35,11 +35,11 @@ from orchestrator import storage
 from orchestrator.config import ResolvedMember
 from orchestrator.errors import UserError
 from orchestrator import in_trial
-from orchestrator.member_worker import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE,
-                                        PREDICTIONS_FILE)
 from orchestrator.ray_train import train_loop_per_worker
 from orchestrator.tracking import get_or_create_child
 from orchestrator.train.lr import scaled_lr
+from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE,
+                                       PREDICTIONS_FILE)
 
 
 def member_dir(ctx: dict) -> str:
@@ -94,31 +94,30 @@ def training_uri(ctx: dict, key: str) -> str:
     return storage.join(member_dir(ctx), "train", key)
 
 
-def finalize(member: ResolvedMember, ctx: dict, ckpt_uri: str) -> tuple[str, list[dict]]:
+def finalize(member: ResolvedMember, ctx: dict, ckpt_uri: str, tmp: str) -> tuple[str, str, list[dict]]:
     """Store the finished member once: final weights without optimiser state, and its
-    prediction files, under `final_uri`. Returns that URI and the per-epoch history."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = storage.local_dir(ckpt_uri, os.path.join(tmp, "checkpoint"))
-        state = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-        out = os.path.join(tmp, "final")
-        os.makedirs(out)
-        torch.save({k: state[k] for k in FINAL_KEYS if k in state}, os.path.join(out, CHECKPOINT_FILE))
-        for name in PREDICTION_FILES:
-            if os.path.exists(os.path.join(local, name)):
-                shutil.copyfile(os.path.join(local, name), os.path.join(out, name))
-        uri = final_uri(ctx, member.key)
-        storage.put_dir(out, uri)
-    return uri, state["history"]
+    prediction files, under `final_uri`. Returns that URI, the local folder it was
+    written from (inside `tmp`) and the per-epoch history."""
+    local = storage.local_dir(ckpt_uri, os.path.join(tmp, "checkpoint"))
+    state = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    out = os.path.join(tmp, "final")
+    os.makedirs(out)
+    torch.save({k: state[k] for k in FINAL_KEYS if k in state}, os.path.join(out, CHECKPOINT_FILE))
+    for name in PREDICTION_FILES:
+        if os.path.exists(os.path.join(local, name)):
+            shutil.copyfile(os.path.join(local, name), os.path.join(out, name))
+    uri = final_uri(ctx, member.key)
+    storage.put_dir(out, uri)
+    return uri, out, state["history"]
 
 
-def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, final: str, history: list[dict],
+def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, local: str, history: list[dict],
                    steps_per_epoch: int) -> None:
-    """Log the member's predictions and plots; its weights are referenced (tag
-    `checkpoint_uri`), not copied: one stored copy of a finished member."""
+    """Log the member's predictions (from `local`, the folder `finalize` stored) and plots;
+    its weights are referenced (tag `checkpoint_uri`), not copied: one stored copy."""
     from orchestrator import plots  # matplotlib only where plots are drawn
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = storage.local_dir(final, os.path.join(tmp, "final"))
         for name in PREDICTION_FILES:
             if os.path.exists(os.path.join(local, name)):
                 client.log_artifact(run_id, os.path.join(local, name), "predictions")
@@ -179,8 +178,9 @@ def member_trial(config: dict, ctx: dict) -> None:
         # node died, where they resume the member from its checkpoint.
         return
     steps_per_epoch = int(final["steps_per_epoch"])
-    kept, history = finalize(member, ctx, ckpt_uri)
-    _log_artifacts(client, run_id, member, kept, history, steps_per_epoch)
+    with tempfile.TemporaryDirectory() as tmp:
+        kept, local, history = finalize(member, ctx, ckpt_uri, tmp)
+        _log_artifacts(client, run_id, member, local, history, steps_per_epoch)
     client.set_tag(run_id, "checkpoint_uri", storage.join(kept, CHECKPOINT_FILE))
     client.set_terminated(run_id, "FINISHED")
     minutes = sum(h.get("epoch_minutes", 0.0) for h in history)

@@ -23,9 +23,7 @@ from mlflow.tracking import MlflowClient
 from models import save_checkpoint
 from orchestrator.config import Data, ResolvedMember
 from orchestrator.tracking import log_epoch
-from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE,  # noqa: F401
-                                       MINIVAL_PREDICTIONS_FILE, PREDICTIONS_FILE, final_outputs, open_member_data,
-                                       train_member)
+from orchestrator.train.member import CHECKPOINT_FILE, final_outputs, open_member_data, train_member
 
 
 class Session(Protocol):

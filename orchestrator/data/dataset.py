@@ -160,12 +160,8 @@ def open_split(root: str, split: str, classes=None, per_class: int | None = None
     name the two parts of train carved by orchestrator/data/minival.py."""
     base, part, held, seed = minival.parse(split)
     if part is not None:
-        whole = open_split(root, base, classes, per_class, num_classes)
-        if whole.records is None:  # carving needs the labels in order: read the split once
-            whole.records = _read_subset(whole)
-        rest, chosen = minival.carve(whole.labels, whole.num_classes, held, seed)
-        keep = chosen if part == "minival" else rest
-        return Split(whole.manifest, split, whole.kept, per_class, [whole.records[i] for i in keep])
+        rest, chosen = carve_minival(open_split(root, base, classes, per_class, num_classes), held, seed)
+        return chosen if part == "minival" else rest
     manifest = load_manifest(root)
     if num_classes is not None and num_classes != manifest.num_classes:
         raise UserError(f"data.num_classes is {num_classes} but {root}/manifest.json lists {manifest.num_classes}")
@@ -175,6 +171,17 @@ def open_split(root: str, split: str, classes=None, per_class: int | None = None
     if classes is not None or per_class is not None:
         split_obj.records = _read_subset(split_obj)
     return split_obj
+
+
+def carve_minival(whole: Split, per_class: int, seed: int) -> tuple[Split, Split]:
+    """(the rest of train, its minival) from one read of the train split, each named as
+    `open_split` opens it again (orchestrator/data/minival.py)."""
+    if whole.records is None:  # carving needs the labels in order: read the split once
+        whole.records = _read_subset(whole)
+    rest, chosen = minival.carve(whole.labels, whole.num_classes, per_class, seed)
+    held_name, rest_name = minival.split_names(whole.split, per_class, seed)
+    return (Split(whole.manifest, rest_name, whole.kept, whole.per_class, [whole.records[i] for i in rest]),
+            Split(whole.manifest, held_name, whole.kept, whole.per_class, [whole.records[i] for i in chosen]))
 
 
 def _read_subset(split: Split) -> list[Sample]:

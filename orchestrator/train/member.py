@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader
 from ensemble.math import topk_error
 from models import build_model, get_spec
 from orchestrator.config import Data, ResolvedMember
-from orchestrator.data import minival
-from orchestrator.data.dataset import EvalStream, Split, TooManyBadImages, TrainStream, open_split
+from orchestrator.data.dataset import EvalStream, Split, TooManyBadImages, TrainStream, carve_minival, open_split
 from orchestrator.train import augment, batch_augment, confusion, loop, lr, teacher
 from orchestrator.train.optim import build_optimizer
 
@@ -45,15 +44,17 @@ class MemberData:
         """The split of the per-epoch metrics and the final epoch's kept predictions."""
         return self.minival if self.minival is not None else self.val
 
+    @property
+    def heldout_name(self) -> str:
+        return "minival" if self.minival is not None else "val"
+
 
 def open_member_data(data: Data) -> MemberData:
-    train_split, minival_split = data.train_split, None
-    if data.minival:
-        minival_split, train_split = minival.split_names(data.train_split, data.minival, data.minival_seed)
-    train = open_split(data.root, train_split, data.classes, data.train_per_class, data.num_classes)
+    train = open_split(data.root, data.train_split, data.classes, data.train_per_class, data.num_classes)
+    held = None
+    if data.minival:  # train is read once and carved in two
+        train, held = carve_minival(train, data.minival, data.minival_seed)
     val = open_split(data.root, data.val_split, data.classes, data.val_per_class, data.num_classes)
-    held = (open_split(data.root, minival_split, data.classes, data.train_per_class, data.num_classes)
-            if minival_split else None)
     return MemberData(train, val, data.max_bad_images, held)
 
 
@@ -168,7 +169,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                          device=device, criterion=criterion, state=state,
                          mix=augment.build_batch_mix(fields, data.num_classes), bf16=bf16, channels_last=cl,
                          on_epoch_end=epoch_end, plain_last_epochs=recipe.plain_last_epochs,
-                         multiscale=recipe.multiscale, heldout="minival" if data.minival is not None else "val")
+                         multiscale=recipe.multiscale, heldout=data.heldout_name)
     finally:
         # a trial process trains the next member after this one: stop the prefetch thread
         if hasattr(train_batches, "close"):
@@ -211,13 +212,19 @@ def count_bad_images(metrics: dict, seen: dict, train_stream, val_stream, limit:
                                f"epoch {metrics.get('epoch')}: more than data.max_bad_images = {limit}")
 
 
-def predict(model, split: Split, member: ResolvedMember, device, rank=0, world=1) -> dict:
-    """{dataset index: float32 softmax row} for this rank's part of `split`."""
+def scored_pass(model, split: Split, member: ResolvedMember, device, rank=0, world=1,
+                name: str = "val") -> tuple[dict, dict]:
+    """(`<name>_*` metrics over all ranks, {dataset index: float32 softmax row} for this
+    rank's part of `split`), with the member's eval transform."""
     _, eval_tf = eval_transform_of(member)
     loader = build_eval_loader(split, eval_tf, member.recipe.batch_size * 2, member.resources.loader_workers,
                                rank, world)
-    _, probs = loop.evaluate(model, loader, device, member.recipe.bf16, keep_probs=True)
-    return probs
+    return loop.evaluate(model, loader, device, member.recipe.bf16, keep_probs=True, split=name)
+
+
+def predict(model, split: Split, member: ResolvedMember, device, rank=0, world=1) -> dict:
+    """{dataset index: float32 softmax row} for this rank's part of `split`."""
+    return scored_pass(model, split, member, device, rank, world)[1]
 
 
 def assemble_predictions(parts: list[dict], n: int) -> np.ndarray:
@@ -267,10 +274,7 @@ def final_outputs(heldout_parts: dict, gather: Callable[[dict], list[dict]], mod
         stored, labels = final_predictions(parts, data.val, metrics, "val")
         return {PREDICTIONS_FILE: stored, LABELS_FILE: labels}
     held = final_predictions(parts, data.minival, metrics, "minival") if rank == 0 else None
-    _, eval_tf = eval_transform_of(member)
-    loader = build_eval_loader(data.val, eval_tf, member.recipe.batch_size * 2, member.resources.loader_workers,
-                               rank, world)
-    val_metrics, val_probs = loop.evaluate(model, loader, device, member.recipe.bf16, keep_probs=True, split="val")
+    val_metrics, val_probs = scored_pass(model, data.val, member, device, rank, world, "val")
     metrics.update(val_metrics)
     val_parts = gather(val_probs)
     if rank != 0:
