@@ -2,8 +2,10 @@
 
 Follows torchvision's `models/_api.py`: names map to builders, duplicates are refused,
 and every entry carries its own eval transform (input size, resize, crop, mean/std) so an
-Inception is evaluated at 299 px without anyone remembering. Each entry also has a
-low-resolution form (`low_res=True`) for 32-64 px inputs such as Tiny-ImageNet.
+Inception is evaluated at 299 px without anyone remembering. Each ImageNet entry also
+has a low-resolution form (`low_res=True`) for 32-64 px inputs such as Tiny-ImageNet; the
+CIFAR networks (`models/cifar.py`) are small-image networks by design, so their two forms
+are the same network and their native size is 32 px.
 Weights are never downloaded: every model is built with random initialisation.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from models import lowres
+from models import cifar, lowres
 from orchestrator.errors import UserError, unknown_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,6 +52,7 @@ class ModelSpec:
     eval: EvalTransform
     low_res_size: int = 64  # Tiny-ImageNet
     min_low_res_size: int = 32
+    small: bool = False  # designed for 32 px images (models/cifar.py): both forms are the same net
 
     def eval_transform(self, low_res: bool, input_size: int | None = None) -> EvalTransform:
         """The eval transform for this model at its native or low-res size.
@@ -161,3 +164,19 @@ register(ModelSpec("inception_v4", "inception", _timm("inception_v4"), lowres.ti
                    min_low_res_size=64))
 register(ModelSpec("inception_resnet_v2", "inception_resnet", _timm("inception_resnet_v2"),
                    lowres.timm_inception, _INC, min_low_res_size=64))
+
+# Small-image networks (models/cifar.py): native at 32 px, evaluated on the whole image
+# (no crop), and the same network in both forms.
+_CIFAR = EvalTransform(32, 32, 32)
+_SAME = lambda model: model  # noqa: E731
+
+
+def _small(name: str, family: str, builder) -> None:
+    register(ModelSpec(name, family, builder, _SAME, _CIFAR, low_res_size=32, min_low_res_size=16, small=True))
+
+
+for _depth in (20, 32, 56):
+    _small(f"resnet{_depth}", "resnet", cifar.resnet(_depth))
+for _k in (2, 4, 8):
+    _small(f"wrn16_{_k}", "wide_resnet", cifar.wide_resnet(16, _k))
+_small("vgg8", "vgg", cifar.vgg8)

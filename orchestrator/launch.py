@@ -269,10 +269,11 @@ def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | No
 def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str, console=None):
     """Run every member as a Tune trial, shown live on `console` (orchestrator/progress.py);
     returns Tune's ResultGrid."""
-    from orchestrator.progress import MemberBoard
+    from orchestrator.progress import MemberBoard, tune_errors_to
 
+    log_path = os.path.join("logs", f"{run_name}.log")
     board = MemberBoard(members, "minival" if ctx["data"].get("minival") else "val", console,
-                        concurrency=concurrency)
+                        concurrency=concurrency, log_path=log_path)
     by_key = {m.key: m for m in members}
 
     def resources(config: dict) -> PlacementGroupFactory:
@@ -290,6 +291,7 @@ def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_
                                   callbacks=[board], verbose=0),  # the board replaces Tune's trial tables
     )
     try:
-        return tuner.fit()
+        with tune_errors_to(log_path):
+            return tuner.fit()
     finally:
         board.stop()

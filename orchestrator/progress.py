@@ -8,10 +8,14 @@ time left. On a terminal the table is redrawn in place (rich `Live`, as Ray's da
 or timm's logs show progress); elsewhere (`ray job submit`, CI logs) each member epoch is
 one plain line. Tune's own trial tables are turned off (`verbose=0`), and a trial that
 Tune restarts after its process died is one line naming the member, the cause and the
-epoch it resumes from; the traceback stays in Tune's log files.
+epoch it resumes from; the traceback Tune logs for it goes to the job's log file
+(`tune_errors_to`), which that line names.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -51,12 +55,36 @@ def _minutes(x: float | None) -> str:
     return "" if x is None else (f"{x:.1f} min" if x < 90 else f"{x / 60:.1f} h")
 
 
+# Tune logs a failed trial's whole traceback here ("Trial task failed for trial ...")
+TUNE_CONTROLLER_LOGGER = "ray.tune.execution.tune_controller"
+
+
+@contextlib.contextmanager
+def tune_errors_to(path: str):
+    """While the job runs, what Tune's controller logs (a failed trial's traceback among it)
+    goes to the file at `path` instead of the terminal, where the board shows one line."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    log = logging.getLogger(TUNE_CONTROLLER_LOGGER)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    was = log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield path
+    finally:
+        log.removeHandler(handler)
+        log.propagate = was
+        handler.close()
+
+
 class MemberBoard(Callback):
     def __init__(self, members, heldout: str = "val", console: Console | None = None, live: bool | None = None,
-                 concurrency: int = 1):
+                 concurrency: int = 1, log_path: str | None = None):
         self.rows = {m.key: Row(m.name, m.arch, m.recipe.epochs) for m in members}
         self.heldout, self.concurrency = heldout, max(1, concurrency)
         self.console = console or Console()
+        self.log_path = log_path
         self.live_mode = self.console.is_terminal if live is None else live
         self.live: Live | None = None
 
@@ -105,8 +133,9 @@ class MemberBoard(Callback):
         row.restarts += 1
         row.status = "restarting"
         cause = (getattr(trial, "error_msg", None) or "its trial process died").strip().splitlines()[-1][:160]
+        where = f" (traceback in {self.log_path})" if self.log_path else ""
         self.console.print(f"member {row.name}: restarted ({cause}); resumes after epoch {row.epoch} "
-                           f"from its latest checkpoint", highlight=False, soft_wrap=True)
+                           f"from its latest checkpoint{where}", highlight=False, soft_wrap=True)
         self._show()
 
     def on_experiment_end(self, trials, **info):

@@ -122,6 +122,10 @@ def test_a_killed_training_process_resumes_from_its_last_checkpoint(stack, s3_da
     status, logs = wait(stack, job)
     assert status == "SUCCEEDED", logs[-3000:]
     assert "resuming after epoch 1" in logs or "resuming after epoch 2" in logs  # at most one epoch redone
+    # the terminal gets one line naming the cause; Tune's traceback is in the job's log file
+    restart = [line for line in logs.splitlines() if "restarted (" in line]
+    assert len(restart) == 1 and "traceback in logs/" in restart[0], logs[-3000:]
+    assert "Trial task failed" not in logs, logs[-3000:]
     metrics, _ = final_member(stack, env)
     # the same seed, restarted once: the same model within noise (80 val images)
     assert abs(metrics["top1_err"] - undisturbed["metrics"]["top1_err"]) <= 0.15

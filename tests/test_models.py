@@ -31,7 +31,7 @@ def test_low_res_forward_backward(name):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [n for n in list_models() if not get_spec(n).small])
 def test_eval_transform_of_every_entry(name):
     spec = get_spec(name)
     native = spec.eval_transform(low_res=False)
@@ -104,3 +104,47 @@ def test_a_model_with_state_outside_its_checkpoint_is_built_normally(monkeypatch
     saved = WithTable()
     model = registry._rebuild({"arch": "t", "num_classes": 2, "low_res": False, "state_dict": saved.state_dict()})
     assert torch.equal(model.table, torch.arange(4.0)) and torch.equal(model.fc.weight, saved.fc.weight)
+
+
+# He et al. 2016 (Table 6) and Zagoruyko & Komodakis 2016 (Table 1 / code) parameter
+# counts, with a 10-class head as in the papers
+PAPER_PARAMS = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet56": 0.85e6, "wrn16_4": 2.7e6, "wrn16_8": 11.0e6}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_cifar_networks_have_their_papers_size(name):
+    model = build_model(name, num_classes=10)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.03, count
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if get_spec(n).small])
+def test_small_networks_are_native_at_32_px_and_the_same_in_both_forms(name):
+    spec = get_spec(name)
+    assert spec.eval_transform(low_res=False) == spec.eval_transform(low_res=True) == spec.eval
+    assert (spec.eval.input_size, spec.eval.resize, spec.eval.crop) == (32, 32, 32)  # the whole image, no crop
+    torch.manual_seed(0)
+    a = build_model(name, num_classes=5, low_res=False)
+    torch.manual_seed(0)
+    b = build_model(name, num_classes=5, low_res=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with torch.no_grad():  # global pooling: any input size from 16 px
+        assert a.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_a_config_of_small_members_resolves_to_32_px_low_res():
+    from orchestrator.config import load_config, resolve_members
+
+    members = resolve_members(load_config("configs/default.yaml"))
+    assert {get_spec(m.arch).small for m in members} == {True}
+    assert {(m.input_size, m.low_res) for m in members} == {(32, True)}
+
+
+def test_resnet_option_a_shortcut_pads_channels_without_parameters():
+    from models.cifar import _Basic
+
+    block = _Basic(16, 32, stride=2)
+    x = torch.randn(1, 16, 8, 8)
+    short = block.shortcut(x)
+    assert short.shape == (1, 32, 4, 4)
+    assert torch.equal(short[:, :16], x[:, :, ::2, ::2]) and not short[:, 16:].any()

@@ -83,3 +83,32 @@ def test_the_board_survives_tunes_pickling():
     again = pickle.loads(pickle.dumps(board))
     assert again.rows == board.rows and again.live is None
     board.stop()
+
+
+def test_tunes_traceback_of_a_failed_trial_goes_to_the_log_file(tmp_path, capsys):
+    """Tune logs a failed trial's whole traceback; during the job it lands in the log file
+    that the restart line names, not on the terminal."""
+    import logging
+
+    from orchestrator.progress import TUNE_CONTROLLER_LOGGER, tune_errors_to
+
+    path = str(tmp_path / "logs" / "job.log")
+    log = logging.getLogger(TUNE_CONTROLLER_LOGGER)
+    try:
+        raise RuntimeError("worker died")
+    except RuntimeError as exc:
+        error = exc
+    with tune_errors_to(path):
+        log.error("Trial task failed for trial member_trial_00000", exc_info=error)
+    written = open(path).read()
+    assert "Trial task failed" in written and "Traceback (most recent call last)" in written
+    assert "RuntimeError: worker died" in written
+    assert "Traceback" not in capsys.readouterr().err
+    assert log.propagate and not log.handlers  # the logger is as it was after the job
+
+    out = io.StringIO()
+    ms = members()
+    board = MemberBoard(ms, "val", Console(file=out, width=300), live=False, log_path=path)
+    a = trial(ms[0])
+    board.on_trial_recover(0, [], a)
+    assert out.getvalue().strip().endswith(f"from its latest checkpoint (traceback in {path})")
