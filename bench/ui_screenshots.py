@@ -6,10 +6,11 @@ experiment page, its parent run and one member's run, and a check of the rendere
 
 With `--store` (the embedded default's SQLite file) an MLflow server is started on
 127.0.0.1 for the run and stopped after; with `--tracking-uri` a running one is used.
-Needs Debian's `chromium` (apt-get install chromium). Writes experiment.png,
+Needs Debian's `chromium` (apt-get install chromium). Writes experiment.png (the
+experiment on the job's saved view: ensemble and members ranked by val top-5 error),
 parent_run.png and member_run.png, then checks the rendered DOM (`--dump-dom`) of the
-experiment page for every member's name and of the parent run's page for the ensemble's
-top-5 error; the last line says what was found.
+experiment page for every member's name and the ensemble's val top-5 error, and of the
+parent run's page for the ensemble's result table; the last lines say what was found.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ import urllib.request
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orchestrator.tracking import runs_view_url  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -48,7 +52,7 @@ def start_server(store: str, port: int) -> subprocess.Popen:
 def chromium(*args: str, timeout: int = 120) -> str:
     """Headless Chromium; virtual time lets the single-page app render before the shot."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           "--window-size=1600,1000", "--virtual-time-budget=15000", *args]
+           "--window-size=1920,1000", "--virtual-time-budget=15000", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout
 
 
@@ -74,21 +78,27 @@ def main() -> None:
         children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        pages = {"experiment": f"{uri}/#/experiments/{exp_id}/runs",
-                 "parent_run": f"{uri}/#/experiments/{exp_id}/runs/{parent.info.run_id}",
-                 "member_run": f"{uri}/#/experiments/{exp_id}/runs/{children[0].info.run_id}"}
+        # the job's saved view: members and ensemble in one list ranked by val top-5 error
+        pages = {"experiment": runs_view_url(uri, exp_id),
+                 "parent_run": f"{uri}/#/experiments/{exp_id}/runs/{parent.info.run_id}?workflowType=machine_learning",
+                 "member_run": f"{uri}/#/experiments/{exp_id}/runs/{children[0].info.run_id}"
+                               "?workflowType=machine_learning"}
         for name, url in pages.items():
             chromium(f"--screenshot={out / (name + '.png')}", url)
         listed = chromium("--dump-dom", pages["experiment"])
         missing = [c.info.run_name for c in children if c.info.run_name not in listed]
+        ranked = parent.data.metrics.get("val_top5_err")
+        ranked_shown = ranked is not None and f">{ranked!r}<" in listed  # the ensemble's cell in the table
         top5 = parent.data.metrics.get("job_ensemble_top5_err")
         shown = chromium("--dump-dom", pages["parent_run"])
         print(f"screenshots: {', '.join(str(out / (n + '.png')) for n in pages)}")
         print(f"experiment page lists {len(children) - len(missing)} of {len(children)} members"
               + (f" (missing: {', '.join(missing)})" if missing else ""))
+        print(f"experiment page ranks the ensemble by its val top-5 error {ranked} "
+              f"({'found' if ranked_shown else 'NOT found'})")
         has_result = top5 is not None and f"{top5:.2%}" in shown
         print(f"parent run page shows the ensemble's top-5 error ({'found' if has_result else 'NOT found'})")
-        if missing or not has_result:
+        if missing or not has_result or not ranked_shown:
             raise SystemExit(1)
     finally:
         if server is not None:

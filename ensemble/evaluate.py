@@ -246,7 +246,10 @@ def summarize(runs_path: str) -> dict:
 def log_job_result(runs: RunsFile, report: dict) -> str | None:
     """The job's result on its parent run: metrics named `job_*` (so a later
     `ensemble.evaluate --select ...` logging `ensemble_*` does not overwrite them), and the
-    result table as the run's description (shown on the run's page in the MLflow UI)."""
+    result table as the run's description (shown on the run's page in the MLflow UI).
+    The ensemble's errors are also logged as `val_top1_err` / `val_top5_err`, the names
+    of each member's final figures, so that the experiment's runs table sorted by either
+    column ranks the ensemble among its members (`bench/ui_screenshots.py` opens it so)."""
     from mlflow.tracking import MlflowClient
 
     uri, parent = mlflow_target(runs)
@@ -254,10 +257,15 @@ def log_job_result(runs: RunsFile, report: dict) -> str | None:
         return None
     client = MlflowClient(uri)
     e, members = report["ensemble"], {m["name"]: m for m in report["members"]}
+
+    def log(key: str, value: float) -> None:  # 7 digits, as float32 figures hold: 0.662, not 0.66199999
+        client.log_metric(parent, key, float(f"{float(value):.7g}"))
+
     for k in (1, 5):
-        client.log_metric(parent, f"job_ensemble_top{k}_err", float(e[f"top{k}_err"]))
-        client.log_metric(parent, f"job_best_member_top{k}_err", float(members[e[f"best_member_top{k}"]][f"top{k}_err"]))
-        client.log_metric(parent, f"job_gain_top{k}_points", 100 * float(e[f"gain_top{k}_over_best"]))
+        log(f"job_ensemble_top{k}_err", e[f"top{k}_err"])
+        log(f"val_top{k}_err", e[f"top{k}_err"])
+        log(f"job_best_member_top{k}_err", members[e[f"best_member_top{k}"]][f"top{k}_err"])
+        log(f"job_gain_top{k}_points", 100 * e[f"gain_top{k}_over_best"])
     client.set_tag(parent, "mlflow.note.content", rep.markdown(report))
     return parent
 

@@ -45,9 +45,24 @@ def show_result(runs, runs_path: str) -> None:
           f"{report['dataset']['split']}, {report['dataset']['samples']} samples:")
     for line in headline(report):
         print(f"  {line}")
-    if evaluate.log_job_result(runs, report):
+    parent = evaluate.log_job_result(runs, report)
+    if parent:
         print(f"  logged to the parent run as job_ensemble_top1_err = {e['top1_err']:.4f}, "
               f"job_ensemble_top5_err = {e['top5_err']:.4f}")
+        print(f"  the members and the ensemble, ranked, in the MLflow UI: {ui_link(runs.mlflow.tracking_uri, parent)}")
+
+
+def ui_link(uri: str, parent: str) -> str:
+    """The experiment's runs page on the job's saved view (orchestrator/tracking.py); for
+    the embedded store, where `mlflow ui` serves it by default."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import runs_view_url
+
+    experiment = MlflowClient(uri).get_run(parent).info.experiment_id
+    if uri.startswith(("http://", "https://")):
+        return runs_view_url(uri, experiment)
+    return f"{runs_view_url('http://127.0.0.1:5000', experiment)} (after `mlflow ui --backend-store-uri {uri}`)"
 
 
 @exit_on_user_error

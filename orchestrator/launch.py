@@ -269,7 +269,7 @@ def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | No
 def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str, console=None):
     """Run every member as a Tune trial, shown live on `console` (orchestrator/progress.py);
     returns Tune's ResultGrid."""
-    from orchestrator.progress import MemberBoard, tune_errors_to
+    from orchestrator.progress import MemberBoard, quiet_tune
 
     log_path = os.path.join("logs", f"{run_name}.log")
     board = MemberBoard(members, "minival" if ctx["data"].get("minival") else "val", console,
@@ -291,7 +291,7 @@ def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_
                                   callbacks=[board], verbose=0),  # the board replaces Tune's trial tables
     )
     try:
-        with tune_errors_to(log_path):
+        with quiet_tune(log_path):
             return tuner.fit()
     finally:
         board.stop()

@@ -9,7 +9,7 @@ or timm's logs show progress); elsewhere (`ray job submit`, CI logs) each member
 one plain line. Tune's own trial tables are turned off (`verbose=0`), and a trial that
 Tune restarts after its process died is one line naming the member, the cause and the
 epoch it resumes from; the traceback Tune logs for it goes to the job's log file
-(`tune_errors_to`), which that line names.
+(`quiet_tune`), which that line names.
 """
 from __future__ import annotations
 
@@ -60,22 +60,30 @@ TUNE_CONTROLLER_LOGGER = "ray.tune.execution.tune_controller"
 
 
 @contextlib.contextmanager
-def tune_errors_to(path: str):
-    """While the job runs, what Tune's controller logs (a failed trial's traceback among it)
-    goes to the file at `path` instead of the terminal, where the board shows one line."""
+def quiet_tune(path: str):
+    """While the job runs, Tune prints nothing of its own: what its controller logs (a failed
+    trial's traceback among it) goes to the file at `path`, where the board's restart line
+    points, and its start banner ("Configuration for experiment", "View detailed results
+    here") is off. Ray's new output engine prints that banner whatever `verbose` says; the
+    classic one (`RAY_AIR_NEW_OUTPUT=0`, read when `fit` starts) is silent at `verbose=0`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     log = logging.getLogger(TUNE_CONTROLLER_LOGGER)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    was = log.propagate
+    was, output = log.propagate, os.environ.get("RAY_AIR_NEW_OUTPUT")
     log.addHandler(handler)
     log.propagate = False
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         yield path
     finally:
         log.removeHandler(handler)
         log.propagate = was
         handler.close()
+        if output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = output
 
 
 class MemberBoard(Callback):

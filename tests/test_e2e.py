@@ -263,8 +263,13 @@ def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
     parent = client.get_run(runs.mlflow.parent_run_id)
     assert {"job_ensemble_top1_err", "job_ensemble_top5_err", "job_gain_top1_points"} <= set(parent.data.metrics)
     assert "| **ensemble** (mean_softmax, 2 members)" in parent.data.tags["mlflow.note.content"]
-    # the UI opens the experiment in its model-training view
-    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # the UI opens the experiment in its model-training view, and the link the job prints opens
+    # its saved view, where the parent's val errors (the ensemble's) rank it among the members
+    tags = client.get_experiment(parent.info.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert json.loads(tags["mlflow.sharedViewState.ensembles"])["orderByKey"] == "metrics.`val_top5_err`"
+    assert f"#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey=ensembles" in out.stdout
+    assert parent.data.metrics["val_top5_err"] == parent.data.metrics["job_ensemble_top5_err"]
     assert len(children_of(client, parent)) == 2
     assert (tmp_path / "outputs" / "smoke" / "runs.yaml").exists()
     assert any((tmp_path / "mlruns" / "artifacts").rglob("predictions.npy"))

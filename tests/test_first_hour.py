@@ -49,3 +49,24 @@ def test_plan_help_reads_to_the_end_of_its_sentence():
 
 def test_the_report_folder_is_ignored_by_git():
     assert "ensemble-report/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_the_experiment_carries_a_saved_runs_view_the_ui_can_open(tmp_path):
+    """The link the job prints opens the runs table on a view stored in the experiment (as
+    the UI's Share button stores one): sorted by val top-5 error, with the columns to compare."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import RUNS_VIEW, VIEW_KEY, get_experiment_id, runs_view_url
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = get_experiment_id(client, "e")
+    assert get_experiment_id(client, "e") == exp  # a second job reuses it
+    tags = client.get_experiment(exp).tags
+    view = json.loads(tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
+    assert view == RUNS_VIEW and view["orderByKey"] == "metrics.`val_top5_err`" and view["orderByAsc"] is True
+    assert "metrics.`val_top1_err`" in view["selectedColumns"]
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert runs_view_url("http://127.0.0.1:5000/", exp) == (
+        f"http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey=ensembles&workflowType=machine_learning")

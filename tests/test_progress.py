@@ -1,6 +1,7 @@
 """The job's live member table: rows from each member's epoch reports, a plain line per
 epoch when the output is not a terminal, one line for a restart."""
 import io
+import os
 from types import SimpleNamespace
 
 from rich.console import Console
@@ -90,7 +91,7 @@ def test_tunes_traceback_of_a_failed_trial_goes_to_the_log_file(tmp_path, capsys
     that the restart line names, not on the terminal."""
     import logging
 
-    from orchestrator.progress import TUNE_CONTROLLER_LOGGER, tune_errors_to
+    from orchestrator.progress import TUNE_CONTROLLER_LOGGER, quiet_tune
 
     path = str(tmp_path / "logs" / "job.log")
     log = logging.getLogger(TUNE_CONTROLLER_LOGGER)
@@ -98,8 +99,11 @@ def test_tunes_traceback_of_a_failed_trial_goes_to_the_log_file(tmp_path, capsys
         raise RuntimeError("worker died")
     except RuntimeError as exc:
         error = exc
-    with tune_errors_to(path):
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    with quiet_tune(path):
         log.error("Trial task failed for trial member_trial_00000", exc_info=error)
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # no start banner from Tune's new output engine
+    assert os.environ.get("RAY_AIR_NEW_OUTPUT") == before
     written = open(path).read()
     assert "Trial task failed" in written and "Traceback (most recent call last)" in written
     assert "RuntimeError: worker died" in written
