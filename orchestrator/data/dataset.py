@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
@@ -129,6 +130,36 @@ class Split:
     def labels(self) -> list[int]:
         """Labels of an in-memory split, in order (sampling plans each pass from them)."""
         return [s.label for s in self.records]
+
+    def all_labels(self) -> np.ndarray:
+        """Every label in dataset order: from memory, from the manifest's labels file
+        (a streamed split: no pass over the images), or else from one pass."""
+        if self.records is not None:
+            return np.asarray(self.labels, dtype=np.int64)
+        labels = self.manifest.split_labels(self.split)
+        if labels is not None:
+            return labels
+        return np.array([s.label for s in self.iter_samples()], dtype=np.int64)
+
+    def iter_indexed(self, me: int, total: int) -> Iterator[tuple[int, Sample]]:
+        """Reader slot `me` of `total`'s part of the split as (dataset index, sample); the
+        parts are disjoint and cover every sample once. A streamed split is divided by
+        shard, so each shard is read by one slot only (a gzip shard cannot be split; with
+        fewer shards than slots the spare slots read nothing), and each sample's index
+        comes from the manifest's per-shard counts. In memory, or for a folder layout
+        (read per file), every total-th sample."""
+        shards = self.manifest.shards(self.split)
+        if self.records is not None or any(s.file.startswith(FOLDER_PREFIX) for s in shards):
+            for j, s in enumerate(self.iter_samples(keep=lambda i: i % total == me)):
+                yield me + j * total, s
+            return
+        offsets = self.manifest.offsets(self.split)
+        for k in range(me, len(shards), total):
+            url, n = self.manifest.url(shards[k]), 0
+            for n, s in enumerate(self.iter_raw(url), 1):
+                yield offsets[k] + n - 1, Sample(s.key, s.data, s.label)
+            if n != shards[k].samples:
+                raise UserError(f"shard {url} holds {n} samples; the manifest says {shards[k].samples}")
 
     def iter_samples(self, urls: list[str] | None = None, keep=None) -> Iterator[Sample]:
         """Samples in dataset order (from memory, or streamed from `urls`); with `keep`,
@@ -290,7 +321,8 @@ class TrainStream(IterableDataset):
 
 class EvalStream(IterableDataset):
     """One pass over a rank's part of a split, yielding (dataset index, image, label).
-    Parts are disjoint across ranks and loader workers and cover every sample once."""
+    Parts are disjoint across ranks and loader workers and cover every sample once; a
+    streamed split's shards are each read by one (rank, loader) slot (`Split.iter_indexed`)."""
 
     def __init__(self, split: Split, transform, rank: int = 0, world: int = 1):
         self.split, self.transform, self.rank, self.world = split, transform, rank, world
@@ -298,11 +330,9 @@ class EvalStream(IterableDataset):
 
     def __iter__(self):
         slot, nslots = _slots()
-        total, me = self.world * nslots, self.rank * nslots + slot
-        kept = self.split.iter_samples(keep=lambda i: i % total == me)
-        for j, s in enumerate(kept):  # the j-th kept sample is sample me + j * total
+        for index, s in self.split.iter_indexed(self.rank * nslots + slot, self.world * nslots):
             img = try_decode(s.data, self.bad)
             if img is None:
                 # still scored (as a blank grey image), so every index keeps its row; counted
                 img = torch.full((3, 64, 64), 128, dtype=torch.uint8)
-            yield me + j * total, self.transform(img), s.label
+            yield index, self.transform(img), s.label

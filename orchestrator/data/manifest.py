@@ -1,13 +1,14 @@
 """`manifest.json` of a shard folder (format: ../shared/data/README.md).
 
 One manifest per dataset: the class list (index -> wnid, name; sorted-wnid order) and
-per split its sample count and shards (file, sha256, bytes, samples). Read from a local
-path, s3:// or any fsspec URL.
+per split its sample count and shards (file, sha256, bytes, samples), and optionally its
+labels file (`labels: {file, sha256}`, int32 .npy in dataset order, written by `prepare`).
+Read from a local path, s3:// or any fsspec URL.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 
@@ -28,6 +29,7 @@ class Manifest:
     name: str
     classes: list[dict]  # [{"index", "wnid", "name"}]
     splits: dict[str, list[Shard]]
+    labels: dict[str, dict] = field(default_factory=dict)  # split -> {"file", "sha256"}
 
     @property
     def num_classes(self) -> int:
@@ -40,6 +42,38 @@ class Manifest:
 
     def url(self, shard: Shard) -> str:
         return shard.file if shard.file.startswith(FOLDER_PREFIX) else join(self.root, shard.file)
+
+    def offsets(self, split: str) -> list[int]:
+        """Dataset index of each shard's first sample (from the per-shard counts)."""
+        out, at = [], 0
+        for shard in self.shards(split):
+            out.append(at)
+            at += shard.samples
+        return out
+
+    def split_labels(self, split: str):
+        """The split's labels in dataset order from its labels file, or None without one."""
+        import hashlib
+        import io
+
+        import numpy as np
+
+        entry = self.labels.get(split)
+        if entry is None:
+            return None
+        url = join(self.root, entry["file"])
+        try:
+            with fsspec.open(url, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            raise UserError(f"labels file {url} named in the manifest is missing") from None
+        if entry.get("sha256") and hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+            raise UserError(f"labels file {url} does not match its sha256 in the manifest")
+        labels = np.load(io.BytesIO(blob))
+        if len(labels) != sum(s.samples for s in self.shards(split)):
+            raise UserError(f"labels file {url} holds {len(labels)} labels; the split's shards hold "
+                            f"{sum(s.samples for s in self.shards(split))} samples")
+        return labels.astype(np.int64)
 
 
 def join(root: str, name: str) -> str:
@@ -92,7 +126,8 @@ def load_manifest(root: str) -> Manifest:
         splits = {name: [Shard(s["file"], int(s["samples"]), s.get("sha256"), s.get("bytes")) for s in info["shards"]]
                   for name, info in raw["splits"].items()}
         manifest = Manifest(root=root, name=raw.get("name", root.rstrip("/").rsplit("/", 1)[-1]),
-                            classes=raw["classes"], splits=splits)
+                            classes=raw["classes"], splits=splits,
+                            labels={n: info["labels"] for n, info in raw["splits"].items() if info.get("labels")})
     except (KeyError, TypeError) as exc:
         raise UserError(f"{url} is missing field {exc}") from None
     if raw.get("num_classes", manifest.num_classes) != manifest.num_classes:

@@ -7,7 +7,9 @@ Input: `train/<wnid>/*.JPEG`; val as `val/<wnid>/*` or a flat `val/` with a labe
 (`val_annotations.txt`, `labels.txt`: `<file> <wnid or index>`). Output: gzip tar shards
 `<split>-NNNN.tar.gz` (members `<key>.jpg` + `<key>.cls`, the layout of
 ../shared/data/README.md) and a manifest with class list, per-split counts and per-shard
-sha256, written locally or to any fsspec URL. Train samples are shuffled once (seed 0)
+sha256, written locally or to any fsspec URL. Each split's labels in dataset order are
+also written once as `<split>-labels.npy` (int32, named in the manifest): evaluation and
+label-shuffled sampling get every label from it without a pass over the images. Train samples are shuffled once (seed 0)
 so that a stream mixes classes; other splits keep their sorted order. JPEG bytes are
 copied unchanged: no re-encoding.
 """
@@ -22,6 +24,7 @@ import tarfile
 from collections import Counter
 
 import fsspec
+import numpy as np
 from rich.progress import track
 
 from orchestrator.data.manifest import join
@@ -44,32 +47,66 @@ def _write_shard(url: str, items: list[tuple[str, bytes, int]]) -> dict:
             "first_key": items[0][0], "last_key": items[-1][0]}
 
 
+def write_labels(dst: str, split: str, labels) -> dict:
+    """A split's labels in dataset order as one int32 .npy file (5 MB for ImageNet's
+    1.28M): the manifest's `labels` entry."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(labels, dtype=np.int32))
+    blob, file = buf.getvalue(), f"{split}-labels.npy"
+    with fsspec.open(join(dst, file), "wb") as f:
+        f.write(blob)
+    return {"file": file, "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def write_split(dst: str, split: str, samples, total: int, shard_samples: int, shuffled: bool,
+                progress: bool = True) -> dict:
+    """Write `samples` (an iterable of (key, encoded bytes, label), `total` of them) as
+    shards of `shard_samples` plus the labels file; returns the manifest's split entry."""
+    shards, labels, items = [], [], []
+
+    def flush():
+        file = f"{split}-{len(shards):04d}.tar.gz"
+        shards.append({"file": file, **_write_shard(join(dst, file), items)})
+        items.clear()
+
+    for key, data, label in (track(samples, total=total, description=f"{split} samples") if progress else samples):
+        items.append((key, data, label))
+        labels.append(label)
+        if len(items) == shard_samples:
+            flush()
+    if items:
+        flush()
+    counts = Counter(labels)
+    return {"samples": len(labels), "shuffled": shuffled, "per_class_min": min(counts.values()),
+            "per_class_max": max(counts.values()), "labels": write_labels(dst, split, labels), "shards": shards}
+
+
+def write_manifest(dst: str, name: str, wnids: list[str], splits: dict, **extra) -> dict:
+    manifest = {"name": name, "format": "webdataset-tar, gzip-compressed", "num_classes": len(wnids),
+                "classes": [{"index": i, "wnid": w, "name": w} for i, w in enumerate(wnids)], "splits": splits,
+                **extra}
+    with fsspec.open(join(dst, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
 def prepare(src: str, dst: str, splits: list[str], shard_samples: int, name: str | None = None) -> dict:
     wnids = list_folder_classes(src)
-    manifest = {"name": name or src.rstrip("/").rsplit("/", 1)[-1], "format": "webdataset-tar, gzip-compressed",
-                "num_classes": len(wnids), "classes": [{"index": i, "wnid": w, "name": w} for i, w in enumerate(wnids)],
-                "splits": {}, "shuffle_seed": 0}
+    entries = {}
     for split in splits:
         pairs = list_folder_split(src, split, wnids)
         if not pairs:
             raise UserError(f"{src}/{split} holds no images")
         if split == "train":
             random.Random(0).shuffle(pairs)
-        counts = Counter(label for _, label in pairs)
-        shards = []
-        for start in track(range(0, len(pairs), shard_samples), description=f"{split} shards"):
-            items = []
-            for i, (path, label) in enumerate(pairs[start:start + shard_samples], start):
-                with open(path, "rb") as f:
-                    items.append((f"{split}_{i}", f.read(), label))
-            file = f"{split}-{len(shards):04d}.tar.gz"
-            shards.append({"file": file, **_write_shard(join(dst, file), items)})
-        manifest["splits"][split] = {"samples": len(pairs), "shuffled": split == "train",
-                                     "per_class_min": min(counts.values()), "per_class_max": max(counts.values()),
-                                     "shards": shards}
-    with fsspec.open(join(dst, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    return manifest
+        samples = ((f"{split}_{i}", _read(path), label) for i, (path, label) in enumerate(pairs))
+        entries[split] = write_split(dst, split, samples, len(pairs), shard_samples, shuffled=split == "train")
+    return write_manifest(dst, name or src.rstrip("/").rsplit("/", 1)[-1], wnids, entries, shuffle_seed=0)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 @exit_on_user_error

@@ -242,7 +242,7 @@ def assemble_predictions(parts: list[dict], n: int) -> np.ndarray:
 
 
 def split_labels(split: Split) -> np.ndarray:
-    return np.array([s.label for s in split.iter_samples()], dtype=np.int64)
+    return split.all_labels()
 
 
 def final_predictions(parts: list[dict], split: Split, metrics: dict, name: str = "val"
