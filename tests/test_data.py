@@ -132,6 +132,9 @@ def test_prepare_turns_a_folder_layout_into_readable_shards(tmp_path, val_subset
     assert labels == sorted([s.label for s in val_subset.records if s.label < 3])
     original = {s.data for s in val_subset.records}
     assert all(s.data in original for s in val.iter_samples())  # JPEG bytes copied unchanged
+    # each split's labels written once, in dataset order: read without a pass over the images
+    assert manifest["splits"]["val"]["labels"]["file"] == "val-labels.npy"
+    assert val.manifest.split_labels("val").tolist() == [s.label for s in val.iter_samples()]
 
 
 def test_shards_are_plain_webdataset_shards(tmp_path, val_subset, tiny_root):

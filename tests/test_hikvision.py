@@ -81,10 +81,17 @@ def test_train_stream_balances_classes_each_pass(monkeypatch):
     assert Counter(y for _, y in p1) == Counter(y for _, y in p2) == {0: 10, 1: 10, 2: 10}
 
 
-def test_label_shuffling_needs_labels_up_front():
-    streamed = Split(manifest=None, split="train", kept=[0], per_class=None, records=None)
-    with pytest.raises(UserError, match="label_shuffling"):
-        TrainStream(streamed, Tagged(1), 0, 1, seed=0, label_shuffling=True)
+def test_label_shuffling_on_a_streamed_split_without_a_labels_file(tiny_root):
+    """The shared Tiny-ImageNet shards have no labels file: the labels come from one pass,
+    then each class is drawn N times a pass while the shards stream (tests/test_scale.py
+    checks 1,000 classes over 8 ranks)."""
+    from orchestrator.data.dataset import open_split
+
+    val = open_split(tiny_root, "val")  # 10,000 images in 2 shards, streamed
+    assert val.records is None and val.manifest.split_labels("val") is None
+    stream = TrainStream(val, None, 0, 1, seed=0, label_shuffling=True)
+    labels = [s.label for s in stream._one_pass(0, 0, 1)]
+    assert np.array_equal(np.bincount(labels), np.full(200, 50)) and stream.samples_per_pass() == 10_000
 
 
 # --- consistency: strong augmentation off for the last epochs ------------------------------

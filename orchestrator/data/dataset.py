@@ -24,7 +24,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from orchestrator.data import minival
 from orchestrator.data.manifest import FOLDER_PREFIX, Manifest, check_shards_exist, load_manifest
-from orchestrator.data.sampling import epoch_length, epoch_order, rank_part
+from orchestrator.data.sampling import epoch_length, epoch_order, rank_part, streamed_copies
 from orchestrator.data.sources import Sample, iter_shard, list_folder_split
 from orchestrator.errors import UserError
 
@@ -148,7 +148,7 @@ class Split:
         fewer shards than slots the spare slots read nothing), and each sample's index
         comes from the manifest's per-shard counts. In memory, or for a folder layout
         (read per file), every total-th sample."""
-        shards = self.manifest.shards(self.split)
+        shards = [] if self.records is not None else self.manifest.shards(self.split)
         if self.records is not None or any(s.file.startswith(FOLDER_PREFIX) for s in shards):
             for j, s in enumerate(self.iter_samples(keep=lambda i: i % total == me)):
                 yield me + j * total, s
@@ -247,8 +247,9 @@ class TrainStream(IterableDataset):
     (seed + pass), each pass this rank's disjoint part. The loop takes a fixed number of
     steps per epoch, so every DDP rank steps equally even when shard sizes differ.
 
-    `label_shuffling` balances classes per pass (in-memory splits only: it needs every
-    sample's label up front). From pass `plain_from_pass` on, `plain_transform` replaces
+    `label_shuffling` balances classes per pass: in memory from the labels; streamed, from
+    the manifest's labels file, each sample yielded as many times as `streamed_copies`
+    draws it while this rank reads its own shards. From pass `plain_from_pass` on, `plain_transform` replaces
     `transform` (strong augmentation off for the last epochs). A transform with
     `keyed = True` is called with the sample's key too (CAM-guided crops look up its map).
     With `transform=None` nothing is decoded here: samples come out as (encoded bytes as a
@@ -258,9 +259,6 @@ class TrainStream(IterableDataset):
     def __init__(self, split: Split, transform, rank: int, world: int, seed: int, start_pass: int = 0,
                  shuffle_buffer: int = 2000, label_shuffling: bool = False, plain_transform=None,
                  plain_from_pass: int | None = None):
-        if label_shuffling and split.records is None:
-            raise UserError("label_shuffling needs the split's labels up front: select a subset "
-                            "(data.classes or data.train_per_class) so it is held in memory")
         self.split, self.transform, self.rank, self.world = split, transform, rank, world
         self.seed, self.start_pass, self.shuffle_buffer = seed, start_pass, shuffle_buffer
         self.label_shuffling = label_shuffling
@@ -268,9 +266,43 @@ class TrainStream(IterableDataset):
         self.bad = BadImages()
 
     def samples_per_pass(self) -> int:
-        if self.split.records is None:
+        if self.split.records is None and not self.label_shuffling:
             return len(self.split)
-        return epoch_length(self.split.labels, self.label_shuffling)
+        return epoch_length(self._labels(), self.label_shuffling)
+
+    def _labels(self) -> np.ndarray:
+        """The split's labels, read once per process (int64 per sample, no image bytes)."""
+        if getattr(self, "_labels_cache", None) is None:
+            self._labels_cache = self.split.all_labels()
+        return self._labels_cache
+
+    def _streamed_shuffled(self, urls: list[str], rng, p_seed: int, slot: int, nslots: int) -> Iterator[Sample]:
+        """A label-shuffled pass of a streamed split: this rank's shards, each sample as
+        many times as it is drawn (sampling.streamed_copies)."""
+        labels = self._labels()
+        shards = self.split.manifest.shards(self.split.split)
+        start = dict(zip((self.split.manifest.url(s) for s in shards), self.split.manifest.offsets(self.split.split)))
+        size = {self.split.manifest.url(s): s.samples for s in shards}
+        owner = np.empty(len(labels), dtype=np.int64)
+        by_shard = len(urls) >= self.world
+        held = [0] * self.world
+        mine = []
+        for url in urls:  # in this pass's shuffled order, each shard to the rank holding fewest samples
+            r = held.index(min(held))  # (even totals: no rank holds more samples than its share of draws)
+            held[r] += size[url]
+            owner[start[url]:start[url] + size[url]] = r
+            if r == self.rank:
+                mine.append(url)
+        if not by_shard:  # fewer shards than ranks: every rank reads all, keeps every world-th sample
+            owner, mine = np.arange(len(labels)) % self.world, urls
+        copies = streamed_copies(labels, owner, self.world, p_seed)
+        for url in mine[slot::nslots] if by_shard else mine:
+            for n, s in enumerate(self.split.iter_raw(url)):
+                i = start[url] + n
+                if owner[i] == self.rank and (by_shard or i % nslots == slot) and copies[i]:
+                    data = s.data or _read(s.key)  # a folder layout is read per file
+                    for _ in range(copies[i]):
+                        yield Sample(s.key, data, s.label)
 
     def _one_pass(self, p: int, slot: int, nslots: int) -> Iterator[Sample]:
         pass_seed = self.seed * 1_000_003 + p
@@ -284,7 +316,9 @@ class TrainStream(IterableDataset):
         rng.shuffle(urls)
         total = self.world * nslots
         me = self.rank * nslots + slot
-        if len(urls) >= total:  # shard-level split: each shard read by one slot only
+        if self.label_shuffling:
+            stream = self._streamed_shuffled(urls, rng, pass_seed, slot, nslots)
+        elif len(urls) >= total:  # shard-level split: each shard read by one slot only
             stream = self.split.iter_samples(urls[me::total])
         else:  # fewer shards than readers: sample-level split
             stream = self.split.iter_samples(urls, keep=lambda i: i % total == me)

@@ -6,6 +6,14 @@ sort by class, let N be the size of the largest class, give every class N sample
 taking a random permutation of range(N) modulo the class size, concatenate, shuffle
 globally; a new list each epoch. Either order is then cut into disjoint, equal-length
 parts, one per Ray Train worker.
+
+A streamed split (too big to hold) gets the same draws without random access:
+`streamed_copies` says how many times each sample is used this pass (floor(N/n) or
+ceil(N/n), exactly N per class over all ranks together), and each rank streams its own
+shards, yielding each sample that many times through a shuffle buffer. The ceil(N/n)
+samples of each class are chosen so that the ranks' totals come out equal; of the C x N
+draws, the `C x N mod world` left over are dropped (as `rank_part` drops them), the
+per-class count of at most that many draws falling to N - 1.
 """
 from __future__ import annotations
 
@@ -47,3 +55,58 @@ def epoch_length(labels: Sequence[int], label_shuffling: bool) -> int:
         return len(labels)
     counts = np.bincount(np.asarray(labels, dtype=np.int64))
     return int((counts > 0).sum() * counts.max())
+
+
+def streamed_copies(labels: np.ndarray, owner: np.ndarray, world: int, seed: int) -> np.ndarray:
+    """Times each sample is drawn in a label-shuffled pass of a streamed split, where
+    `owner[i]` is the rank that reads sample i (its shard's rank). Every class gets N
+    draws (N = its largest class) over all ranks together, each of its samples floor(N/n)
+    or ceil(N/n) of them; the ceil ones are placed so that each rank's total is exactly
+    (C x N) // world. Only where that is impossible (a class too small and too unevenly
+    spread over the ranks) are more draws dropped, so that the ranks' parts stay equal.
+    Memory: a few integers per sample, nothing per image byte."""
+    rng = np.random.default_rng(seed)
+    labels, owner = np.asarray(labels, dtype=np.int64), np.asarray(owner, dtype=np.int64)
+    counts = np.bincount(labels)
+    present = np.flatnonzero(counts)
+    n_max = int(counts.max())
+    copies = (n_max // counts[labels]).astype(np.int32)  # every sample: floor(N/n)
+    target = len(present) * n_max // world
+    need = target - np.bincount(owner, weights=copies, minlength=world).astype(np.int64)
+    plain: dict[int, list[list[int]]] = {}  # class -> rank -> its samples without an extra draw
+    extra: dict[int, list[list[int]]] = {}  # class -> rank -> its samples with one
+    for c in rng.permutation(present):  # the N mod n extra draws of class c, placed where needed
+        members = np.flatnonzero(labels == c)
+        plain[c] = [list(rng.permutation(members[owner[members] == r])) for r in range(world)]
+        extra[c] = [[] for _ in range(world)]
+        for _ in range(n_max % int(counts[c])):
+            r = max((k for k in range(world) if plain[c][k]), key=lambda k: need[k])
+            extra[c][r].append(plain[c][r].pop())
+            need[r] -= 1
+    _move_extras(plain, extra, need)
+    for i in (i for c in extra for part in extra[c] for i in part):
+        copies[i] += 1
+    have = target - need
+    for r in np.flatnonzero(have > have.min()):  # only if balancing was impossible
+        drawn = np.flatnonzero((owner == r) & (copies > 0))
+        for i in rng.choice(np.repeat(drawn, copies[drawn]), int(have[r] - have.min()), replace=False):
+            copies[i] -= 1
+    return copies
+
+
+def _move_extras(plain: dict, extra: dict, need: np.ndarray) -> None:
+    """Shift extra draws between ranks within a class (a sample of the class on the rank
+    over its share gives its extra draw to one on a rank under it) until the ranks are
+    even or no such pair is left."""
+    moved = True
+    while moved and (need < 0).any() and (need > 0).any():
+        moved = False
+        for over in np.flatnonzero(need < 0):
+            for under in np.flatnonzero(need > 0):
+                for c in extra:
+                    while need[over] < 0 and need[under] > 0 and extra[c][over] and plain[c][under]:
+                        plain[c][over].append(extra[c][over].pop())
+                        extra[c][under].append(plain[c][under].pop())
+                        need[over] += 1
+                        need[under] -= 1
+                        moved = True

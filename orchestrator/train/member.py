@@ -137,7 +137,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                                              f"{fields.label_smoothing:g} spread over each class's top-{cp.k} "
                                              f"confused classes")
     if recipe.label_shuffling:
-        counts = np.bincount(data.train.labels, minlength=data.num_classes)
+        counts = np.bincount(data.train.all_labels(), minlength=data.num_classes)
         said["hikvision.label_shuffling"] = (f"label-shuffled epoch: {data.num_classes} classes x {counts.max()} = "
                                              f"{data.num_classes * counts.max()} samples (classes of "
                                              f"{counts.min()} to {counts.max()} images)")

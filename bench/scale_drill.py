@@ -1,0 +1,115 @@
+"""ImageNet scale, drilled on one machine: what one validation pass reads.
+
+    python bench/scale_drill.py                    # generates the full 1.28M + 50k set first
+    python bench/scale_drill.py --scale 0.01       # same structure, 1% of the samples
+    python bench/scale_drill.py --data /tmp/ims    # a set made by bench/imagenet_shaped.py
+
+On the ImageNet-shaped set of `bench/imagenet_shaped.py` (1,000 classes, ILSVRC-2012's
+per-class spread, val in 64+ shards), for a cluster of `--ranks` x `--loaders` reader
+slots (default 8 x 4), one run measures:
+- the bytes one validation pass reads over all slots, as a multiple of the split's size,
+  for the evaluation's reader (`Split.iter_indexed`: shard by shard, one slot per shard)
+  and for the former one (every slot streams every shard and keeps every n-th sample);
+- that the slots' parts hold every val sample exactly once, at its dataset index, with
+  the label the manifest's labels file gives;
+- the split's labels from the labels file against one pass over the shards (time, equal).
+The last line is the figure: `val pass reads R x the split (former reader: F x)`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.imagenet_shaped import generate  # noqa: E402
+from orchestrator.data import dataset  # noqa: E402
+from orchestrator.data.dataset import open_split  # noqa: E402
+
+
+class ReadCounter:
+    """Counts the bytes of every shard a reader opens (a gzip shard is read whole)."""
+
+    def __init__(self, split):
+        self.size = {split.manifest.url(s): s.bytes for s in split.manifest.shards(split.split)}
+        self.bytes, self._real = 0, dataset.iter_shard
+
+    def __enter__(self):
+        def counting(url, sha256=None):
+            self.bytes += self.size[url]
+            return self._real(url, sha256)
+
+        dataset.iter_shard = counting
+        return self
+
+    def __exit__(self, *exc):
+        dataset.iter_shard = self._real
+
+
+def val_pass(split, slots: int) -> tuple[int, np.ndarray]:
+    """Bytes read and the label seen at every index, over all slots of one pass."""
+    seen = np.full(len(split), -1, dtype=np.int64)
+    with ReadCounter(split) as count:
+        for me in range(slots):
+            for index, s in split.iter_indexed(me, slots):
+                if seen[index] != -1:
+                    raise SystemExit(f"sample {index} read by two slots")
+                seen[index] = s.label
+    return count.bytes, seen
+
+
+def former_pass(split, slots: int) -> int:
+    """What the former reader read: every slot streams the whole split."""
+    with ReadCounter(split) as count:
+        for me in range(slots):
+            for _ in split.iter_samples(keep=lambda i, me=me: i % slots == me):
+                pass
+    return count.bytes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="an ImageNet-shaped set (default: generate one in a temporary folder)")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--loaders", type=int, default=4)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data
+        if root is None:
+            root, start = tmp, time.time()
+            m = generate(root, args.scale)
+            print(f"generated: train {m['splits']['train']['samples']:,}, val {m['splits']['val']['samples']:,} "
+                  f"samples in {time.time() - start:.0f} s")
+        val = open_split(root, "val")
+        slots = args.ranks * args.loaders
+        size = sum(s.bytes for s in val.manifest.shards("val"))
+        shards = len(val.manifest.shards("val"))
+
+        start = time.time()
+        from_file = val.all_labels()
+        t_file = time.time() - start
+        start = time.time()
+        from_pass = np.array([s.label for s in val.iter_samples()])
+        t_pass = time.time() - start
+        assert np.array_equal(from_file, from_pass), "labels file disagrees with the shards"
+        print(f"labels of {len(from_file):,} val samples: from the labels file {t_file:.2f} s, "
+              f"from a pass over the shards {t_pass:.2f} s (equal)")
+
+        read, seen = val_pass(val, slots)
+        assert (seen >= 0).all(), f"{int((seen < 0).sum())} val samples read by no slot"
+        assert np.array_equal(seen, from_file), "a sample's label differs from the labels file"
+        busy = min(shards, slots)
+        print(f"{args.ranks} ranks x {args.loaders} loaders = {slots} slots over {shards} val shards "
+              f"({busy} slots read, {slots - busy} idle): every sample once, at its index, with its label")
+        former = former_pass(val, slots)
+        print(f"val pass reads {read / size:.3f} x the split ({read / 1e6:.1f} of {size / 1e6:.1f} MB; "
+              f"former reader: {former / size:.1f} x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""ImageNet's shape at CI size: the generator's structure, and one validation pass over
+8 ranks x 4 loaders reading each shard once (bench/scale_drill.py runs it at full size)."""
+import numpy as np
+import pytest
+
+from bench.imagenet_shaped import CLASSES, MIN_VAL_SHARDS, TRAIN_TOTAL, class_counts, generate, scaled
+from bench.scale_drill import former_pass, val_pass
+from orchestrator.data.dataset import EvalStream, open_split
+from orchestrator.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def shaped(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("imagenet-shaped"))
+    generate(root, scale=0.01, progress=False)
+    return root
+
+
+def test_class_counts_have_ilsvrc_2012s_spread():
+    counts = class_counts()
+    assert len(counts) == CLASSES and counts.sum() == TRAIN_TOTAL == 1_281_167
+    assert counts.min() == 732 and counts.max() == 1300
+    assert np.array_equal(counts, class_counts())  # seeded
+    small = scaled(counts, 0.01)
+    assert small.min() >= 7 and small.max() == 13
+
+
+def test_the_generated_set_is_imagenet_shaped(shaped):
+    train, val = open_split(shaped, "train"), open_split(shaped, "val")
+    assert train.num_classes == val.num_classes == 1000
+    assert len(val.manifest.shards("val")) >= MIN_VAL_SHARDS
+    labels = train.all_labels()
+    assert np.array_equal(np.bincount(labels, minlength=1000), scaled(class_counts(), 0.01))
+    assert np.array_equal(np.bincount(val.all_labels()), np.full(1000, 1))
+    sample = next(iter(val.iter_samples()))
+    assert sample.data[:2] == b"\xff\xd8" and len(sample.data) < 2000  # a small JPEG
+
+
+def test_a_validation_pass_reads_each_shard_once_over_all_slots(shaped):
+    val = open_split(shaped, "val")
+    size = sum(s.bytes for s in val.manifest.shards("val"))
+    read, seen = val_pass(val, 8 * 4)
+    assert read <= 1.05 * size  # the issue's bound; the reader gets exactly 1.0
+    assert np.array_equal(seen, val.all_labels())  # every sample once, at its index, with its label
+    assert former_pass(val, 8 * 4) == 32 * size  # the former reader: every slot read everything
+
+
+def test_spare_slots_read_nothing_and_the_parts_still_cover_the_split(shaped):
+    val = open_split(shaped, "val")
+    shards = len(val.manifest.shards("val"))
+    slots = shards + 5
+    parts = [list(val.iter_indexed(me, slots)) for me in range(slots)]
+    assert all(not part for part in parts[shards:])
+    assert sorted(i for part in parts for i, _ in part) == list(range(len(val)))
+
+
+def test_eval_stream_indices_match_the_labels_file(shaped):
+    val = open_split(shaped, "val")
+    rows = [(i, label) for r in range(2) for i, _, label in EvalStream(val, lambda img: img[:, :4, :4], r, 2)]
+    labels = val.all_labels()
+    assert sorted(i for i, _ in rows) == list(range(len(val)))
+    assert all(labels[i] == label for i, label in rows)
+
+
+def test_a_tampered_labels_file_is_refused(shaped, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shaped, copy)
+    np.save(copy / "val-labels.npy", np.zeros(1000, dtype=np.int32))
+    with pytest.raises(UserError, match="does not match its sha256"):
+        open_split(str(copy), "val").all_labels()
+
+
+def test_label_shuffling_on_a_streamed_split_draws_exactly_n_per_class_over_all_ranks(shaped):
+    """Hikvision's rule at 1,000 classes, streamed: every class N times per pass over 8
+    ranks x 2 loaders together, equal parts per rank, each rank reading only its shards."""
+    from orchestrator.data.dataset import TrainStream
+
+    train = open_split(shaped, "train")
+    labels = train.all_labels()
+    n_max, world = int(np.bincount(labels).max()), 8
+    per_class, per_rank = np.zeros(1000, dtype=np.int64), []
+    for rank in range(world):
+        stream = TrainStream(train, None, rank, world, seed=3, label_shuffling=True)
+        assert stream.samples_per_pass() == 1000 * n_max
+        got = [s.label for slot in range(2) for s in stream._one_pass(0, slot, 2)]
+        per_rank.append(len(got))
+        per_class += np.bincount(got, minlength=1000)
+    assert (per_class == n_max).all()  # 1000 x 13 = 13,000 draws, divisible by 8: none dropped
+    assert per_rank == [1000 * n_max // world] * world
+    # a new pass draws again (another choice of the ceil(N/n) samples), still exactly N per class
+    again = TrainStream(train, None, 0, world, seed=3, label_shuffling=True)
+    assert sorted(s.key for s in again._one_pass(1, 0, 1)) != sorted(
+        s.key for s in TrainStream(train, None, 0, world, seed=3, label_shuffling=True)._one_pass(0, 0, 1))
+
+
+def test_streamed_copies_balance_ranks_and_drop_only_the_remainder():
+    from orchestrator.data.sampling import streamed_copies
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(7), [5, 9, 6, 9, 8, 7, 6])  # ILSVRC-like: every class over N/2
+    rng.shuffle(labels)
+    owner = np.arange(len(labels)) // 4 % 3  # shards of 4 samples over 3 ranks
+    copies = streamed_copies(labels, owner, 3, seed=1)
+    assert (np.bincount(owner, weights=copies) == 7 * 9 // 3).all()  # 63 draws: 21 per rank
+    assert (np.bincount(labels, weights=copies) == 9).all()
+    assert set(copies.tolist()) <= {1, 2}  # floor(9/n) or ceil(9/n) per sample
+    owner = np.arange(len(labels)) // 4 % 4  # the same shards over 4 ranks
+    copies = streamed_copies(labels, owner, 4, seed=1)  # 63 = 4 x 15 + 3: three draws dropped
+    assert (np.bincount(owner, weights=copies, minlength=4) == 15).all() and copies.sum() == 60
+    assert (np.bincount(labels, weights=copies) >= 8).all()
+    # a class of one sample on one rank takes all its 9 draws there: the ranks still come out equal
+    skewed = np.repeat(np.arange(3), [9, 9, 1])
+    copies = streamed_copies(skewed, np.array([0] * 10 + [1] * 9), 2, seed=0)
+    assert len(set(np.bincount(np.array([0] * 10 + [1] * 9), weights=copies).tolist())) == 1
