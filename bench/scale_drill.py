@@ -12,7 +12,10 @@ slots (default 8 x 4), one run measures:
   and for the former one (every slot streams every shard and keeps every n-th sample);
 - that the slots' parts hold every val sample exactly once, at its dataset index, with
   the label the manifest's labels file gives;
-- the split's labels from the labels file against one pass over the shards (time, equal).
+- the split's labels from the labels file against one pass over the shards (time, equal);
+- one label-shuffled training pass of the streamed train split over `--ranks` ranks x
+  `--loaders` loaders (Hikvision's rule: N draws of every class, N its largest): draws per
+  class and per rank, and the bytes read, as a multiple of the train split's size.
 The last line is the figure: `val pass reads R x the split (former reader: F x)`.
 """
 from __future__ import annotations
@@ -71,6 +74,21 @@ def former_pass(split, slots: int) -> int:
     return count.bytes
 
 
+def shuffled_pass(train, ranks: int, loaders: int) -> tuple[np.ndarray, list[int], int]:
+    """Per-class draws, per-rank lengths and bytes read by one label-shuffled pass."""
+    from orchestrator.data.dataset import TrainStream
+
+    per_class = np.zeros(train.num_classes, dtype=np.int64)
+    per_rank = []
+    with ReadCounter(train) as count:
+        for rank in range(ranks):
+            stream = TrainStream(train, None, rank, ranks, seed=0, label_shuffling=True)
+            got = np.array([s.label for slot in range(loaders) for s in stream._one_pass(0, slot, loaders)])
+            per_rank.append(len(got))
+            per_class += np.bincount(got, minlength=train.num_classes)
+    return per_class, per_rank, count.bytes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="an ImageNet-shaped set (default: generate one in a temporary folder)")
@@ -106,6 +124,16 @@ def main() -> None:
         busy = min(shards, slots)
         print(f"{args.ranks} ranks x {args.loaders} loaders = {slots} slots over {shards} val shards "
               f"({busy} slots read, {slots - busy} idle): every sample once, at its index, with its label")
+        train = open_split(root, "train")
+        n_max = int(np.bincount(train.all_labels()).max())
+        start = time.time()
+        per_class, per_rank, train_read = shuffled_pass(train, args.ranks, args.loaders)
+        train_size = sum(s.bytes for s in train.manifest.shards("train"))
+        exact = int((per_class == n_max).sum())
+        print(f"label-shuffled train pass over {args.ranks} ranks x {args.loaders} loaders in "
+              f"{time.time() - start:.0f} s: {exact} of {len(per_class)} classes drawn exactly N = {n_max} times "
+              f"(min {per_class.min()}, max {per_class.max()}); ranks' parts {sorted(set(per_rank))}; "
+              f"read {train_read / train_size:.3f} x the train split")
         former = former_pass(val, slots)
         print(f"val pass reads {read / size:.3f} x the split ({read / 1e6:.1f} of {size / 1e6:.1f} MB; "
               f"former reader: {former / size:.1f} x)")

@@ -132,6 +132,30 @@ def test_greedy_choice_adds_different_trials_where_top_k_takes_copies():
     assert out["selection_rows"] + out["report_rows"] == len(labels)
 
 
+def test_the_choice_streams_trials_predictions_one_at_a_time():
+    """The driver reads a trial's predictions when it uses them: at most the running
+    combination and one trial's array alive, the same choice as with all in memory."""
+    import gc
+    import weakref
+
+    from orchestrator.search.choose import LazyArrays
+
+    preds, labels = library()
+    alive, peak = set(), [0]
+
+    def read(i):
+        array = preds[i].copy()
+        alive.add(id(array))
+        weakref.finalize(array, alive.discard, id(array))
+        gc.collect()
+        peak[0] = max(peak[0], len(alive))
+        return array
+
+    lazy = compare(LazyArrays(range(len(preds)), read), labels, size=3, metric="nll", fraction=0.5)
+    assert lazy == compare(preds, labels, size=3, metric="nll", fraction=0.5)
+    assert peak[0] <= 2  # the one being read, and at most one not yet collected
+
+
 def test_forward_selection_picks_distinct_members_best_first():
     preds, labels = library()
     chosen, curve = forward_selection(lambda i: preds[i], len(preds), labels, 4)

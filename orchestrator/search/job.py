@@ -267,7 +267,7 @@ def print_choice(console, rows: list[dict], choice: dict, size: int) -> None:
 
 def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs_path: str) -> dict:
     from orchestrator.ensemble_job import console, open_job
-    from orchestrator.search.choose import compare
+    from orchestrator.search.choose import LazyArrays, compare
 
     root, tracking_uri, client, experiment_id, parent = open_job(cfg, config_path, "search",
                                                                  {"search.scheduler": cfg.search.scheduler})
@@ -289,11 +289,11 @@ def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs
     choice = None
     if complete:
         labels = storage.read_npy(complete[0]["labels"])
-        preds = [storage.read_npy(r["predictions"]) for r in complete]
+        preds = LazyArrays([r["predictions"] for r in complete], storage.read_npy)  # streamed
         sel = cfg.search.select
         held = None
         if cfg.data.minival:  # choose on the minival, report on all of val
-            held = ([storage.read_npy(r["minival_predictions"]) for r in complete],
+            held = (LazyArrays([r["minival_predictions"] for r in complete], storage.read_npy),
                     storage.read_npy(complete[0]["minival_labels"]))
         choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction, selection=held)
         files = runs_files(cfg, rows, choice, ctx, run_ids)
