@@ -151,3 +151,49 @@ def test_decode_gpu_refuses_per_image_augmentations(tiny_root, overrides, proble
 def test_decode_gpu_without_a_gpu_is_refused(tiny_root):
     with pytest.raises(UserError, match="decode: gpu needs use_gpu: true"):
         resolve_members(config(tiny_root, use_gpu=False))  # checked on the merged resources
+
+
+def _jpeg(h: int, w: int, progressive: bool = False) -> torch.Tensor:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 40, 90)).save(buf, format="JPEG", progressive=progressive, quality=70)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def test_jpeg_size_reads_the_header():
+    for h, w, prog in ((64, 48, False), (3000, 4000, False), (333, 500, True)):
+        assert batch_augment.jpeg_size(_jpeg(h, w, prog)) == (h, w)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    assert batch_augment.jpeg_size(torch.frombuffer(bytearray(png.getvalue()), dtype=torch.uint8)) is None
+
+
+def test_one_huge_image_does_not_size_the_batch(monkeypatch):
+    """A 4000 x 3000 JPEG among small ones is decoded at reduced size (1000 x 750 here):
+    no image on the device has a side over max_side, and the padded roi blocks are
+    bounded by ROI_GROUP x 3 x max_side^2, not by the largest image."""
+    f = augment.resolve("standard", {})
+    aug = batch_augment.BatchAugment(f, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.device("cpu"))
+    batch = [_jpeg(3000, 4000)] + [_jpeg(60 + k, 64) for k in range(5)]
+    decoded = aug.decode(batch)
+    assert aug.max_side == 512
+    assert max(max(img.shape[-2:]) for img in decoded) <= aug.max_side
+    assert tuple(decoded[0].shape) == (3, 384, 512)  # aspect kept
+    assert [tuple(d.shape[-2:]) for d in decoded[1:]] == [(60 + k, 64) for k in range(5)]
+
+    sizes = []
+    real_zeros = torch.zeros
+
+    def zeros(*shape, **kw):
+        sizes.append(math.prod(shape))
+        return real_zeros(*shape, **kw)
+
+    monkeypatch.setattr(aug, "ROI_GROUP", 2)
+    monkeypatch.setattr(batch_augment.torch, "zeros", zeros)
+    # centre crops of half the side: away from the edges, where padding would bleed in
+    boxes = [(d.shape[-2] // 4, d.shape[-1] // 4, d.shape[-2] // 2, d.shape[-1] // 2) for d in decoded]
+    grouped = aug._roi(decoded, boxes)
+    assert len(sizes) == 3 and max(sizes) <= 2 * 3 * aug.max_side ** 2
+    one = aug._roi_group(decoded, boxes)  # all at once: the same output, row by row
+    assert torch.allclose(grouped, one, atol=1e-3)
+    x, labels = aug(batch, torch.arange(6))
+    assert tuple(x.shape) == (6, 3, 64, 64) and labels.tolist() == list(range(6))

@@ -19,9 +19,12 @@ Everything here also runs on a CPU device (that is how the tests exercise it).
 """
 from __future__ import annotations
 
+import io
+
 import math
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -42,6 +45,27 @@ def unsupported(f: AugmentFields, cam_crops: bool = False) -> list[str]:
     if cam_crops:
         out.append("cam_crops")
     return out
+
+
+def jpeg_size(data: torch.Tensor) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's header (its first SOF marker), without decoding;
+    None for anything else (it then takes the ordinary path)."""
+    b = data.numpy().tobytes() if isinstance(data, torch.Tensor) else bytes(data)
+    if b[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        length = int.from_bytes(b[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
+            return int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9], "big")
+        i += 2 + length
+    return None
 
 
 def collate_encoded(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,11 +119,48 @@ class BatchAugment:
         self.eigval = PCALighting.EIGVAL.to(self.device)
         self.eigvec = PCALighting.EIGVEC.to(self.device)
 
+    @property
+    def max_side(self) -> int:
+        """Largest side an image keeps on the device: 4x the output (a crop of 8% of the area
+        still downscales), at least 512 (ImageNet's typical 500 x 375 untouched)."""
+        return max(4 * self.size, 512)
+
     def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Decoded images, none with a side over `max_side`: the rare oversized JPEG (a
+        4000 x 3000 photo is 36 MB decoded, and the batch is padded to its largest image) is
+        decoded on the CPU at reduced size (libjpeg's DCT scaling, PIL's draft mode), then
+        resized; the rest in one batched nvJPEG call (torchvision's `decode_jpeg` has no
+        downscaling option). Device memory then depends on the batch and the output size."""
+        sides = [jpeg_size(e) for e in encoded]
+        big = {i for i, hw in enumerate(sides) if hw is not None and max(hw) > self.max_side}
+        small = [i for i in range(len(encoded)) if i not in big]
+        out: list[torch.Tensor | None] = [None] * len(encoded)
+        for i in big:
+            out[i] = self._decode_reduced(encoded[i])
+        if small:
+            for i, img in zip(small, self._decode_batch([encoded[i] for i in small])):
+                out[i] = img
+        return out
+
+    def _decode_batch(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
         try:  # one batched nvJPEG call on CUDA (a loop over libjpeg-turbo on CPU)
             return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
         except RuntimeError:  # a corrupt or non-JPEG image fails the whole batch: one by one
             return [self._decode_one(e) for e in encoded]
+
+    def _decode_reduced(self, data: torch.Tensor) -> torch.Tensor | None:
+        from PIL import Image
+
+        try:
+            img = Image.open(io.BytesIO(data.numpy().tobytes()))
+            img.draft("RGB", (self.max_side, self.max_side))  # decode at 1/2, 1/4 or 1/8 scale
+            img = img.convert("RGB")
+            img.thumbnail((self.max_side, self.max_side), Image.BILINEAR)
+        except OSError:
+            if self.bad is not None:
+                self.bad.add()
+            return None
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(self.device)
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
         try:
@@ -125,7 +186,18 @@ class BatchAugment:
             return self._per_image(images, boxes)
         return self._roi(images, boxes)
 
+    ROI_GROUP = 64  # images per roi_align call: the padded block is ROI_GROUP x 3 x max_side^2 at most
+
     def _roi(self, images: list[torch.Tensor], boxes) -> torch.Tensor:
+        """`_roi_group` over groups of similar size (sorted by area: little padding)."""
+        out = torch.empty(len(images), 3, self.size, self.size, device=self.device)
+        order = sorted(range(len(images)), key=lambda k: images[k].shape[-2] * images[k].shape[-1])
+        for start in range(0, len(order), self.ROI_GROUP):
+            part = order[start:start + self.ROI_GROUP]
+            out[part] = self._roi_group([images[k] for k in part], [boxes[k] for k in part])
+        return out
+
+    def _roi_group(self, images: list[torch.Tensor], boxes) -> torch.Tensor:
         h, w = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
         padded = torch.zeros(len(images), 3, h, w, dtype=torch.uint8, device=self.device)
         for k, img in enumerate(images):
