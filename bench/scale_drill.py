@@ -16,7 +16,7 @@ slots (default 8 x 4), one run measures:
 - one label-shuffled training pass of the streamed train split over `--ranks` ranks x
   `--loaders` loaders (Hikvision's rule: N draws of every class, N its largest): draws per
   class and per rank, and the bytes read, as a multiple of the train split's size.
-The last line is the figure: `val pass reads R x the split (former reader: F x)`.
+The last line is the figure: `... worst read ratio W` (the larger of the two passes' ratios).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.imagenet_shaped import generate  # noqa: E402
 from orchestrator.data import dataset  # noqa: E402
 from orchestrator.data.dataset import open_split  # noqa: E402
+from orchestrator.data.manifest import load_manifest  # noqa: E402
 
 
 class ReadCounter:
@@ -51,6 +52,12 @@ class ReadCounter:
 
     def __exit__(self, *exc):
         dataset.iter_shard = self._real
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def val_pass(split, slots: int) -> tuple[int, np.ndarray]:
@@ -101,8 +108,12 @@ def main() -> None:
         if root is None:
             root, start = tmp, time.time()
             m = generate(root, args.scale)
+            size = sum(s["bytes"] for v in m["splits"].values() for s in v["shards"])
             print(f"generated: train {m['splits']['train']['samples']:,}, val {m['splits']['val']['samples']:,} "
-                  f"samples in {time.time() - start:.0f} s")
+                  f"samples ({size / 1e6:.0f} MB) in {time.time() - start:.0f} s; peak RSS {peak_rss_mb():.0f} MB")
+        start = time.time()
+        load_manifest(root)
+        print(f"manifest load: {1000 * (time.time() - start):.0f} ms")
         val = open_split(root, "val")
         slots = args.ranks * args.loaders
         size = sum(s.bytes for s in val.manifest.shards("val"))
@@ -135,8 +146,10 @@ def main() -> None:
               f"(min {per_class.min()}, max {per_class.max()}); ranks' parts {sorted(set(per_rank))}; "
               f"read {train_read / train_size:.3f} x the train split")
         former = former_pass(val, slots)
+        print(f"peak RSS of this process over the drill: {peak_rss_mb():.0f} MB")
+        worst = max(read / size, train_read / train_size)
         print(f"val pass reads {read / size:.3f} x the split ({read / 1e6:.1f} of {size / 1e6:.1f} MB; "
-              f"former reader: {former / size:.1f} x)")
+              f"former reader: {former / size:.1f} x); worst read ratio {worst:.3f}")
 
 
 if __name__ == "__main__":
