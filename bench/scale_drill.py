@@ -13,6 +13,8 @@ slots (default 8 x 4), one run measures:
 - that the slots' parts hold every val sample exactly once, at its dataset index, with
   the label the manifest's labels file gives;
 - the split's labels from the labels file against one pass over the shards (time, equal);
+- the build rate and size of a teacher's CAM file (`orchestrator/train/cam.py`) on
+  `--cam-images` train images, extrapolated to the whole train split;
 - one label-shuffled training pass of the streamed train split over `--ranks` ranks x
   `--loaders` loaders (Hikvision's rule: N draws of every class, N its largest): draws per
   class and per rank, and the bytes read, as a multiple of the train split's size.
@@ -96,12 +98,31 @@ def shuffled_pass(train, ranks: int, loaders: int) -> tuple[np.ndarray, list[int
     return per_class, per_rank, count.bytes
 
 
+def cam_build(train, n: int) -> tuple[float, int]:
+    """(images/s, bytes per image) of building a teacher's CAM file over n train images."""
+    import itertools
+
+    import torch
+
+    from models import build_model
+    from orchestrator.train.cam import write_cam_maps
+
+    teacher = build_model("resnet18", num_classes=train.num_classes, low_res=True)
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.time()
+        maps = write_cam_maps(folder, teacher, itertools.islice(train.iter_samples(), n), n, 32,
+                              (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.device("cpu"))
+        rate = n / (time.time() - start)
+        return rate, int(maps.maps[0].nbytes)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="an ImageNet-shaped set (default: generate one in a temporary folder)")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--loaders", type=int, default=4)
+    p.add_argument("--cam-images", type=int, default=2000, help="train images to build CAM maps of (default 2000)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data
@@ -146,6 +167,10 @@ def main() -> None:
               f"(min {per_class.min()}, max {per_class.max()}); ranks' parts {sorted(set(per_rank))}; "
               f"read {train_read / train_size:.3f} x the train split")
         former = former_pass(val, slots)
+        cam_rate, cam_bytes = cam_build(train, args.cam_images)
+        print(f"CAM maps of {args.cam_images:,} train images (a low-res ResNet-18 teacher at 32 px, CPU): "
+              f"{cam_rate:.0f} images/s, {cam_bytes:,} bytes each; for all {len(train):,}: "
+              f"{len(train) * cam_bytes / 1e9:.2f} GB float16, {len(train) / cam_rate / 3600:.1f} h on this machine")
         print(f"peak RSS of this process over the drill: {peak_rss_mb():.0f} MB")
         worst = max(read / size, train_read / train_size)
         print(f"val pass reads {read / size:.3f} x the split ({read / 1e6:.1f} of {size / 1e6:.1f} MB; "

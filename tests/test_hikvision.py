@@ -276,7 +276,7 @@ def train_teacher(tiny_root, tmp_path):
     return {"runs": str(tmp_path / "runs.yaml"), "member": "teacher"}, files
 
 
-def test_a_member_trains_with_every_option_from_a_trained_teacher(tiny_root, tmp_path):
+def test_a_member_trains_with_every_option_from_a_trained_teacher(tiny_root, tmp_path, monkeypatch):
     from orchestrator.train import teacher as teachers
     from orchestrator.train.cam import sample_centres
 
@@ -304,6 +304,14 @@ def test_a_member_trains_with_every_option_from_a_trained_teacher(tiny_root, tmp
     # the map's mass at the guided centres exceeds its mass at uniform (plain-crop) centres
     maps = teachers.load_cam_maps(member.recipe, data.train, CPU)
     assert set(maps) == {s.key for s in data.train.records}
+    # computed once, stored beside the teacher's weights as one float16 array, memory-mapped;
+    # a second load (a resume, another member) reads it instead of running the teacher again
+    assert maps.maps.dtype == np.float16 and maps.maps.shape[0] == len(data.train.records)
+    assert isinstance(maps.maps, np.memmap) and "/cam/" in maps.folder
+    monkeypatch.setattr(teachers, "_build_cam_maps", lambda *a: pytest.fail("CAM maps computed twice"))
+    again = teachers.load_cam_maps(member.recipe, data.train, CPU)
+    key = data.train.records[5].key
+    assert torch.equal(again.get(key), maps.get(key)) and again.get("no-such-key") is None
     gain = []
     gen = torch.Generator().manual_seed(0)
     for cam in list(maps.values())[:12]:
@@ -325,3 +333,23 @@ def test_a_member_trains_with_every_option_from_a_trained_teacher(tiny_root, tmp
     bad = parse_config(recipe_config(tiny_root, cam_crops={"teacher": {**teacher, "member": "nobody"}}))
     with pytest.raises(UserError, match="nobody"):
         train_member(resolve_members(bad)[0], data, device=CPU)
+
+
+def test_cam_maps_of_a_remote_teacher_are_fetched_once_per_machine(tmp_path):
+    """Stored beside a remote teacher (here fsspec's in-memory filesystem standing in for
+    S3), the three files come down into the local cache, complete or not at all."""
+    from orchestrator.train import teacher as teachers
+    from orchestrator.train.cam import CamMaps
+
+    built = tmp_path / "built"
+    built.mkdir()
+    np.save(built / "keys.npy", np.array([b"a", b"b"], dtype="S"))
+    np.save(built / "rows.npy", np.array([1, 0]))
+    np.save(built / "maps.npy", np.arange(8, dtype=np.float16).reshape(2, 2, 2))
+    stored = "memory://teachers/t/cam/abc"
+    assert not teachers._fetch(stored, str(tmp_path / "cache"))  # nothing stored yet
+    teachers._upload(str(built), stored)
+    assert teachers._fetch(stored, str(tmp_path / "cache"))
+    maps = CamMaps(str(tmp_path / "cache"))
+    assert maps.get("a").tolist() == [[4.0, 5.0], [6.0, 7.0]] and maps.get("b").tolist() == [[0.0, 1.0], [2.0, 3.0]]
+    assert sorted(maps) == ["a", "b"] and not list((tmp_path / "cache").glob("*.partial"))

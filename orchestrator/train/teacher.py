@@ -6,6 +6,9 @@ ensemble or a search can serve; its class set must be the one being trained.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 
 import torch
@@ -60,10 +63,13 @@ def confusion_source(runs: RunsFile, member: MemberRecord, where: str):
     return storage.read_npy(member.predictions), storage.read_npy(runs.dataset.labels)
 
 
-def load_cam_maps(recipe: Recipe, split, device) -> dict[str, torch.Tensor] | None:
-    """{train sample key: CAM of its true class} from the recipe's CAM teacher, else None."""
-    from models import load_checkpoint
-    from orchestrator.train.cam import compute_maps
+def load_cam_maps(recipe: Recipe, split, device):
+    """The CAM of each train sample's true class from the recipe's CAM teacher (a `CamMaps`:
+    key -> map, memory-mapped), else None. Computed once per teacher and split and stored
+    beside the teacher's weights (`<weights folder>/cam/<split id>/`); every later start,
+    resume or other member using the same teacher reads it. A remote teacher's maps are
+    fetched once per machine into `$ENSEMBLE_CAM_CACHE` (default ~/.cache/ensemble-cam)."""
+    from orchestrator.train.cam import CamMaps
 
     cc = recipe.cam_crops
     if cc is None:
@@ -72,6 +78,52 @@ def load_cam_maps(recipe: Recipe, split, device) -> dict[str, torch.Tensor] | No
     _check_classes(runs, split.class_names, "cam_crops")
     if not member.checkpoint:
         raise UserError(f"cam_crops: member {member.name} of {cc.teacher.runs} has no checkpoint")
+    ident = hashlib.sha256(json.dumps([member.checkpoint, split.manifest.root, split.split, split.kept,
+                                       split.per_class, member.eval.input_size]).encode()).hexdigest()[:16]
+    stored = storage.join(member.checkpoint.rsplit("/", 1)[0], "cam", ident)
+    local = stored if not storage.is_remote(stored) else os.path.join(
+        os.environ.get("ENSEMBLE_CAM_CACHE", os.path.expanduser("~/.cache/ensemble-cam")), ident)
+    if os.path.exists(os.path.join(local, "maps.npy")):
+        return CamMaps(local)
+    if storage.is_remote(stored) and _fetch(stored, local):
+        return CamMaps(local)
+    maps = _build_cam_maps(member, split, device, local)
+    if storage.is_remote(stored):
+        _upload(local, stored)
+    return maps
+
+
+CAM_FILES = ("keys.npy", "rows.npy", "maps.npy")  # maps last: its presence marks a complete set
+
+
+def _upload(local: str, stored: str) -> None:
+    import fsspec
+
+    def put():
+        fs, path = fsspec.core.url_to_fs(stored)
+        for name in CAM_FILES:  # in this order: maps.npy, last, marks the set complete
+            fs.put_file(os.path.join(local, name), f"{path.rstrip('/')}/{name}")
+    storage.retry(put, f"uploading {stored}")
+
+
+def _fetch(stored: str, local: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(storage.join(stored, "maps.npy"))
+    if not fs.exists(path):
+        return False
+    os.makedirs(local, exist_ok=True)
+    for name in CAM_FILES:
+        fs.get(storage.join(stored, name), os.path.join(local, name + ".partial"))
+    for name in CAM_FILES:
+        os.replace(os.path.join(local, name + ".partial"), os.path.join(local, name))
+    return True
+
+
+def _build_cam_maps(member: MemberRecord, split, device, folder: str):
+    from models import load_checkpoint
+    from orchestrator.train.cam import write_cam_maps
+
     model, _ = load_checkpoint(member.checkpoint)
     ev = member.eval
-    return compute_maps(model, split.iter_samples(), ev.input_size, ev.mean, ev.std, device)
+    return write_cam_maps(folder, model, split.iter_samples(), len(split), ev.input_size, ev.mean, ev.std, device)
