@@ -114,3 +114,32 @@ def test_streamed_copies_balance_ranks_and_drop_only_the_remainder():
     skewed = np.repeat(np.arange(3), [9, 9, 1])
     copies = streamed_copies(skewed, np.array([0] * 10 + [1] * 9), 2, seed=0)
     assert len(set(np.bincount(np.array([0] * 10 + [1] * 9), weights=copies).tolist())) == 1
+
+
+def test_a_minival_carved_from_a_streamed_split_holds_only_its_own_samples(shaped):
+    """At ImageNet scale train cannot be read into memory to carve a minival: it is carved
+    by the labels file, only the minival's samples are held, and the rest streams with
+    them skipped, plain or label-shuffled."""
+    from orchestrator.data.dataset import TrainStream, carve_minival
+
+    whole = open_split(shaped, "train")
+    rest, held = carve_minival(whole, 2, 0)
+    assert rest.records is None and len(held.records) == 2000 and len(rest) == len(whole) - 2000
+    held_keys = {s.key for s in held.records}
+    assert np.array_equal(np.bincount([s.label for s in held.records]), np.full(1000, 2))
+    streamed = [s.key for s in rest.iter_samples()]
+    assert len(streamed) == len(rest) and not held_keys & set(streamed)
+    assert np.array_equal(rest.all_labels(), [s.label for s in rest.iter_samples()])
+    # the same split by name, as a member or an evaluation opens it
+    again = open_split(shaped, "train@rest:2:0")
+    assert np.array_equal(again.exclude, rest.exclude)
+    # label-shuffled over 4 ranks: every class N' times (N' = the largest class of the rest)
+    n_max = int(np.bincount(rest.all_labels()).max())
+    per_class = np.zeros(1000, dtype=np.int64)
+    for rank in range(4):
+        got = list(TrainStream(rest, None, rank, 4, seed=1, label_shuffling=True)._one_pass(0, 0, 1))
+        assert not held_keys & {s.key for s in got}
+        per_class += np.bincount([s.label for s in got], minlength=1000)
+    assert (per_class == n_max).all()
+    plain = [s.key for s in TrainStream(rest, None, 0, 1, seed=1)._one_pass(0, 0, 1)]
+    assert len(plain) == len(rest) and not held_keys & set(plain)

@@ -90,6 +90,18 @@ class Split:
     kept: list[int]
     per_class: int | None
     records: list[Sample] | None  # subset mode: the selected samples, dataset order
+    # a streamed part of a split (the rest of train after its minival): the manifest's split
+    # it streams, and the indices of that split it skips (sorted)
+    source: str | None = None
+    exclude: np.ndarray | None = None
+
+    @property
+    def shard_split(self) -> str:
+        return self.source or self.split
+
+    @cached_property
+    def _excluded(self) -> frozenset:
+        return frozenset() if self.exclude is None else frozenset(self.exclude.tolist())
 
     @property
     def num_classes(self) -> int:
@@ -102,10 +114,11 @@ class Split:
     def __len__(self) -> int:
         if self.records is not None:
             return len(self.records)
-        return sum(s.samples for s in self.manifest.shards(self.split))
+        total = sum(s.samples for s in self.manifest.shards(self.shard_split))
+        return total - (0 if self.exclude is None else len(self.exclude))
 
     def urls(self) -> list[str]:
-        return [self.manifest.url(s) for s in self.manifest.shards(self.split)]
+        return [self.manifest.url(s) for s in self.manifest.shards(self.shard_split)]
 
     def iter_raw(self, url: str) -> Iterator[Sample]:
         """One shard's samples with original labels; a folder split's without their bytes
@@ -124,7 +137,7 @@ class Split:
 
     @cached_property
     def _sha256(self) -> dict[str, str]:
-        return {self.manifest.url(s): s.sha256 for s in self.manifest.shards(self.split) if s.sha256}
+        return {self.manifest.url(s): s.sha256 for s in self.manifest.shards(self.shard_split) if s.sha256}
 
     @cached_property
     def labels(self) -> list[int]:
@@ -136,10 +149,20 @@ class Split:
         (a streamed split: no pass over the images), or else from one pass."""
         if self.records is not None:
             return np.asarray(self.labels, dtype=np.int64)
+        if self.exclude is not None:
+            return np.delete(self.source_labels(), self.exclude)
         labels = self.manifest.split_labels(self.split)
         if labels is not None:
             return labels
         return np.array([s.label for s in self.iter_samples()], dtype=np.int64)
+
+    def source_labels(self) -> np.ndarray:
+        """Labels of the whole streamed split this one reads (skipped samples included)."""
+        labels = self.manifest.split_labels(self.shard_split)
+        if labels is not None:
+            return labels
+        whole = Split(self.manifest, self.shard_split, self.kept, self.per_class, None)
+        return np.array([s.label for s in whole.iter_samples()], dtype=np.int64)
 
     def iter_indexed(self, me: int, total: int) -> Iterator[tuple[int, Sample]]:
         """Reader slot `me` of `total`'s part of the split as (dataset index, sample); the
@@ -148,6 +171,8 @@ class Split:
         fewer shards than slots the spare slots read nothing), and each sample's index
         comes from the manifest's per-shard counts. In memory, or for a folder layout
         (read per file), every total-th sample."""
+        if self.exclude is not None:
+            raise RuntimeError(f"{self.split} is a training part: it is not evaluated")
         shards = [] if self.records is not None else self.manifest.shards(self.split)
         if self.records is not None or any(s.file.startswith(FOLDER_PREFIX) for s in shards):
             for j, s in enumerate(self.iter_samples(keep=lambda i: i % total == me)):
@@ -169,10 +194,12 @@ class Split:
             yield from (s for i, s in enumerate(self.records) if keep is None or keep(i))
             return
         remap = {c: i for i, c in enumerate(self.kept)}
+        skip = self._excluded
+        start = dict(zip(self.urls(), self.manifest.offsets(self.shard_split))) if skip else {}
         i = 0
         for url in urls if urls is not None else self.urls():
-            for s in self.iter_raw(url):
-                if s.label not in remap:
+            for n, s in enumerate(self.iter_raw(url)):
+                if s.label not in remap or (skip and start[url] + n in skip):
                     continue
                 if keep is None or keep(i):
                     data = s.data or _read(s.key)
@@ -207,10 +234,15 @@ def open_split(root: str, split: str, classes=None, per_class: int | None = None
 def carve_minival(whole: Split, per_class: int, seed: int) -> tuple[Split, Split]:
     """(the rest of train, its minival) from one read of the train split, each named as
     `open_split` opens it again (orchestrator/data/minival.py)."""
-    if whole.records is None:  # carving needs the labels in order: read the split once
-        whole.records = _read_subset(whole)
-    rest, chosen = minival.carve(whole.labels, whole.num_classes, per_class, seed)
     held_name, rest_name = minival.split_names(whole.split, per_class, seed)
+    if whole.records is None:  # streamed: carve by the labels, hold only the minival's samples
+        rest, chosen = minival.carve(whole.all_labels(), whole.num_classes, per_class, seed)
+        wanted = frozenset(chosen)
+        held = [s for i, s in enumerate(whole.iter_samples()) if i in wanted]
+        return (Split(whole.manifest, rest_name, whole.kept, whole.per_class, None, source=whole.split,
+                      exclude=np.asarray(chosen, dtype=np.int64)),
+                Split(whole.manifest, held_name, whole.kept, whole.per_class, held))
+    rest, chosen = minival.carve(whole.labels, whole.num_classes, per_class, seed)
     return (Split(whole.manifest, rest_name, whole.kept, whole.per_class, [whole.records[i] for i in rest]),
             Split(whole.manifest, held_name, whole.kept, whole.per_class, [whole.records[i] for i in chosen]))
 
@@ -279,9 +311,14 @@ class TrainStream(IterableDataset):
     def _streamed_shuffled(self, urls: list[str], rng, p_seed: int, slot: int, nslots: int) -> Iterator[Sample]:
         """A label-shuffled pass of a streamed split: this rank's shards, each sample as
         many times as it is drawn (sampling.streamed_copies)."""
-        labels = self._labels()
-        shards = self.split.manifest.shards(self.split.split)
-        start = dict(zip((self.split.manifest.url(s) for s in shards), self.split.manifest.offsets(self.split.split)))
+        if self.split.exclude is None:
+            labels = self._labels()
+        else:  # the rest of train: indices of the whole split, its minival never drawn
+            if getattr(self, "_source_cache", None) is None:
+                self._source_cache = self.split.source_labels()
+            labels = self._source_cache
+        shards = self.split.manifest.shards(self.split.shard_split)
+        start = dict(zip((self.split.manifest.url(s) for s in shards), self.split.manifest.offsets(self.split.shard_split)))
         size = {self.split.manifest.url(s): s.samples for s in shards}
         owner = np.empty(len(labels), dtype=np.int64)
         by_shard = len(urls) >= self.world
@@ -295,7 +332,7 @@ class TrainStream(IterableDataset):
                 mine.append(url)
         if not by_shard:  # fewer shards than ranks: every rank reads all, keeps every world-th sample
             owner, mine = np.arange(len(labels)) % self.world, urls
-        copies = streamed_copies(labels, owner, self.world, p_seed)
+        copies = streamed_copies(labels, owner, self.world, p_seed, skip=self.split.exclude)
         for url in mine[slot::nslots] if by_shard else mine:
             for n, s in enumerate(self.split.iter_raw(url)):
                 i = start[url] + n

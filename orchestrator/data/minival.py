@@ -13,7 +13,9 @@ the class's m held-out samples, so every rank, loader, resume and evaluation agr
 without a stored list. The two parts are addressed as splits named
 `<train>@minival:<m>:<seed>` and `<train>@rest:<m>:<seed>` (`open_split` understands
 them), so a runs file can name the minival and the evaluation can recompute on it.
-The train split is read into memory to carve it (as label shuffling does).
+A train split held in memory is carved in memory; a streamed one (too big to hold) is
+carved by its labels (the manifest's labels file): only the minival's samples are held,
+and the rest streams with them skipped (`dataset.carve_minival`).
 """
 from __future__ import annotations
 

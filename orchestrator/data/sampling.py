@@ -57,20 +57,30 @@ def epoch_length(labels: Sequence[int], label_shuffling: bool) -> int:
     return int((counts > 0).sum() * counts.max())
 
 
-def streamed_copies(labels: np.ndarray, owner: np.ndarray, world: int, seed: int) -> np.ndarray:
+def streamed_copies(labels: np.ndarray, owner: np.ndarray, world: int, seed: int,
+                    skip: np.ndarray | None = None) -> np.ndarray:
     """Times each sample is drawn in a label-shuffled pass of a streamed split, where
     `owner[i]` is the rank that reads sample i (its shard's rank). Every class gets N
     draws (N = its largest class) over all ranks together, each of its samples floor(N/n)
     or ceil(N/n) of them; the ceil ones are placed so that each rank's total is exactly
     (C x N) // world. Only where that is impossible (a class too small and too unevenly
     spread over the ranks) are more draws dropped, so that the ranks' parts stay equal.
-    Memory: a few integers per sample, nothing per image byte."""
+    Memory: a few integers per sample, nothing per image byte. Samples at `skip` (a
+    minival held out of this split) are never drawn."""
     rng = np.random.default_rng(seed)
-    labels, owner = np.asarray(labels, dtype=np.int64), np.asarray(owner, dtype=np.int64)
+    labels, owner = np.asarray(labels, dtype=np.int64).copy(), np.asarray(owner, dtype=np.int64)
+    if skip is not None and len(skip):
+        labels[np.asarray(skip)] = labels.max() + 1  # a class of their own, dropped below
+        skipped = int(labels.max())
+    else:
+        skipped = None
     counts = np.bincount(labels)
+    if skipped is not None:
+        counts[skipped] = 0
     present = np.flatnonzero(counts)
     n_max = int(counts.max())
-    copies = (n_max // counts[labels]).astype(np.int32)  # every sample: floor(N/n)
+    n = counts[labels]
+    copies = np.where(n > 0, n_max // np.maximum(n, 1), 0).astype(np.int32)  # every sample: floor(N/n)
     target = len(present) * n_max // world
     need = target - np.bincount(owner, weights=copies, minlength=world).astype(np.int64)
     plain: dict[int, list[list[int]]] = {}  # class -> rank -> its samples without an extra draw
