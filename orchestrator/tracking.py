@@ -132,9 +132,15 @@ def get_or_create_child(client: MlflowClient, experiment_id: str, parent_id: str
 
 def log_epoch(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> None:
     ts = int(time.time() * 1000)
-    # float32 figures as the 7 digits they hold (0.662, not 0.6620000004768372 in the UI)
-    client.log_batch(run_id, metrics=[Metric(k, float(f"{float(v):.7g}"), ts, epoch) for k, v in metrics.items()
+    client.log_batch(run_id, metrics=[Metric(k, _shown(k, float(v)), ts, epoch) for k, v in metrics.items()
                                       if isinstance(v, (int, float))])
+
+
+def _shown(key: str, value: float) -> float:
+    """Error rates (computed in float32) as the 7 digits they hold: 0.662 in the UI, not
+    0.6620000004768372. Every other metric exactly as measured (a weight fingerprint is
+    compared for equality)."""
+    return float(f"{value:.7g}") if key.endswith("_err") else value
 
 
 def get_or_create_trial_run(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, member,
