@@ -189,8 +189,9 @@ def test_one_huge_image_does_not_size_the_batch(monkeypatch):
 
     monkeypatch.setattr(aug, "ROI_GROUP", 2)
     monkeypatch.setattr(batch_augment.torch, "zeros", zeros)
-    # centre crops of half the side: away from the edges, where padding would bleed in
-    boxes = [(d.shape[-2] // 4, d.shape[-1] // 4, d.shape[-2] // 2, d.shape[-1] // 2) for d in decoded]
+    # whole-image crops: their right and bottom edges meet the padding, which repeats the
+    # image's edge, so a group's padding does not change an image's crop
+    boxes = [(0, 0, d.shape[-2], d.shape[-1]) for d in decoded]
     grouped = aug._roi(decoded, boxes)
     assert len(sizes) == 3 and max(sizes) <= 2 * 3 * aug.max_side ** 2
     one = aug._roi_group(decoded, boxes)  # all at once: the same output, row by row

@@ -201,7 +201,12 @@ class BatchAugment:
         h, w = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
         padded = torch.zeros(len(images), 3, h, w, dtype=torch.uint8, device=self.device)
         for k, img in enumerate(images):
-            padded[k, :, :img.shape[-2], :img.shape[-1]].copy_(img)
+            ih, iw = img.shape[-2:]
+            padded[k, :, :ih, :iw].copy_(img)
+            # the padding repeats the last column and row: bilinear samples at a crop's right or
+            # bottom edge then read the image's edge, not black (as F.interpolate on the image alone)
+            padded[k, :, :ih, iw:] = img[:, :, -1:]
+            padded[k, :, ih:, :] = padded[k, :, ih - 1:ih, :]
         # half precision on the GPU halves the padded batch's memory; roi_align on CPU needs float32
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         rois = torch.tensor([[k, left, top, left + cw, top + ch] for k, (top, left, ch, cw) in enumerate(boxes)],
