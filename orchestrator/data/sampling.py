@@ -75,6 +75,7 @@ def streamed_copies(labels: np.ndarray, owner: np.ndarray, world: int, seed: int
     else:
         skipped = None
     counts = np.bincount(labels)
+    counts_all = counts.copy()  # with the skipped pseudo-class, for slicing the sort below
     if skipped is not None:
         counts[skipped] = 0
     present = np.flatnonzero(counts)
@@ -85,8 +86,11 @@ def streamed_copies(labels: np.ndarray, owner: np.ndarray, world: int, seed: int
     need = target - np.bincount(owner, weights=copies, minlength=world).astype(np.int64)
     plain: dict[int, list[list[int]]] = {}  # class -> rank -> its samples without an extra draw
     extra: dict[int, list[list[int]]] = {}  # class -> rank -> its samples with one
+    # each class's samples in index order, from one sort (not a scan of all labels per class)
+    by_label = np.argsort(labels, kind="stable")
+    ends = np.cumsum(np.bincount(labels))
     for c in rng.permutation(present):  # the N mod n extra draws of class c, placed where needed
-        members = np.flatnonzero(labels == c)
+        members = by_label[ends[c] - counts_all[c]:ends[c]]
         plain[c] = [list(rng.permutation(members[owner[members] == r])) for r in range(world)]
         extra[c] = [[] for _ in range(world)]
         for _ in range(n_max % int(counts[c])):

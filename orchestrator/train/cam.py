@@ -204,9 +204,9 @@ def write_cam_maps(folder: str, teacher: nn.Module, samples, count: int, input_s
         raise RuntimeError(f"CAM maps: {row} samples computed, {count} expected")
     out.flush()
     del out
-    order = np.argsort(np.array(keys, dtype=object).astype("S"), kind="stable")
-    sorted_keys = np.array(keys, dtype="S")[order]
-    np.save(f"{folder}/keys.npy", sorted_keys)
+    table = np.array(keys, dtype="S")
+    order = np.argsort(table, kind="stable")
+    np.save(f"{folder}/keys.npy", table[order])
     np.save(f"{folder}/rows.npy", order.astype(np.int64))
     os.replace(tmp, f"{folder}/maps.npy")
     return CamMaps(folder)
