@@ -17,12 +17,19 @@ slots (default 8 x 4), one run measures:
   `--cam-images` train images, extrapolated to the whole train split;
 - one label-shuffled training pass of the streamed train split over `--ranks` ranks x
   `--loaders` loaders (Hikvision's rule: N draws of every class, N its largest): draws per
-  class and per rank, and the bytes read, as a multiple of the train split's size.
+  class and per rank, and the bytes read, as a multiple of the train split's size;
+- peak memory of a bounded training run (`--steps` steps of a ResNet-20 at 32 px through
+  the training core, `train_member`, label-shuffled on the streamed split, 2 loader
+  processes), in a fresh process: the trainer's peak RSS and its loaders' (VmHWM), on the
+  full set and on a 1% set of the same structure, so the ratio shows what grows with N.
 The last line is the figure: `... worst read ratio W` (the larger of the two passes' ratios).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,6 +123,62 @@ def cam_build(train, n: int) -> tuple[float, int]:
         return rate, int(maps.maps[0].nbytes)
 
 
+def _children_hwm(seen: dict) -> None:
+    """Record the peak RSS (VmHWM, KiB) of every live child of this process."""
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = f.read().rsplit(")", 1)[1].split()[1]
+            if ppid != me:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+            seen[pid] = max(seen.get(pid, 0), hwm)
+        except (OSError, IndexError, StopIteration, ValueError):
+            continue  # not a process, or gone
+
+
+def bounded_run(root: str, steps: int) -> dict:
+    """`steps` label-shuffled steps of a small member on the streamed train split, through
+    the training core; peak RSS of this process and of its loader processes (MB)."""
+    import threading
+
+    import torch
+
+    from orchestrator.config import parse_config, resolve_members
+    from orchestrator.train.member import open_member_data, train_member
+
+    cfg = parse_config({
+        "name": "drill", "data": {"root": root, "val_per_class": 1},
+        "recipes": {"r": {"epochs": 1, "batch_size": 64, "max_steps_per_epoch": steps, "label_shuffling": True,
+                          "augment": {"preset": "light"}}},
+        "defaults": {"input_size": 32, "resources": {"loader_workers": 2}},
+        "members": [{"arch": "resnet20", "recipe": "r"}]})
+    (member,) = resolve_members(cfg)
+    torch.set_num_threads(1)
+    seen: dict = {}
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.5):
+            _children_hwm(seen)
+
+    threading.Thread(target=watch, daemon=True).start()
+    start = time.time()
+    _, state = train_member(member, open_member_data(cfg.data), device=torch.device("cpu"))
+    done.set()
+    return {"steps": state.step, "seconds": time.time() - start, "trainer_mb": peak_rss_mb(),
+            "loader_mb": max(seen.values(), default=0) / 1024, "loaders": len(seen)}
+
+
+def measured_run(root: str, steps: int) -> dict:
+    """bounded_run in a fresh interpreter, so its peak RSS is its own."""
+    out = subprocess.run([sys.executable, __file__, "--bounded-run", root, "--steps", str(steps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="an ImageNet-shaped set (default: generate one in a temporary folder)")
@@ -123,7 +186,12 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--loaders", type=int, default=4)
     p.add_argument("--cam-images", type=int, default=2000, help="train images to build CAM maps of (default 2000)")
+    p.add_argument("--steps", type=int, default=200, help="steps of the bounded training run (default 200)")
+    p.add_argument("--bounded-run", metavar="ROOT", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.bounded_run:
+        print(json.dumps(bounded_run(args.bounded_run, args.steps)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data
         if root is None:
@@ -172,6 +240,15 @@ def main() -> None:
               f"{cam_rate:.0f} images/s, {cam_bytes:,} bytes each; for all {len(train):,}: "
               f"{len(train) * cam_bytes / 1e9:.2f} GB float16, {len(train) / cam_rate / 3600:.1f} h on this machine")
         print(f"peak RSS of this process over the drill: {peak_rss_mb():.0f} MB")
+        full = measured_run(root, args.steps)
+        with tempfile.TemporaryDirectory() as small_root:
+            generate(small_root, args.scale / 100)
+            small = measured_run(small_root, args.steps)
+        print(f"bounded run ({full['steps']} label-shuffled steps of ResNet-20, batch 64, 32 px, "
+              f"{full['loaders']} loaders, {full['seconds']:.0f} s): trainer peak RSS {full['trainer_mb']:.0f} MB, "
+              f"loader {full['loader_mb']:.0f} MB; on a set of {args.scale / 100:g} the size: "
+              f"{small['trainer_mb']:.0f} MB and {small['loader_mb']:.0f} MB "
+              f"({full['trainer_mb'] / small['trainer_mb']:.2f}x, {full['loader_mb'] / small['loader_mb']:.2f}x)")
         worst = max(read / size, train_read / train_size)
         print(f"val pass reads {read / size:.3f} x the split ({read / 1e6:.1f} of {size / 1e6:.1f} MB; "
               f"former reader: {former / size:.1f} x); worst read ratio {worst:.3f}")

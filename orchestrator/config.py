@@ -90,6 +90,9 @@ class ConfusionPrior(Strict):
 class Recipe(Strict):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=1, description="per worker")
+    # a cap for quick looks and smoke tests (Lightning's limit_train_batches): each epoch
+    # stops after this many optimiser steps, the LR schedule is laid out on the capped epochs
+    max_steps_per_epoch: int | None = Field(None, ge=1)
     optimizer: Optimizer = Optimizer()
     schedule: Schedule = Schedule()
     augment: Augment = Augment()
@@ -184,6 +187,9 @@ class Data(Strict):
     # scored once, at the end, and only reported (orchestrator/data/minival.py)
     minival: int | None = Field(None, ge=1, description="samples per class held out of train, never trained on")
     minival_seed: int = 0
+    # train decoded once and held where the model trains (orchestrator/data/resident.py):
+    # auto = when its images share one size, the augmentations have a batch form and it fits
+    resident: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _minival_fits(self):
@@ -201,6 +207,8 @@ class Data(Strict):
         """What of the data enters a member's key: minival only when set, so configs
         without it keep their members' keys (a re-run retrains nothing)."""
         d = self.model_dump()
+        if self.resident == "auto":  # placement of the decoded split, not identity, unless forced
+            d.pop("resident")
         if self.minival is None:
             d.pop("minival"), d.pop("minival_seed")
         return d
@@ -411,6 +419,15 @@ def member_key(name: str, payload: dict) -> str:
     return f"{name}-{digest}"
 
 
+def recipe_payload(recipe: Recipe) -> dict:
+    """The recipe as hashed into member keys. Fields added after keys were first issued
+    count only when set, so existing members keep their keys (and resume)."""
+    out = recipe.model_dump()
+    if out["max_steps_per_epoch"] is None:
+        del out["max_steps_per_epoch"]
+    return out
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -477,7 +494,7 @@ def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
         resources.check(name)
         _check_decode(name, recipe, resources)
         resources, packing = _pack(name, resources, cfg.packing)
-        payload = {"arch": m.arch, "recipe": recipe.model_dump(), "seed": m.seed, "low_res": low_res,
+        payload = {"arch": m.arch, "recipe": recipe_payload(recipe), "seed": m.seed, "low_res": low_res,
                    "input_size": size, "workers": resources.workers, "data": cfg.data.key_fields()}
         out.append(ResolvedMember(key=member_key(name, payload), name=name, arch=m.arch, recipe_name=recipe_name,
                                   recipe=recipe, seed=m.seed, low_res=low_res, input_size=size,

@@ -9,16 +9,18 @@ from __future__ import annotations
 import os
 import time
 
+import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from orchestrator import storage
 from orchestrator.config import EnsembleConfig, ResolvedMember, load_config, resolve_members
-from orchestrator.data.dataset import select_classes
+from orchestrator.data.dataset import open_split, select_classes
 from orchestrator.data.manifest import check_shards_exist, load_manifest
 from orchestrator.errors import UserError
 from orchestrator.runs_file import Choice, DatasetRef, MemberRecord, MlflowRef, RunsFile, write_runs
+from orchestrator.train.member import resident_choice
 
 console = Console(width=None if Console().is_terminal else 120)
 
@@ -105,6 +107,12 @@ def print_plan(cfg: EnsembleConfig, members: list[ResolvedMember]) -> None:
         table.add_row(m.name, m.key, m.arch, m.recipe_name, str(m.recipe.epochs), f"{m.input_size} px",
                       "on" if m.low_res else "off", str(r.workers), str(r.gpus_per_worker) if r.use_gpu else "cpu")
     console.print(table)
+    train = open_split(cfg.data.root, cfg.data.train_split, cfg.data.classes, cfg.data.train_per_class)
+    placements = {m.name: resident_choice(m, cfg.data.resident, train,
+                                          torch.device("cuda" if m.resources.use_gpu else "cpu"))[1] for m in members}
+    for where in sorted(set(placements.values())):  # data.resident, as each member will decide it
+        names = [n for n, w in placements.items() if w == where]
+        console.print(f"train data, {len(names)} of {len(members)} members: {where}")
 
 
 def _ray_init(cfg: EnsembleConfig) -> None:

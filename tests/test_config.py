@@ -158,10 +158,11 @@ def test_low_res_follows_the_input_size_unless_set(member, size, low_res):
     assert (m.input_size, m.low_res) == (size, low_res)
 
 
-def test_dry_run_prints_input_size_and_low_res(tmp_path):
+def test_dry_run_prints_input_size_low_res_and_where_the_data_goes(tmp_path, tiny_root):
     path = tmp_path / "c.yaml"
     cfg = base(members=[{"arch": "resnet18", "recipe": "a", "input_size": 224, "name": "big"},
-                        {"arch": "resnet18", "recipe": "a", "input_size": 64, "name": "small"}])
+                        {"arch": "resnet18", "recipe": "a", "input_size": 64, "name": "small"}],
+               data={"root": tiny_root, "classes": 3, "train_per_class": 10})
     path.write_text(yaml.safe_dump(cfg))
     import io
 
@@ -179,3 +180,4 @@ def test_dry_run_prints_input_size_and_low_res(tmp_path):
     lines = {line.split("│")[1].strip(): line for line in rows}
     assert "224 px" in lines["big"] and " off " in lines["big"]
     assert "64 px" in lines["small"] and " on " in lines["small"]
+    assert "train data, 2 of 2 members: resident on cpu (30 images of 64x64 px = 0.4 MiB uint8)" in buf.getvalue()

@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ensemble.math import topk_error
+from orchestrator.config import expand_env
 from orchestrator.runs_file import load_runs
 from tests.conftest import ROOT, run_cli
 from tests.test_e2e import RUNTIME_EXCLUDES, assert_no_credentials, children_of, check_runs_file, s3_data  # noqa: F401
@@ -123,3 +124,36 @@ def test_pbt_on_the_cluster_path_clones_the_donors_weights(stack, s3_data):  # n
     assert any(c.what.startswith("Tune's metric") and c.split == "val" for c in runs.choices)
     assert s3fs.S3FileSystem().exists(runs.members[0].checkpoint)
     assert_no_credentials(client, [parent, *children.values()], [out.stdout + out.stderr])
+
+
+def test_the_shipped_tiny_imagenet_search_trains_label_shuffled_on_the_streamed_split(tiny_root, tmp_path):
+    """configs/search/tiny-imagenet-resnet.yaml as shipped (all of Tiny-ImageNet train,
+    streamed, its minival carved out, label shuffling searched), with the overrides a CPU
+    test needs: no GPU, one trial with label shuffling on, one epoch capped to a few steps,
+    32 px, val scored on 2 images per class."""
+    raw = yaml.safe_load(expand_env((ROOT / "configs" / "search" / "tiny-imagenet-resnet.yaml").read_text()
+                                    .replace("${DATA_ROOT:-s3://ensembles/data}/tiny-imagenet-200", tiny_root)))
+    assert raw["data"]["root"] == tiny_root and "classes" not in raw["data"] and "train_per_class" not in raw["data"]
+    raw["storage"]["path"] = str(tmp_path / "out")
+    raw["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "shipped-search"}
+    raw["data"]["val_per_class"] = 2  # scored once at the end: 400 images, not 10,000
+    raw["defaults"].update(input_size=32, resources={"use_gpu": False, "cpus_per_worker": 2, "loader_workers": 1})
+    raw["recipes"]["base"].update(epochs=1, batch_size=32, max_steps_per_epoch=4, plain_last_epochs=0)
+    raw["search"].update(num_samples=1)
+    raw["search"]["space"]["recipe.label_shuffling"] = {"choice": [True]}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    out = run_cli("jobs/search.py", "--config", str(path), "--runs", str(tmp_path / "runs.yaml"),
+                  env={"RAY_ADDRESS": "local"}, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert summary(out.stdout) == {"trials": 1, "complete": 1, "stopped": 0, "cloned": 0}
+    client = MlflowClient(raw["mlflow"]["tracking_uri"])
+    exp = client.get_experiment_by_name("shipped-search")
+    parent = client.search_runs([exp.experiment_id], "tags.`ensemble.kind` = 'search'")[0]
+    (trial,) = children_of(client, parent)
+    # Hikvision's rule on the streamed rest of train: 200 classes x N = 490 (500 less 10 of minival)
+    assert trial.data.tags["hikvision.label_shuffling"].startswith("label-shuffled epoch: 200 classes x 490 = 98000")
+    assert client.get_metric_history(trial.info.run_id, "minival_top1_err")
+    runs = load_runs(str(tmp_path / "runs.yaml"))
+    assert np.load(runs.members[0].predictions).shape == (400, 200)

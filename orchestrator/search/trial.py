@@ -71,8 +71,11 @@ def search_trial(config: dict, ctx: dict) -> None:
         client.set_tag(run_id, "pbt.cloned_from", f"{restored_from}@{resume['epoch']}")
         client.log_metric(run_id, "cloned_fingerprint", restored_fp, step=resume["epoch"])
     extra = {"trial_id": trial_id, "restored_from": restored_from, "restored_fingerprint": restored_fp}
+    notes: dict = {}  # what the recipe's Hikvision options did, filled by train_member
 
     def on_epoch_end(state, metrics, model, optimizer, probs):
+        while notes:
+            client.set_tag(run_id, *notes.popitem())
         final = probs is not None  # the final epoch's held-out predictions
         files = final_outputs(probs, lambda part: [part], model, member, data, metrics, device) if final else {}
         fp = fingerprint(model.state_dict())
@@ -91,7 +94,7 @@ def search_trial(config: dict, ctx: dict) -> None:
 
     if resume and resume["epoch"] >= member.recipe.epochs:
         return  # already complete: its final checkpoint was reported before the restart
-    train_member(member, data, device=device, resume=resume, on_epoch_end=on_epoch_end)
+    train_member(member, data, device=device, resume=resume, on_epoch_end=on_epoch_end, notes=notes)
     client.set_terminated(run_id, "FINISHED")
 
 

@@ -248,7 +248,13 @@ class BatchAugment:
     def __call__(self, encoded: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         decoded = self.decode(encoded)
         keep = [i for i, img in enumerate(decoded) if img is not None]
-        x = self.crop_resize([decoded[i] for i in keep]).div_(255)  # a fresh tensor: in place saves a copy
+        labels = labels[keep] if len(keep) < len(decoded) else labels
+        return self.augment([decoded[i] for i in keep]), labels.to(self.device, non_blocking=True)
+
+    def augment(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Decoded uint8 images (a list, or a [B, 3, H, W] batch) -> the normalised float
+        batch: crop and resize, flip, colour, lighting (the GPU-resident mode starts here)."""
+        x = self.crop_resize(list(images)).div_(255)  # a fresh tensor: in place saves a copy
         if self.f.hflip > 0:
             flip = torch.rand(x.shape[0], device=x.device) < self.f.hflip
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -256,9 +262,7 @@ class BatchAugment:
             x = self.color(x)
         if self.f.pca_lighting > 0:
             x = self.lighting(x)
-        x = x.sub_(self.mean).div_(self.std)
-        labels = labels[keep] if len(keep) < len(decoded) else labels
-        return x, labels.to(self.device, non_blocking=True)
+        return x.sub_(self.mean).div_(self.std)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:

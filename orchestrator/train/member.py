@@ -19,8 +19,12 @@ from torch.utils.data import DataLoader
 from ensemble.math import topk_error
 from models import build_model, get_spec
 from orchestrator.config import Data, ResolvedMember
+from orchestrator.data import resident
 from orchestrator.data.dataset import EvalStream, Split, TooManyBadImages, TrainStream, carve_minival, open_split
+from orchestrator.data.resident import Resident
+from orchestrator.errors import UserError
 from orchestrator.train import augment, batch_augment, confusion, loop, lr, teacher
+from orchestrator.train.resident import ResidentBatches
 from orchestrator.train.optim import build_optimizer
 
 
@@ -34,6 +38,7 @@ class MemberData:
     val: Split
     max_bad_images: int = 50
     minival: Split | None = None  # held out of train: every choice is made on it (data/minival.py)
+    resident: bool | str = "auto"  # data.resident: train held decoded on the device (data/resident.py)
 
     @property
     def num_classes(self) -> int:
@@ -55,7 +60,7 @@ def open_member_data(data: Data) -> MemberData:
     if data.minival:  # train is read once and carved in two
         train, held = carve_minival(train, data.minival, data.minival_seed)
     val = open_split(data.root, data.val_split, data.classes, data.val_per_class, data.num_classes)
-    return MemberData(train, val, data.max_bad_images, held)
+    return MemberData(train, val, data.max_bad_images, held, data.resident)
 
 
 def eval_transform_of(member: ResolvedMember):
@@ -108,7 +113,11 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     ev, eval_tf = eval_transform_of(member)
     workers = member.resources.loader_workers
     plain_from = recipe.epochs - recipe.plain_last_epochs if recipe.plain_last_epochs else None
-    if decode_on_device(member, device):
+    held = hold_resident(member, data, device, said)
+    if held is not None:
+        stream = resident_batches(member, fields, ev, held, device, rank, world, state.epoch, plain_from)
+        train_batches = iter(stream)
+    elif decode_on_device(member, device):
         stream = TrainStream(data.train, None, rank, world, seed=member.seed, start_pass=state.epoch,
                              label_shuffling=recipe.label_shuffling)
         train_batches = device_batches(member, fields, ev, stream, device, plain_from)
@@ -127,7 +136,9 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                              plain_from_pass=plain_from)
         train_batches = iter(DataLoader(stream, batch_size=recipe.batch_size, num_workers=workers, drop_last=True,
                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0))
-    steps_per_epoch = max(stream.samples_per_pass() // global_batch, 1)
+    steps_per_epoch = stream.steps if held is not None else max(stream.samples_per_pass() // global_batch, 1)
+    if recipe.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, recipe.max_steps_per_epoch)
     val_loader = build_eval_loader(data.heldout, eval_tf, recipe.batch_size * 2, workers, rank, world)
     bf16, cl = recipe.bf16, recipe.channels_last and device.type == "cuda"
     smoothing = teacher.load_confusion_smoothing(recipe, data.train.class_names)
@@ -144,8 +155,9 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     if recipe.plain_last_epochs:
         said["hikvision.plain_last_epochs"] = f"strong augmentation off for the last {recipe.plain_last_epochs} epochs"
     if rank == 0:
-        for text in said.values():
-            print(f"member {member.name}: {text}", flush=True)
+        for tag, text in said.items():  # the data placement only as a tag on the member's run
+            if tag.startswith("hikvision."):
+                print(f"member {member.name}: {text}", flush=True)
     criterion = (confusion.PriorSmoothingLoss(smoothing).to(device) if smoothing is not None
                  else loop.build_criterion(fields.label_smoothing))
 
@@ -175,6 +187,46 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
         if hasattr(train_batches, "close"):
             train_batches.close()
     return model, state
+
+
+def hold_resident(member: ResolvedMember, data: MemberData, device: torch.device, said: dict) -> Resident | None:
+    """The train split decoded on `device` when `data.resident` says so (data/resident.py)."""
+    hold, why = resident_choice(member, data.resident, data.train, device)
+    said["data.placement"] = why
+    if not hold:
+        return None
+    try:
+        return resident.load(data.train, device)
+    except resident.MixedSizes:
+        if data.resident is True:
+            raise
+        said["data.placement"] = "streamed (images of several sizes)"
+        return None
+
+
+def resident_choice(member: ResolvedMember, mode: bool | str, train: Split, device: torch.device) -> tuple[bool, str]:
+    """(hold member's train split decoded on device?, why) for data.resident = mode."""
+    missing = batch_augment.unsupported(member.recipe.augment.fields(), member.recipe.cam_crops is not None)
+    if mode is True and missing:
+        raise UserError(f"member {member.name}: data.resident: true needs augmentations with a batch form; "
+                        f"{', '.join(missing)} have none (valid: resident: auto or false)")
+    return resident.decide(mode, train, device, not missing)
+
+
+def resident_batches(member: ResolvedMember, fields, ev, held: Resident, device, rank: int, world: int,
+                     start_pass: int, plain_from: int | None) -> ResidentBatches:
+    recipe = member.recipe
+
+    def build(f):
+        return batch_augment.BatchAugment(f, member.input_size, ev.mean, ev.std, device, held.bad)
+
+    stream = ResidentBatches(held, build(fields), batch_size=recipe.batch_size, steps=1, seed=member.seed,
+                             rank=rank, world=world, start_pass=start_pass, label_shuffling=recipe.label_shuffling,
+                             plain=build(augment.plain_fields(fields)) if plain_from is not None else None,
+                             plain_from=plain_from)
+    steps = max(stream.samples_per_pass() // world // recipe.batch_size, 1)
+    stream.steps = min(steps, recipe.max_steps_per_epoch or steps)
+    return stream
 
 
 def decode_on_device(member: ResolvedMember, device: torch.device) -> bool:

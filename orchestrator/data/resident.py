@@ -1,0 +1,100 @@
+"""A training split held decoded: uint8 `[N, 3, H, W]` and its labels, on the device.
+
+Why: small images decode once and then cost nothing per epoch (Tiny-ImageNet at 64 px is
+1.2 GB as uint8, its 4-shard subset 0.4 GB); batches are gathered by index where the
+model trains and augmented there (`orchestrator/train/resident.py`): no loader
+processes, no per-step host copies. This is how the fastest small-image trainers
+(airbench, hlb-CIFAR10) reach their speed. On a CPU the same array sits in memory.
+
+`data.resident`: `true` holds the split (an error if it cannot), `false` streams it,
+`auto` holds it when its images share one size, the recipe's augmentations have a batch
+form, and the array fits `budget_bytes` (a quarter of the device's free memory, of RAM
+on a CPU). A split whose images differ in size (ImageNet) is streamed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from orchestrator.data.dataset import BadImages, Split, decode_rgb, try_decode
+from orchestrator.errors import UserError
+
+BUDGET_SHARE = 0.25  # of free device memory (or RAM): the rest is the model's and the loop's
+
+
+class MixedSizes(UserError):
+    """The split's images differ in size: it cannot be one array."""
+
+
+@dataclass
+class Resident:
+    images: torch.Tensor  # uint8 [N, 3, H, W], on the training device
+    labels: torch.Tensor  # int64 [N], same device
+    bad: BadImages  # undecodable images left out (counted as the streaming path counts them)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def first_image_shape(split: Split) -> tuple[int, int]:
+    """(H, W) of the split's first image: the size every image must share."""
+    first = next(iter(split.iter_samples()))
+    return tuple(decode_rgb(first.data).shape[-2:])
+
+
+def decoded_bytes(split: Split, shape: tuple[int, int]) -> int:
+    return len(split) * 3 * shape[0] * shape[1]
+
+
+def budget_bytes(device: torch.device) -> int | None:
+    """What the decoded split may take; None for a GPU this process cannot see (a driver
+    planning for the cluster's workers)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * BUDGET_SHARE)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * BUDGET_SHARE)
+
+
+def decide(mode: bool | str, split: Split, device: torch.device, batch_form: bool) -> tuple[bool, str]:
+    """(hold the split?, why), for `data.resident` = auto | true | false."""
+    if mode is False:
+        return False, "streamed (data.resident: false)"
+    shape = first_image_shape(split)
+    need, budget = decoded_bytes(split, shape), budget_bytes(device)
+    size = f"{len(split):,} images of {shape[0]}x{shape[1]} px = {need / 2**20:,.1f} MiB uint8"
+    if mode is True:
+        return True, f"resident on {device.type} ({size})"
+    if not batch_form:
+        return False, "streamed (an augmentation has no batch form)"
+    if budget is None:
+        return True, f"resident on cuda if within {BUDGET_SHARE:.0%} of its free memory ({size})"
+    if need > budget:
+        return False, f"streamed ({size} > budget {budget / 2**20:,.0f} MiB)"
+    return True, f"resident on {device.type} ({size})"
+
+
+def load(split: Split, device: torch.device, progress=None) -> Resident:
+    """Decode every image of `split` once, in dataset order, into one uint8 array.
+    `progress(done, total)` is called now and then (decoding 100k images takes a minute)."""
+    shape = first_image_shape(split)
+    n = len(split)
+    images = torch.empty((n, 3, *shape), dtype=torch.uint8)
+    labels = np.empty(n, dtype=np.int64)
+    bad, kept = BadImages(), 0
+    for i, s in enumerate(split.iter_samples()):
+        img = try_decode(s.data, bad)
+        if img is None:
+            continue
+        if tuple(img.shape[-2:]) != shape:
+            raise MixedSizes(f"data.resident holds images of one size: {s.key} is {img.shape[-2]}x{img.shape[-1]}, "
+                            f"the first {shape[0]}x{shape[1]} (valid choices: resident: auto or false)")
+        images[kept], labels[kept] = img, s.label
+        kept += 1
+        if progress is not None and (i + 1) % 10_000 == 0:
+            progress(i + 1, n)
+    return Resident(images[:kept].to(device), torch.from_numpy(labels[:kept]).to(device), bad)

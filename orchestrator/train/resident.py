@@ -1,0 +1,79 @@
+"""Training batches from a split held decoded on the device (`orchestrator/data/resident.py`).
+
+Each pass is the order the streaming path draws from a split in memory (`epoch_order`:
+a seeded permutation, or Hikvision's label shuffling), cut into this rank's part
+(`rank_part`); a batch is gathered by index on the device and augmented there by the
+batch pipeline (`batch_augment.BatchAugment.augment`). One epoch is one pass of
+`steps` batches, and every random draw of a pass (crops, flips, colour, mixup, dropout)
+comes from generators seeded by (member seed, pass) at its start: a member resumed at an
+epoch boundary continues bit for bit as if it had never stopped, with no RNG state to
+carry in its checkpoint.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from orchestrator.data.resident import Resident
+from orchestrator.data.sampling import epoch_order, rank_part
+from orchestrator.train.batch_augment import BatchAugment
+
+
+def pass_seed(seed: int, p: int) -> int:
+    """The seed of pass p (the streaming path's TrainStream uses the same)."""
+    return seed * 1_000_003 + p
+
+
+def seed_pass(seed: int, p: int) -> None:
+    """Every generator a training step draws from, set for pass p."""
+    s = pass_seed(seed, p)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)  # CPU and every CUDA device
+
+
+def pass_indices(data: Resident, seed: int, p: int, rank: int, world: int, label_shuffling: bool) -> list[int]:
+    """This rank's sample indices of pass p, in order."""
+    labels = data.labels.cpu().numpy()
+    return rank_part(epoch_order(labels, pass_seed(seed, p), label_shuffling), rank, world)
+
+
+class ResidentBatches:
+    """Endless (x, y) batches on the device, `steps` per pass, from pass `start_pass` on;
+    from pass `plain_from` on (strong augmentation off for the last epochs) `plain`
+    replaces `augment`."""
+
+    def __init__(self, data: Resident, augment: BatchAugment, *, batch_size: int, steps: int, seed: int,
+                 rank: int = 0, world: int = 1, start_pass: int = 0, label_shuffling: bool = False,
+                 plain: BatchAugment | None = None, plain_from: int | None = None):
+        self.data, self.augment, self.plain, self.plain_from = data, augment, plain, plain_from
+        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+        self.rank, self.world, self.start_pass, self.label_shuffling = rank, world, start_pass, label_shuffling
+
+    @property
+    def bad(self):
+        """Undecodable images, left out when the split was decoded."""
+        return self.data.bad
+
+    def samples_per_pass(self) -> int:
+        return len(pass_indices(self.data, self.seed, 0, self.rank, self.world, self.label_shuffling)) * self.world
+
+    def _augment_for(self, p: int) -> BatchAugment:
+        plain = self.plain is not None and self.plain_from is not None and p >= self.plain_from
+        return self.plain if plain else self.augment
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        p = self.start_pass
+        device = self.data.images.device
+        while True:
+            seed_pass(self.seed, p)
+            mine = torch.as_tensor(pass_indices(self.data, self.seed, p, self.rank, self.world, self.label_shuffling),
+                                   device=device)
+            aug = self._augment_for(p)
+            for k in range(self.steps):
+                idx = mine[k * self.batch_size:(k + 1) * self.batch_size]
+                yield aug.augment(self.data.images[idx]), self.data.labels[idx]
+            p += 1

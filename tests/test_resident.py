@@ -1,0 +1,141 @@
+"""The resident data mode (`data.resident`, orchestrator/data/resident.py): a split decoded
+once and trained from by index. It visits the samples the streaming path visits, gives
+the same tensor per index with augmentation off, balances classes under label shuffling,
+and makes training reproducible bit for bit on CPU, across a kill and resume too."""
+import copy
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.config import parse_config, resolve_members
+from orchestrator.data import resident
+from orchestrator.data.dataset import TrainStream, open_split
+from orchestrator.errors import UserError
+from orchestrator.train import augment, batch_augment
+from orchestrator.train.member import open_member_data, predict, train_member
+from orchestrator.train.resident import ResidentBatches, pass_indices
+
+CPU = torch.device("cpu")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def keys_of_pass(stream: TrainStream, p: int) -> list[str]:
+    return [s.key for s in stream._one_pass(p, 0, 1)]
+
+
+def test_a_resident_pass_is_the_streaming_pass_of_a_split_in_memory(tiny_root):
+    split = open_split(tiny_root, "train", classes=6, per_class=15)
+    held = resident.load(split, CPU)
+    assert held.images.shape == (90, 3, 64, 64) and held.images.dtype == torch.uint8
+    for shuffled in (False, True):
+        stream = TrainStream(split, None, 0, 1, seed=7, label_shuffling=shuffled)
+        for p in (0, 3):
+            order = pass_indices(held, 7, p, 0, 1, shuffled)
+            assert [split.records[i].key for i in order] == keys_of_pass(stream, p)
+
+
+def test_a_resident_pass_holds_the_samples_of_a_streamed_pass(tiny_root):
+    split = open_split(tiny_root, "val")  # streamed: 10,000 samples in 2 shards
+    stream = TrainStream(split, None, 0, 1, seed=1, shuffle_buffer=64)
+    streamed = Counter(s.label for s in stream._one_pass(0, 0, 1))
+    labels = split.all_labels()
+    held = resident.Resident(torch.zeros(len(labels), 3, 1, 1, dtype=torch.uint8), torch.from_numpy(labels),
+                             resident.BadImages())
+    order = pass_indices(held, 1, 0, 0, 1, False)
+    assert sorted(order) == list(range(len(labels)))  # every sample once, as the streamed pass
+    assert Counter(labels[order].tolist()) == streamed
+
+
+def test_with_augmentation_off_a_batch_is_the_per_image_tensor(tiny_root):
+    split = open_split(tiny_root, "train", classes=3, per_class=8)
+    held = resident.load(split, CPU)
+    fields = augment.resolve("none", {})  # whole-image crop, no flip, no colour
+    batches = ResidentBatches(held, batch_augment.BatchAugment(fields, 64, MEAN, STD, CPU), batch_size=6, steps=4,
+                              seed=0)
+    order = pass_indices(held, 0, 0, 0, 1, False)
+    per_image = augment.build_eval_transform(64, 64, MEAN, STD)
+    it = iter(batches)
+    for k in range(4):
+        x, y = next(it)
+        idx = order[6 * k:6 * k + 6]
+        expected = torch.stack([per_image(resident.decode_rgb(split.records[i].data)) for i in idx])
+        assert torch.equal(y, held.labels[idx])
+        assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_label_shuffled_resident_passes_draw_every_class_n_times_over_the_ranks(tiny_root):
+    split = open_split(tiny_root, "train", classes=5, per_class=20)
+    keep = [i for i, s in enumerate(split.records) if s.label != 2 or i % 3 == 0]  # class 2 smaller
+    split.records = [split.records[i] for i in keep]
+    held = resident.load(split, CPU)
+    counts = np.bincount(held.labels.numpy())
+    n = counts.max()
+    for p in (0, 1):
+        parts = [pass_indices(held, 4, p, r, 2, True) for r in range(2)]
+        assert len(parts[0]) == len(parts[1]) == 5 * n // 2
+        drawn = np.bincount(held.labels.numpy()[parts[0] + parts[1]], minlength=5)
+        assert drawn.sum() == 5 * n - (5 * n) % 2 and drawn.max() == n and drawn.min() >= n - 1
+
+
+def config(tiny_root, resident_mode="auto", epochs=3, **recipe):
+    return parse_config({
+        "name": "repro", "data": {"root": tiny_root, "classes": 4, "train_per_class": 12, "val_per_class": 4,
+                                  "resident": resident_mode},
+        "recipes": {"r": {"epochs": epochs, "batch_size": 8,
+                          "optimizer": {"name": "sgd", "lr": 0.4},
+                          "augment": {"preset": "light", "overrides": {"mixup_alpha": 0.2}}, **recipe}},
+        "defaults": {"input_size": 32, "resources": {"loader_workers": 0}},
+        "members": [{"arch": "vgg8", "recipe": "r", "seed": 5}]})
+
+
+class Killed(Exception):
+    pass
+
+
+def trained(cfg, kill_after: int | None = None, resume: dict | None = None):
+    """(predictions on val, the state saved at each epoch end); raises Killed after epoch `kill_after`."""
+    member = resolve_members(cfg)[0]
+    data = open_member_data(cfg.data)
+    saved = {}
+    notes = {}
+
+    def on_epoch_end(state, metrics, model, optimizer, probs):
+        saved[state.epoch] = {"state_dict": copy.deepcopy(model.state_dict()),
+                              "optimizer": copy.deepcopy(optimizer.state_dict()), "epoch": state.epoch,
+                              "step": state.step, "history": list(state.history)}
+        if state.epoch == kill_after:
+            raise Killed(saved[state.epoch])
+
+    model, _ = train_member(member, data, device=CPU, resume=resume, on_epoch_end=on_epoch_end, notes=notes)
+    rows = predict(model, data.val, member, CPU)
+    return np.stack([rows[i].numpy() for i in sorted(rows)]), notes
+
+
+def test_resident_training_is_bitwise_reproducible_across_a_kill_and_resume(tiny_root):
+    cfg = config(tiny_root)
+    first, notes = trained(cfg)
+    assert notes["data.placement"].startswith("resident on cpu (48 images of 64x64 px")
+    second, _ = trained(cfg)
+    assert np.array_equal(first, second)  # two runs: the same bits
+    with pytest.raises(Killed) as killed:
+        trained(cfg, kill_after=1)
+    resumed, _ = trained(cfg, resume=killed.value.args[0])
+    assert np.array_equal(first, resumed)  # killed after epoch 1, resumed from its checkpoint
+
+
+def test_streamed_training_is_bitwise_reproducible(tiny_root):
+    cfg = config(tiny_root, resident_mode=False, epochs=2)
+    first, notes = trained(cfg)
+    assert notes["data.placement"] == "streamed (data.resident: false)"
+    assert np.array_equal(first, trained(cfg)[0])
+
+
+def test_resident_true_is_refused_for_augmentations_without_a_batch_form(tiny_root):
+    cfg = config(tiny_root, resident_mode=True, augment={"preset": "light", "overrides": {"random_erasing": 0.2}})
+    with pytest.raises(UserError, match="data.resident: true needs augmentations with a batch form; random_erasing"):
+        trained(cfg)
+    auto, notes = trained(config(tiny_root, epochs=1, augment={"preset": "light",
+                                                                "overrides": {"random_erasing": 0.2}}))
+    assert notes["data.placement"] == "streamed (an augmentation has no batch form)"
