@@ -150,7 +150,7 @@ def bounded_run(root: str, steps: int) -> dict:
     from orchestrator.train.member import open_member_data, train_member
 
     cfg = parse_config({
-        "name": "drill", "data": {"root": root, "val_per_class": 1},
+        "name": "drill", "data": {"root": root, "val_per_class": 1, "resident": False},  # the streaming path
         "recipes": {"r": {"epochs": 1, "batch_size": 64, "max_steps_per_epoch": steps, "label_shuffling": True,
                           "augment": {"preset": "light"}}},
         "defaults": {"input_size": 32, "resources": {"loader_workers": 2}},

@@ -1,0 +1,179 @@
+"""The ILSVRC lesson, reproduced by the platform: an ensemble of diverse members cuts top-1
+and top-5 error below its best member, on real data, with a command anyone can rerun.
+
+    python bench/reproduce.py --cpu            # this 2-CPU machine (configs/reproduce/cpu.yaml)
+    python bench/reproduce.py --gpu            # one H100/H200 (configs/reproduce/gpu.yaml)
+    python bench/reproduce.py --config C.yaml  # any ensemble config
+
+Members are trained by the platform's Ray-free core (`orchestrator.train.member.train_member`,
+the function the Ray member workers call, with the same final outputs), several at once in
+separate processes: one per CPU core, or on one GPU as many as `--pack` says (the packing
+planner's K for small members). Their predictions and `runs.yaml` go to `--out`;
+`ensemble.evaluate` then scores the ensemble on that runs file (bootstrap intervals, size
+curve), and a plain-PyTorch baseline (`bench/plain_baseline.py`, no platform code) trains
+on the same data in the same run for a side-by-side line. Neither Ray nor MLflow is needed.
+
+The last line is the figure:
+    ensemble top1 T1 top5 T5 best-member top5 B cut X% [lo, hi]
+(errors as fractions; the cut is the ensemble's top-5 error below the best member's, relative
+to it, with the 95% paired bootstrap interval).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SIZES = {"cpu": ROOT / "configs" / "reproduce" / "cpu.yaml", "gpu": ROOT / "configs" / "reproduce" / "gpu.yaml"}
+
+
+def train_one(job: dict) -> dict:
+    """Train one member in this (spawned) process; write its checkpoint and predictions
+    under job['out']; return its runs-file record (with `labels`)."""
+    import numpy as np
+    import torch
+
+    from models import get_spec, save_checkpoint
+    from orchestrator.config import Data, ResolvedMember
+    from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE, final_outputs,
+                                           open_member_data, train_member)
+
+    torch.set_num_threads(job["threads"])
+    member = ResolvedMember.model_validate(job["member"])
+    data = open_member_data(Data.model_validate(job["data"]))
+    device = torch.device(job["device"])
+    last: dict = {}
+    start = time.time()
+
+    def on_epoch_end(state, metrics, model, optimizer, probs):
+        last.update(metrics=dict(metrics), probs=probs)
+        err = metrics.get("val_top1_err", metrics.get("minival_top1_err", float("nan")))
+        print(f"  {member.name}: epoch {state.epoch}/{member.recipe.epochs}, held-out top-1 {err:.1%}, "
+              f"{metrics['images_per_s']:.0f} images/s", flush=True)
+
+    model, state = train_member(member, data, device=device, on_epoch_end=on_epoch_end)
+    metrics = last["metrics"]
+    files = final_outputs(last["probs"], lambda part: [part], model, member, data, metrics, device)
+    folder = os.path.join(job["out"], "members", member.key)
+    os.makedirs(folder, exist_ok=True)
+    for name, array in files.items():
+        np.save(os.path.join(folder, name), array)
+    save_checkpoint(os.path.join(folder, CHECKPOINT_FILE), arch=member.arch, num_classes=data.num_classes,
+                    low_res=member.low_res, model=model, epoch=state.epoch)
+    ev = get_spec(member.arch).eval_transform(member.low_res, member.input_size)
+    return {"name": member.name, "key": member.key, "arch": member.arch, "eval": ev.to_dict(),
+            "low_res": member.low_res, "weight": member.weight, "seed": member.seed, "recipe": member.recipe_name,
+            "status": "finished", "checkpoint": os.path.join(folder, CHECKPOINT_FILE),
+            "predictions": os.path.join(folder, PREDICTIONS_FILE), "labels": os.path.join(folder, LABELS_FILE),
+            "metrics": {"top1_err": metrics["val_top1_err"], "top5_err": metrics["val_top5_err"],
+                        "images_per_s": metrics["images_per_s"], "minutes": (time.time() - start) / 60,
+                        "epochs": state.epoch, "val_samples": metrics["val_samples"]}}
+
+
+def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:
+    """bench/plain_baseline.py on the config's subset, in its own process."""
+    d = cfg.data
+    cmd = [sys.executable, str(ROOT / "bench" / "plain_baseline.py"), "--root", d.root, "--classes", str(d.classes),
+           "--train-per-class", str(d.train_per_class), "--val-per-class", str(d.val_per_class or 50),
+           "--epochs", str(epochs), "--size", str(size), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_runs_file(cfg, records: list[dict], path: str) -> None:
+    from orchestrator.ensemble_job import dataset_ref
+    from orchestrator.runs_file import MemberRecord, RunsFile, write_runs
+
+    members = [MemberRecord(**{k: v for k, v in r.items() if k != "labels"}) for r in records]
+    dataset = dataset_ref(cfg, records[0]["labels"], int(records[0]["metrics"]["val_samples"]))
+    write_runs(path, RunsFile(ensemble=cfg.name, dataset=dataset, members=members))
+
+
+def evaluate(runs: str, out: str) -> dict:
+    report = os.path.join(out, "report.json")
+    subprocess.run([sys.executable, "-m", "ensemble.evaluate", "--members", runs, "--out", os.path.join(out, "report"),
+                    "--json", report, "--no-mlflow", "--random-orders", "20"], cwd=ROOT, check=True)
+    return json.load(open(report))
+
+
+def size_curve_line(report: dict) -> str:
+    """Mean-over-random-orders error by ensemble size, and where it stops falling."""
+    curve = report["size_curve"]
+    top1 = [c["random_top1_err"] for c in curve]
+    best_k = 1 + min(range(len(top1)), key=lambda i: (round(top1[i], 6), -i))
+    points = ", ".join(f"{c['k']}: {c['random_top1_err']:.3f}/{c['random_top5_err']:.3f}" for c in curve)
+    return f"size curve (top-1/top-5 err, mean of random orders) {points}; lowest top-1 at {best_k} members"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--cpu", action="store_true", help="this machine's size (configs/reproduce/cpu.yaml)")
+    size.add_argument("--gpu", action="store_true", help="one GPU's size (configs/reproduce/gpu.yaml)")
+    size.add_argument("--config", help="an ensemble config")
+    p.add_argument("--out", default="outputs/reproduce", help="members, runs.yaml and the report (default %(default)s)")
+    p.add_argument("--pack", type=int, help="members trained at once (default: CPU cores; 4 on a GPU)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain-PyTorch baseline")
+    args = p.parse_args()
+
+    import torch
+
+    from orchestrator.config import load_config, resolve_members
+
+    path = args.config or str(SIZES["gpu" if args.gpu else "cpu"])
+    cfg = load_config(path)
+    members = resolve_members(cfg)
+    gpu = args.gpu or any(m.resources.use_gpu for m in members)
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    cores = os.cpu_count() or 1
+    pack = args.pack or (4 if device == "cuda" else cores)
+    threads = max(1, cores // pack) if device == "cpu" else 2
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{cfg.name}: {len(members)} members on {device}, {pack} at once ({threads} CPU threads each); "
+          f"data {cfg.data.root} ({cfg.data.classes} classes, {cfg.data.train_per_class} train per class)", flush=True)
+    start = time.time()
+    jobs = [{"member": m.model_dump(), "data": cfg.data.model_dump(), "out": os.path.abspath(args.out),
+             "threads": threads, "device": device} for m in members]
+    with mp.get_context("spawn").Pool(pack) as pool:
+        baseline = None
+        if not args.no_baseline:
+            first = members[0]
+            baseline = pool.apply_async(plain_baseline, (cfg, first.recipe.epochs, first.input_size, threads))
+        records = pool.map(train_one, jobs, chunksize=1)
+        baseline = baseline.get() if baseline is not None else None
+    trained_min = (time.time() - start) / 60
+    runs = os.path.join(args.out, "runs.yaml")
+    write_runs_file(cfg, records, runs)
+    report = evaluate(runs, args.out)
+    wall = (time.time() - start) / 60
+    ens = report["ensemble"]
+    best5 = min(r["metrics"]["top5_err"] for r in records)
+    best1 = min(r["metrics"]["top1_err"] for r in records)
+    lo, hi = ens["gain_top5_over_best_ci"]
+    print(size_curve_line(report))
+    print(f"top-1 gain over the best member {ens['gain_top1_over_best']:+.4f} "
+          f"[{ens['gain_top1_over_best_ci'][0]:+.4f}, {ens['gain_top1_over_best_ci'][1]:+.4f}]; "
+          f"top-5 gain {ens['gain_top5_over_best']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% paired bootstrap)")
+    if baseline:
+        mine = [r for r in records if r["arch"] == "resnet20"]
+        same = min(mine, key=lambda r: r["metrics"]["top1_err"]) if mine else None
+        side = (f"; the platform's best ResNet-20 {same['metrics']['top1_err']:.4f} / {same['metrics']['top5_err']:.4f}"
+                if same else "")
+        print(f"plain PyTorch ResNet-20 (same data and epochs): top-1 {baseline['top1_err']:.4f}, "
+              f"top-5 {baseline['top5_err']:.4f}{side}")
+    print(f"members trained in {trained_min:.1f} min; whole run {wall:.1f} min on {device}; best member top-1 "
+          f"{best1:.4f}")
+    rel = (lambda x: f"{x / best5:.1%}") if best5 > 0 else (lambda x: "n/a")  # no top-5 errors at all: no cut
+    print(f"ensemble top1 {ens['top1_err']:.4f} top5 {ens['top5_err']:.4f} best-member top5 {best5:.4f} "
+          f"cut {rel(best5 - ens['top5_err'])} [{rel(lo)}, {rel(hi)}]")
+
+
+if __name__ == "__main__":
+    main()
