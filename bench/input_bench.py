@@ -27,9 +27,11 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import build_model, get_spec  # noqa: E402
-from orchestrator.data.dataset import TrainStream, decode_rgb, open_split  # noqa: E402
+from orchestrator.data.dataset import decode_rgb, open_split  # noqa: E402
+from orchestrator.data.streams import TrainStream  # noqa: E402
 from orchestrator.data.sources import Sample  # noqa: E402
 from orchestrator.train import augment, batch_augment, loop  # noqa: E402
+from orchestrator.train.prefetch import Prefetcher  # noqa: E402
 
 
 def upscale(split, short_side: int) -> None:
@@ -50,7 +52,7 @@ def real_batches(split, fields, args, device):
                          collate_fn=batch_augment.collate_encoded, persistent_workers=workers > 0,
                          prefetch_factor=4 if workers else None)
         aug = batch_augment.PassAugment(batch_augment.BatchAugment(fields, args.size, spec.mean, spec.std, device))
-        return batch_augment.Prefetcher(iter(raw), aug, device)
+        return Prefetcher(iter(raw), aug, device)
     tf = augment.build_train_transform(fields, args.size, spec.mean, spec.std)
     stream = TrainStream(split, tf, 0, 1, seed=0)
     return iter(DataLoader(stream, batch_size=args.batch, num_workers=workers, drop_last=True,

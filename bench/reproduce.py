@@ -88,12 +88,10 @@ def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:
 
 
 def write_runs_file(cfg, records: list[dict], path: str) -> None:
-    from orchestrator.ensemble_job import dataset_ref
-    from orchestrator.runs_file import MemberRecord, RunsFile, write_runs
+    from orchestrator.job_runs import runs_file
+    from orchestrator.runs_file import write_runs
 
-    members = [MemberRecord(**{k: v for k, v in r.items() if k != "labels"}) for r in records]
-    dataset = dataset_ref(cfg, records[0]["labels"], int(records[0]["metrics"]["val_samples"]))
-    write_runs(path, RunsFile(ensemble=cfg.name, dataset=dataset, members=members))
+    write_runs(path, runs_file(cfg, records))
 
 
 def evaluate(runs: str, out: str) -> dict:

@@ -92,7 +92,7 @@ def former_pass(split, slots: int) -> int:
 
 def shuffled_pass(train, ranks: int, loaders: int) -> tuple[np.ndarray, list[int], int]:
     """Per-class draws, per-rank lengths and bytes read by one label-shuffled pass."""
-    from orchestrator.data.dataset import TrainStream
+    from orchestrator.data.streams import TrainStream
 
     per_class = np.zeros(train.num_classes, dtype=np.int64)
     per_rank = []
@@ -245,7 +245,7 @@ def main() -> None:
             generate(small_root, args.scale / 100)
             small = measured_run(small_root, args.steps)
         print(f"bounded run ({full['steps']} label-shuffled steps of ResNet-20, batch 64, 32 px, "
-              f"{full['loaders']} loaders, {full['seconds']:.0f} s): trainer peak RSS {full['trainer_mb']:.0f} MB, "
+              f"{full['loaders']} loader processes (training and held-out), {full['seconds']:.0f} s): trainer peak RSS {full['trainer_mb']:.0f} MB, "
               f"loader {full['loader_mb']:.0f} MB; on a set of {args.scale / 100:g} the size: "
               f"{small['trainer_mb']:.0f} MB and {small['loader_mb']:.0f} MB "
               f"({full['trainer_mb'] / small['trainer_mb']:.2f}x, {full['loader_mb'] / small['loader_mb']:.2f}x)")

@@ -30,7 +30,12 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from ensemble.predictions import NpyRows
+from ensemble.stored import NpyRows
+from orchestrator.data import minival
+from orchestrator.data.streams import EvalStream
+from orchestrator.data.dataset import load_manifest, open_split, select_classes
+from orchestrator.data.manifest import FOLDER_PREFIX
+from orchestrator.data.sources import list_folder_split
 
 
 def max_bytes() -> float:
@@ -41,10 +46,6 @@ def _dataset_digest(manifest, split: str) -> str:
     """The split's identity, so a dataset rebuilt at the same path is decoded afresh: its
     classes and shards (names, sample counts, sizes, checksums), and for a folder layout
     read in place its files' names, labels, sizes and modification times."""
-    from orchestrator.data import minival
-    from orchestrator.data.manifest import FOLDER_PREFIX
-    from orchestrator.data.sources import list_folder_split
-
     split = minival.parse(split)[0]  # a part of train is identified by train's files (and its name)
     shards = manifest.shards(split)
     digest = hashlib.sha256(json.dumps([manifest.classes, [dataclasses.astuple(s) for s in shards]]).encode())
@@ -72,8 +73,6 @@ def collate_eval(geometry, samples: list) -> tuple[torch.Tensor, torch.Tensor, t
 
 def stream_batches(data, geometry, batch_size: int, workers: int):
     """(dataset indices, uint8 [B, 3, crop, crop]) batches decoded from the shards."""
-    from orchestrator.data.dataset import EvalStream
-
     loader = torch.utils.data.DataLoader(EvalStream(data, _unchanged), batch_size=batch_size,
                                          num_workers=workers,
                                          collate_fn=functools.partial(collate_eval, geometry))
@@ -121,8 +120,6 @@ class DecodedSplit:
 def open_decoded(cache: Path, data_root: str, split: str, classes, per_class, geometry) -> DecodedSplit | None:
     """The split decoded at `geometry`, decoding it on first use; None when it is too large
     to cache (the caller then streams it). Once decoded, no shard is read again."""
-    from orchestrator.data.dataset import load_manifest, open_split, select_classes
-
     manifest = load_manifest(data_root)  # read once: the key and the class count both come from it
     num_classes = len(select_classes(manifest, classes))
     path = cache_path(cache, manifest, split, classes, per_class, geometry.resize, geometry.crop)

@@ -19,10 +19,13 @@ import numpy as np
 
 from ensemble import math as em
 from ensemble import report as rep
-from ensemble.predictions import MemberPredictions, open_npy, recompute
+from ensemble.logged import log_to_mlflow, mlflow_target
+from ensemble.predictions import recompute
 from ensemble.protocol import Protocol, decide
-from ensemble.tta import TTA_VIEWS
 from ensemble.scoring import intervals, size_curves, score
+from ensemble.serve import log_ensemble_model
+from ensemble.stored import MemberPredictions, open_npy
+from ensemble.tta import TTA_VIEWS
 from orchestrator.errors import UserError, exit_on_user_error
 from orchestrator.runs_file import RunsFile, load_runs
 
@@ -206,33 +209,6 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
     return report, scored["ensemble"].reliability_curve()
 
 
-def mlflow_target(runs: RunsFile) -> tuple[str | None, str | None]:
-    import os
-
-    uri = (runs.mlflow.tracking_uri if runs.mlflow else None) or os.environ.get("MLFLOW_TRACKING_URI")
-    parent = runs.mlflow.parent_run_id if runs.mlflow else None
-    return uri, parent
-
-
-def log_to_mlflow(runs: RunsFile, report: dict, files: list[str]) -> str | None:
-    from mlflow.tracking import MlflowClient
-
-    uri, parent = mlflow_target(runs)
-    if not uri or not parent:
-        return None
-    client = MlflowClient(uri)
-    e = report["ensemble"]
-    prefix = f"ensemble_{report['tta']['mode']}_" if report["tta"]["mode"] != "none" else "ensemble_"
-    for key in ("top1_err", "top5_err", "nll", "ece", "oracle_top1_err", "gain_top5_over_best", "gain_top1_over_best"):
-        client.log_metric(parent, prefix + key, float(e[key]))
-    client.log_metric(parent, "best_member_top5_err", float(report["best_member"]["top5_err"]))
-    for point in report["size_curve"]:
-        client.log_metric(parent, "size_curve_top5_err", point["top5_err"], step=point["k"])
-    for path in files:
-        client.log_artifact(parent, path, "ensemble_report")
-    return parent
-
-
 def summarize(runs_path: str) -> dict:
     """What a training job ends with: its finished members and their plain ensemble (mean
     softmax of the cached predictions, nothing selected), as `ensemble.evaluate` reports it."""
@@ -241,33 +217,6 @@ def summarize(runs_path: str) -> dict:
     labels = np.asarray(open_npy(runs.dataset.labels, "dataset labels"), dtype=np.int64)
     records, preds = load_members(runs, args)
     return build_report(runs, records, preds, labels, args)[0]
-
-
-def log_job_result(runs: RunsFile, report: dict) -> str | None:
-    """The job's result on its parent run: metrics named `job_*` (so a later
-    `ensemble.evaluate --select ...` logging `ensemble_*` does not overwrite them), and the
-    result table as the run's description (shown on the run's page in the MLflow UI).
-    The ensemble's errors are also logged as `val_top1_err` / `val_top5_err`, the names
-    of each member's final figures, so that the experiment's runs table sorted by either
-    column ranks the ensemble among its members (`bench/ui_screenshots.py` opens it so)."""
-    from mlflow.tracking import MlflowClient
-
-    uri, parent = mlflow_target(runs)
-    if not uri or not parent:
-        return None
-    client = MlflowClient(uri)
-    e, members = report["ensemble"], {m["name"]: m for m in report["members"]}
-
-    def log(key: str, value: float) -> None:  # 7 digits, as float32 figures hold: 0.662, not 0.66199999
-        client.log_metric(parent, key, float(f"{float(value):.7g}"))
-
-    for k in (1, 5):
-        log(f"job_ensemble_top{k}_err", e[f"top{k}_err"])
-        log(f"val_top{k}_err", e[f"top{k}_err"])
-        log(f"job_best_member_top{k}_err", members[e[f"best_member_top{k}"]][f"top{k}_err"])
-        log(f"job_gain_top{k}_points", 100 * e[f"gain_top{k}_over_best"])
-    client.set_tag(parent, "mlflow.note.content", rep.markdown(report))
-    return parent
 
 
 @exit_on_user_error
@@ -287,8 +236,6 @@ def main(argv=None) -> int:
         if run:
             print(f"logged to MLflow run {run}")
         if run and args.log_model:
-            from ensemble.serve import log_ensemble_model
-
             weights = [report["selection"]["weights"][r.name] for r in records] if report["selection"] and \
                 report["selection"].get("weights") else [r.weight if args.method == "weighted" else 1.0 for r in records]
             sel = report["selection"] or {}

@@ -219,26 +219,6 @@ def greedy_selection(load, n_members: int, labels, rounds: int, init: int = 1,
     return chosen[:init + best_step], curve
 
 
-def forward_selection(load, n_members: int, labels, size: int, metric: str = "nll") -> tuple[list[int], list[float]]:
-    """Choose `size` distinct members by their marginal gain: start from the best alone,
-    then add whichever member lowers the equal-weight ensemble's loss most (greedy
-    selection without replacement, for picking members out of a library of search
-    trials; Caruana et al. 2004). Returns the chosen indices in order and the loss after
-    each addition."""
-    own = [selection_loss(load(i), labels, metric) for i in range(n_members)]
-    chosen = [int(np.argmin(own))]
-    total = as_tensor(load(chosen[0]))
-    curve = [own[chosen[0]]]
-    while len(chosen) < min(size, n_members):
-        rest = [i for i in range(n_members) if i not in chosen]
-        losses = [selection_loss((total + as_tensor(load(i))) / (len(chosen) + 1), labels, metric) for i in rest]
-        best = rest[int(np.argmin(losses))]
-        chosen.append(best)
-        total = total + as_tensor(load(best))
-        curve.append(min(losses))
-    return chosen, curve
-
-
 def weights_from_selection(chosen: list[int], n_members: int) -> np.ndarray:
     """Repeats -> weights summing to 1 (a member picked 3 times of 10 weighs 0.3)."""
     counts = np.bincount(chosen, minlength=n_members).astype(np.float64)

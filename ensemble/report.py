@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 
@@ -13,7 +14,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-console = Console(width=None if Console().is_terminal else 120)
+
+@functools.cache
+def console() -> Console:
+    """Made on first use, not at import: terminal width on a terminal, 120 columns in logs
+    (`ray job submit`, CI), whatever the process's stdout is when it prints."""
+    return Console(width=None if Console().is_terminal else 120)
 
 
 def _err(row: dict, key: str) -> str:
@@ -59,24 +65,24 @@ def print_table(report: dict) -> None:
     e = report["ensemble"]
     table.add_row(f"[bold]ensemble ({e['method']}, {len(set(e['members']))} members)[/]",
                   f"[bold]{_err(e, 'top1_err')}", f"[bold]{_err(e, 'top5_err')}", f"{e['nll']:.3f}", f"{e['ece']:.3f}")
-    console.print(table)
+    console().print(table)
     for line in headline(report):
-        console.print(line)
-    console.print(f"oracle top-1 error {e['oracle_top1_err']:.2%}")
+        console().print(line)
+    console().print(f"oracle top-1 error {e['oracle_top1_err']:.2%}")
     proto = report.get("protocol")
     if proto:
-        console.print(f"chosen on: {proto['chosen_on']}; reported on: {proto['reported_on']}")
+        console().print(f"chosen on: {proto['chosen_on']}; reported on: {proto['reported_on']}")
         for c in proto["choices"]:
-            console.print(f"  {c['what']}: chosen on {c['split']}")
+            console().print(f"  {c['what']}: chosen on {c['split']}")
         for note in proto["notes"]:
-            console.print(f"  [yellow]note:[/] {note}")
+            console().print(f"  [yellow]note:[/] {note}")
     if report.get("selection"):
         s = report["selection"]
         if s.get("weights"):
-            console.print(f"selection on {s['samples']} samples: weights "
+            console().print(f"selection on {s['samples']} samples: weights "
                           + ", ".join(f"{k}={v:.2f}" for k, v in s["weights"].items() if v > 0))
     if report.get("tta") and report["tta"]["mode"] != "none":
-        console.print(f"test-time augmentation {report['tta']['mode']}: {report['tta']['inference_cost']:g}x "
+        console().print(f"test-time augmentation {report['tta']['mode']}: {report['tta']['inference_cost']:g}x "
                       "the inference of one view per member")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ensemble import math as em
-from ensemble.predictions import MemberPredictions, check_block
+from ensemble.stored import MemberPredictions, check_block
 
 BINS = 15
 

@@ -15,20 +15,27 @@ DataFrame with an `image` column of bytes. Output: a DataFrame with `top5_classe
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import tempfile
 
-import mlflow.pyfunc
 import numpy as np
-import pandas as pd
 import torch
 import yaml
+
+from ensemble import math as em
+from ensemble.stored import local_copy
+from ensemble.tta import TTA_VIEWS, canvas, views
+from models import load_checkpoint
+from orchestrator.data.dataset import decode_rgb
+from orchestrator.train.augment import EvalGeometry, normalize_batch
 
 TOP_K = 5
 
 
 def _images(model_input) -> list[torch.Tensor]:
-    from orchestrator.data.dataset import decode_rgb
+    import pandas as pd  # on use, as MLflow's model stack below
 
     if isinstance(model_input, pd.DataFrame):
         model_input = list(model_input["image"])
@@ -37,49 +44,56 @@ def _images(model_input) -> list[torch.Tensor]:
     return [decode_rgb(bytes(b)) for b in model_input]
 
 
-class EnsembleModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):
-        from models import load_checkpoint
+@functools.cache
+def ensemble_model_class():
+    """The pyfunc model class, made on first use: MLflow's model stack (mlflow.pyfunc,
+    pandas) loads only when an ensemble is logged or served, not with every evaluation."""
+    import mlflow.pyfunc
+    import pandas as pd
 
-        with open(context.artifacts["ensemble"]) as f:
-            spec = yaml.safe_load(f)
-        self.class_names = spec["class_names"]
-        self.method, self.tta = spec.get("method", "mean"), spec.get("tta", "none")
-        self.members = []
-        for m in spec["members"]:
-            model, _ = load_checkpoint(context.artifacts[m["artifact"]], expect_arch=m["arch"])
-            self.members.append((model.eval(), m["eval"], float(m["weight"]), m.get("temperature")))
+    class EnsembleModel(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            with open(context.artifacts["ensemble"]) as f:
+                spec = yaml.safe_load(f)
+            self.class_names = spec["class_names"]
+            self.method, self.tta = spec.get("method", "mean"), spec.get("tta", "none")
+            self.members = []
+            for m in spec["members"]:
+                model, _ = load_checkpoint(context.artifacts[m["artifact"]], expect_arch=m["arch"])
+                self.members.append((model.eval(), m["eval"], float(m["weight"]), m.get("temperature")))
 
-    def member_probs(self, model, ev: dict, images: list[torch.Tensor]) -> torch.Tensor:
-        """One member's probabilities, as the recompute path makes them (ensemble/predictions.py)."""
-        from ensemble.tta import TTA_VIEWS, canvas, views
-        from orchestrator.train.augment import EvalGeometry, normalize_batch
+        def member_probs(self, model, ev: dict, images: list[torch.Tensor]) -> torch.Tensor:
+            """One member's probabilities, as the recompute path makes them (ensemble/predictions.py)."""
 
-        geometry = EvalGeometry(*canvas(self.tta, ev["resize"], ev["crop"]))
-        batch = normalize_batch(torch.stack([geometry(img) for img in images]), ev["mean"], ev["std"])
-        return sum(model(v).float().softmax(1) for v in views(batch, self.tta, ev["crop"])) / TTA_VIEWS[self.tta]
+            geometry = EvalGeometry(*canvas(self.tta, ev["resize"], ev["crop"]))
+            batch = normalize_batch(torch.stack([geometry(img) for img in images]), ev["mean"], ev["std"])
+            return sum(model(v).float().softmax(1) for v in views(batch, self.tta, ev["crop"])) / TTA_VIEWS[self.tta]
 
-    @torch.no_grad()
-    def predict(self, context, model_input, params=None):
-        from ensemble import math as em
+        @torch.no_grad()
+        def predict(self, context, model_input, params=None):
+            images = _images(model_input)
+            comb = em.Combiner(self.method)
+            for model, ev, weight, temperature in self.members:
+                probs = self.member_probs(model, ev, images)
+                comb.add(em.apply_temperature(probs, temperature) if temperature else probs, weight)
+            probs = comb.result()
+            top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
+            return pd.DataFrame({"top5_classes": [[self.class_names[i] for i in row] for row in top.indices.tolist()],
+                                 "top5_probs": top.values.tolist()})
 
-        images = _images(model_input)
-        comb = em.Combiner(self.method)
-        for model, ev, weight, temperature in self.members:
-            probs = self.member_probs(model, ev, images)
-            comb.add(em.apply_temperature(probs, temperature) if temperature else probs, weight)
-        probs = comb.result()
-        top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
-        return pd.DataFrame({"top5_classes": [[self.class_names[i] for i in row] for row in top.indices.tolist()],
-                             "top5_probs": top.values.tolist()})
+    return EnsembleModel
+
+
+def __getattr__(name: str):
+    if name == "EnsembleModel":  # `from ensemble.serve import EnsembleModel` still works
+        return ensemble_model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ensemble_spec(runs, records, weights, method: str = "mean", temperatures=None, tta: str = "none"
                   ) -> tuple[dict, dict[str, str]]:
     """(the served ensemble's spec, {artifact key: local checkpoint}) for the members of
     positive weight."""
-    from ensemble.predictions import local_copy
-
     artifacts, members = {}, []
     temperatures = temperatures or {}
     for i, (m, w) in enumerate(zip(records, weights)):
@@ -96,6 +110,8 @@ def ensemble_spec(runs, records, weights, method: str = "mean", temperatures=Non
 def log_ensemble_model(runs, records, weights, client_run_id: str, tracking_uri: str, name: str = "ensemble",
                        method: str = "mean", temperatures=None, tta: str = "none"):
     """Log the ensemble as a pyfunc model to run `client_run_id`; returns the model URI."""
+    import mlflow  # on use (see ensemble_model_class)
+
     spec, artifacts = ensemble_spec(runs, records, weights, method, temperatures, tta)
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,13 +120,11 @@ def log_ensemble_model(runs, records, weights, client_run_id: str, tracking_uri:
             yaml.safe_dump(spec, f)
         artifacts["ensemble"] = path
         with mlflow.start_run(run_id=client_run_id):
-            info = mlflow.pyfunc.log_model(name=name, python_model=EnsembleModel(), artifacts=artifacts,
+            info = mlflow.pyfunc.log_model(name=name, python_model=ensemble_model_class()(), artifacts=artifacts,
                                            code_paths=[_package_dir("models"), _package_dir("orchestrator"),
                                                        _package_dir("ensemble")])
     return info.model_uri
 
 
 def _package_dir(name: str) -> str:
-    import importlib
-
     return os.path.dirname(importlib.import_module(name).__file__)

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python jobs/search.py` from a bare checkout
 
 from orchestrator.errors import exit_on_user_error  # noqa: E402
+from orchestrator.search import job
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from orchestrator.search import job  # heavy imports after argument parsing
 
     cfg, bases = job.load_and_check(args.config)
     if args.dry_run:

@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python jobs/train_ensemble.py` from a bare checkout
 
 from orchestrator.errors import exit_on_user_error  # noqa: E402
+from ensemble import evaluate
+from ensemble.logged import log_job_result
+from ensemble.report import headline
+from orchestrator import ensemble_job
+from orchestrator.tracking import runs_view_url
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
@@ -36,16 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def show_result(runs, runs_path: str) -> None:
     """The number the job exists for: its ensemble against its best member, per metric."""
-    from ensemble import evaluate
-    from ensemble.report import headline
-
     report = evaluate.summarize(runs_path)
     e = report["ensemble"]
     print(f"\nensemble of {len(report['members'])} finished members (mean softmax) on "
           f"{report['dataset']['split']}, {report['dataset']['samples']} samples:")
     for line in headline(report):
         print(f"  {line}")
-    parent = evaluate.log_job_result(runs, report)
+    parent = log_job_result(runs, report)
     if parent:
         print(f"  logged to the parent run as job_ensemble_top1_err = {e['top1_err']:.4f}, "
               f"job_ensemble_top5_err = {e['top5_err']:.4f}")
@@ -57,8 +59,6 @@ def ui_link(uri: str, parent: str) -> str:
     the embedded store, where `mlflow ui` serves it by default."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import runs_view_url
-
     experiment = MlflowClient(uri).get_run(parent).info.experiment_id
     if uri.startswith(("http://", "https://")):
         return runs_view_url(uri, experiment)
@@ -68,7 +68,6 @@ def ui_link(uri: str, parent: str) -> str:
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from orchestrator import ensemble_job  # heavy imports after argument parsing
 
     cfg, members = ensemble_job.load_and_check(args.config)
     if args.dry_run:

@@ -6,6 +6,8 @@ before any member starts, each as one `UserError` line.
 """
 from __future__ import annotations
 
+import functools
+
 import os
 import time
 
@@ -19,10 +21,18 @@ from orchestrator.config import EnsembleConfig, ResolvedMember, load_config, res
 from orchestrator.data.dataset import open_split, select_classes
 from orchestrator.data.manifest import check_shards_exist, load_manifest
 from orchestrator.errors import UserError
-from orchestrator.runs_file import Choice, DatasetRef, MemberRecord, MlflowRef, RunsFile, write_runs
-from orchestrator.train.member import resident_choice
+from orchestrator.job_runs import imported, runs_file
+from orchestrator.runs_file import MlflowRef, RunsFile, write_runs
+from orchestrator.train.resident import resident_choice
+from orchestrator import tracking
+from orchestrator import launch
+from orchestrator.config import flatten
 
-console = Console(width=None if Console().is_terminal else 120)
+@functools.cache
+def console() -> Console:
+    """Made on first use, not at import: terminal width on a terminal, 120 columns in logs
+    (`ray job submit`, CI), whatever the process's stdout is when it prints."""
+    return Console(width=None if Console().is_terminal else 120)
 
 
 def load_and_check(path: str) -> tuple[EnsembleConfig, list[ResolvedMember]]:
@@ -47,57 +57,6 @@ def check_data(cfg: EnsembleConfig) -> None:
         check_shards_exist(manifest, split)
 
 
-def dataset_ref(cfg: EnsembleConfig, labels: str, samples: int | None, split: str | None = None) -> DatasetRef:
-    """The reported split (val), or with `split` the minival carved from train."""
-    manifest = load_manifest(cfg.data.root)
-    kept = select_classes(manifest, cfg.data.classes)
-    per_class = cfg.data.train_per_class if split else cfg.data.val_per_class
-    return DatasetRef(name=manifest.name, uri=cfg.data.root, split=split or cfg.data.val_split, num_classes=len(kept),
-                      samples=samples, labels=labels, classes=cfg.data.classes, per_class=per_class,
-                      class_names=[manifest.classes[i]["wnid"] for i in kept])
-
-
-def minival_ref(cfg: EnsembleConfig, finished: list[dict]) -> tuple[DatasetRef | None, list[Choice]]:
-    """The runs file's minival section and what it chose (per-epoch metrics; with a
-    search, the trials), when the config has a minival and every member was trained with it."""
-    from orchestrator.data.minival import split_names
-
-    if not cfg.data.minival or not finished or not all(r.get("minival_labels") for r in finished):
-        return None, []
-    name = split_names(cfg.data.train_split, cfg.data.minival, cfg.data.minival_seed)[0]
-    samples = int(storage.read_npy(finished[0]["minival_labels"]).shape[0])
-    ref = dataset_ref(cfg, finished[0]["minival_labels"], samples, split=name)
-    return ref, [Choice(what="per-epoch metrics and Tune's metric (each member keeps its last epoch)", split=name,
-                        samples=samples)]
-
-
-def imported(cfg: EnsembleConfig, members: list[ResolvedMember]) -> list[MemberRecord]:
-    """Finished members of the config's `imported_runs` (a search's chosen trials, another
-    ensemble): they join this ensemble's runs file as they are, if they were scored on
-    the same split, subset and classes, in the same order."""
-    from orchestrator.runs_file import load_runs
-
-    out: list[MemberRecord] = []
-    names = {m.name for m in members}
-    for path in cfg.imported_runs:
-        runs = load_runs(path)
-        d = runs.dataset
-        ours = (storage.absolute(cfg.data.root), cfg.data.val_split, cfg.data.classes, cfg.data.val_per_class)
-        theirs = (storage.absolute(d.uri), d.split, d.classes, d.per_class)
-        if ours != theirs:
-            raise UserError(f"imported_runs {path}: its members were scored on {theirs[0]} split {d.split} "
-                            f"(classes {d.classes}, per class {d.per_class}); this ensemble uses {ours[0]} split "
-                            f"{ours[1]} (classes {ours[2]}, per class {ours[3]})")
-        for m in runs.members:
-            if m.status != "finished":
-                continue
-            if m.name in names:
-                raise UserError(f"imported_runs {path}: member name {m.name!r} is already used in this ensemble")
-            names.add(m.name)
-            out.append(m)
-    return out
-
-
 def print_plan(cfg: EnsembleConfig, members: list[ResolvedMember]) -> None:
     table = Table(title=f"ensemble {cfg.name}: {len(members)} members")
     for col in ("member", "key", "arch", "recipe", "epochs", "input", "low_res", "workers", "gpus"):
@@ -106,13 +65,13 @@ def print_plan(cfg: EnsembleConfig, members: list[ResolvedMember]) -> None:
         r = m.resources
         table.add_row(m.name, m.key, m.arch, m.recipe_name, str(m.recipe.epochs), f"{m.input_size} px",
                       "on" if m.low_res else "off", str(r.workers), str(r.gpus_per_worker) if r.use_gpu else "cpu")
-    console.print(table)
+    console().print(table)
     train = open_split(cfg.data.root, cfg.data.train_split, cfg.data.classes, cfg.data.train_per_class)
     placements = {m.name: resident_choice(m, cfg.data.resident, train,
                                           torch.device("cuda" if m.resources.use_gpu else "cpu"))[1] for m in members}
     for where in sorted(set(placements.values())):  # data.resident, as each member will decide it
         names = [n for n, w in placements.items() if w == where]
-        console.print(f"train data, {len(names)} of {len(members)} members: {where}")
+        console().print(f"train data, {len(names)} of {len(members)} members: {where}")
 
 
 def _ray_init(cfg: EnsembleConfig) -> None:
@@ -160,8 +119,6 @@ def open_job(cfg: EnsembleConfig, config_path: str, kind: str, tags: dict):
     Returns (storage root, tracking URI, client, experiment id, parent run id)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import tracking
-
     root = storage.absolute(cfg.storage.path)
     storage.check_writable(root)
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -179,8 +136,6 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
         runs_path: str) -> tuple[RunsFile, list[str]]:
     import ray
 
-    from orchestrator import launch
-
     root, tracking_uri, client, experiment_id, parent = open_job(cfg, config_path, "parent",
                                                                  {"ensemble.members": len(members)})
     ctx = {"ensemble": cfg.name, "storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
@@ -189,27 +144,28 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
 
     done = {m.key for m in members if storage.read_json(launch.record_uri(ctx, m.key))}
     pending = [m for m in members if m.key not in done]
-    console.print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(done)} already finished, "
+    console().print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(done)} already finished, "
                   f"{len(pending)} to train; MLflow {tracking_uri} run {parent}")
     if pending:
         concurrency = launch.plan_concurrency(pending, ray.cluster_resources(), cfg.ray.max_concurrent_members)
-        console.print(f"running up to {concurrency} members at once on {ray.cluster_resources().get('CPU', 0):g} CPUs"
+        console().print(f"running up to {concurrency} members at once on {ray.cluster_resources().get('CPU', 0):g} CPUs"
                       f" / {ray.cluster_resources().get('GPU', 0):g} GPUs")
-        launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", console)
+        launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", console())
 
     records, failed = _collect(ctx, members)
     extra = imported(cfg, members)
-    runs = _runs_file(cfg, ctx, records, tracking_uri, parent, extra)
+    runs = runs_file(cfg, records, extra, MlflowRef(tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment,
+                                                    parent_run_id=parent))
     write_runs(runs_path, runs)
     # a copy beside the members' records: under `ray job submit` the driver's working
     # directory is a temporary copy, so this is the one a user can always find
     write_runs(storage.join(root, cfg.name, "runs.yaml"), runs)
     _log_runs_file(client, parent, runs)
-    console.print(_result_table(records + [m.model_dump() for m in extra]))
+    console().print(_result_table(records + [m.model_dump() for m in extra]))
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
-    console.print(f"runs file: {storage.join(root, cfg.name, 'runs.yaml')}")
+    console().print(f"runs file: {storage.join(root, cfg.name, 'runs.yaml')}")
     if failed:
-        console.print(f"[red]{len(failed)} member(s) failed: {', '.join(failed)}[/] (marked failed in {runs_path})")
+        console().print(f"[red]{len(failed)} member(s) failed: {', '.join(failed)}[/] (marked failed in {runs_path})")
     return runs, failed
 
 
@@ -226,8 +182,6 @@ def _log_config(client, run_id: str, cfg: EnsembleConfig) -> None:
 
     from mlflow.entities import Param
 
-    from orchestrator.config import flatten
-
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ensemble_config.yaml")
         with open(path, "w") as f:
@@ -240,8 +194,6 @@ def _log_config(client, run_id: str, cfg: EnsembleConfig) -> None:
 
 
 def _collect(ctx: dict, members: list[ResolvedMember]) -> tuple[list[dict], list[str]]:
-    from orchestrator import launch
-
     records, failed = [], []
     for m in members:
         rec = storage.read_json(launch.record_uri(ctx, m.key))
@@ -253,32 +205,3 @@ def _collect(ctx: dict, members: list[ResolvedMember]) -> tuple[list[dict], list
     return records, failed
 
 
-def _with_imported_protocol(cfg: EnsembleConfig, minival, choices: list) -> tuple:
-    """Imported members keep the record of what chose them (a search's choice on val rows
-    stays out of every report), and their minival when this job has none."""
-    from orchestrator.runs_file import load_runs
-
-    for path in cfg.imported_runs:
-        runs = load_runs(path)
-        choices = choices + [c for c in runs.choices if c not in choices]
-        minival = minival or runs.minival
-    return minival, choices
-
-
-def _runs_file(cfg: EnsembleConfig, ctx: dict, records: list[dict], tracking_uri: str, parent: str,
-               extra: list[MemberRecord]) -> RunsFile:
-    finished = [r for r in records if r["status"] == "finished"]
-    labels = finished[0]["labels"] if finished else ""
-    samples = int(finished[0]["metrics"]["val_samples"]) if finished else None
-    if not finished and extra:
-        from orchestrator.runs_file import load_runs
-
-        d = load_runs(cfg.imported_runs[0]).dataset
-        labels, samples = d.labels, d.samples
-    dataset = dataset_ref(cfg, labels, samples)
-    minival, choices = minival_ref(cfg, finished)
-    minival, choices = _with_imported_protocol(cfg, minival, choices)
-    members = [MemberRecord(**{k: v for k, v in r.items() if k not in ("labels", "minival_labels")})
-               for r in records] + extra
-    return RunsFile(ensemble=cfg.name, dataset=dataset, minival=minival, choices=choices, members=members,
-                    mlflow=MlflowRef(tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment, parent_run_id=parent))

@@ -40,6 +40,8 @@ from orchestrator.tracking import get_or_create_child
 from orchestrator.train.lr import scaled_lr
 from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE,
                                        PREDICTIONS_FILE)
+from orchestrator import plots
+from orchestrator.progress import MemberBoard, quiet_tune
 
 
 def member_dir(ctx: dict) -> str:
@@ -115,8 +117,6 @@ def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, lo
                    steps_per_epoch: int) -> None:
     """Log the member's predictions (from `local`, the folder `finalize` stored) and plots;
     its weights are referenced (tag `checkpoint_uri`), not copied: one stored copy."""
-    from orchestrator import plots  # matplotlib only where plots are drawn
-
     with tempfile.TemporaryDirectory() as tmp:
         for name in PREDICTION_FILES:
             if os.path.exists(os.path.join(local, name)):
@@ -269,8 +269,6 @@ def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | No
 def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str, console=None):
     """Run every member as a Tune trial, shown live on `console` (orchestrator/progress.py);
     returns Tune's ResultGrid."""
-    from orchestrator.progress import MemberBoard, quiet_tune
-
     log_path = os.path.join("logs", f"{run_name}.log")
     board = MemberBoard(members, "minival" if ctx["data"].get("minival") else "val", console,
                         concurrency=concurrency, log_path=log_path)

@@ -18,9 +18,12 @@ failure, guessing conservatively only some throughput.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from orchestrator.config import PackingOpts
 from orchestrator.errors import UserError
+
+if TYPE_CHECKING:  # the options' type only: the config's loader imports this module
+    from orchestrator.config.schema import PackingOpts
 
 
 @dataclass(frozen=True)

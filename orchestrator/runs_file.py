@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import UserError
+from orchestrator.storage import retry
 
 
 class _Strict(BaseModel):
@@ -127,8 +128,6 @@ def write_runs(path: str, runs: RunsFile) -> None:
     as one object PUT to s3:// and other fsspec URLs (also all-or-nothing)."""
     text = yaml.safe_dump(runs.model_dump(mode="json"), sort_keys=False)
     if "://" in path and not path.startswith("file://"):
-        from orchestrator.storage import retry
-
         def put():
             with fsspec.open(path, "w") as f:
                 f.write(text)

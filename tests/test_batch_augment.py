@@ -14,6 +14,7 @@ from orchestrator.config import parse_config, resolve_members
 from orchestrator.data.dataset import BadImages, decode_rgb, open_split
 from orchestrator.errors import UserError
 from orchestrator.train import augment, batch_augment
+from orchestrator.train.prefetch import Prefetcher
 from orchestrator.train.member import decode_on_device, open_member_data, train_member
 
 CPU = torch.device("cpu")
@@ -43,7 +44,7 @@ def test_prefetcher_hands_over_every_batch_then_stops_and_reraises():
                for v in (10, 200)]
     aug = batch_augment.PassAugment(batch_augment.BatchAugment(augment.resolve("none", {}), 8, (0, 0, 0),
                                                                (1, 1, 1), CPU))
-    got = list(batch_augment.Prefetcher(iter(batches), aug, CPU))
+    got = list(Prefetcher(iter(batches), aug, CPU))
     assert [int(labels[0]) for _, labels in got] == [10, 200]
     assert got[0][0].mean() < 0.1 < 0.7 < got[1][0].mean()
 
@@ -51,14 +52,14 @@ def test_prefetcher_hands_over_every_batch_then_stops_and_reraises():
         raise ValueError("augmentation failed")
 
     with pytest.raises(ValueError, match="augmentation failed"):
-        next(batch_augment.Prefetcher(iter(batches), broken, CPU))
+        next(Prefetcher(iter(batches), broken, CPU))
 
 
 def test_a_closed_prefetcher_stops_its_thread_mid_stream():
     # a trial process trains member after member: an abandoned endless stream must not
     # keep a thread (and its batches) alive
     endless = ((torch.zeros(2), torch.zeros(2)) for _ in iter(int, 1))
-    with batch_augment.Prefetcher(endless, lambda x, y: (x, y), CPU) as batches:
+    with Prefetcher(endless, lambda x, y: (x, y), CPU) as batches:
         next(batches)
         thread = batches.thread
     assert not thread.is_alive()

@@ -7,7 +7,7 @@ import yaml
 
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.errors import UserError
-from orchestrator.plan import Cluster, member_rates, packing_share, plan
+from orchestrator.cluster import Cluster, member_rates, packing_share, plan
 from tests.conftest import run_cli
 
 SAMPLES = 36_000  # images per epoch; at 10 images/s one epoch is one hour
@@ -85,7 +85,7 @@ H200 = {("resnet18", 224, 256): 13_283, ("resnet50", 224, 256): 4_726, ("vgg16_b
 
 
 def estimate(arch: str, size: int, batch: int) -> float:
-    from orchestrator.plan import estimated_rate
+    from orchestrator.cluster import estimated_rate
 
     raw = {"name": "p", "data": {"root": "/data"}, "recipes": {"r": {"batch_size": batch}},
            "members": [{"arch": arch, "recipe": "r", "input_size": size, "resources": {"use_gpu": True}}]}
@@ -108,7 +108,7 @@ def test_no_family_comes_out_faster_than_a_smaller_one():
 def test_costs_are_counted_without_allocating_weights(monkeypatch):
     import torch
 
-    from orchestrator import plan as planner
+    from orchestrator import cluster as planner
 
     planner.model_cost.cache_clear()
     made = []

@@ -171,7 +171,7 @@ def test_dry_run_prints_input_size_low_res_and_where_the_data_goes(tmp_path, tin
     import orchestrator.ensemble_job as job
 
     buf = io.StringIO()
-    old, job.console = job.console, Console(file=buf, width=200)
+    old, job.console = job.console, lambda: Console(file=buf, width=200)
     try:
         job.print_plan(load_config(str(path)), resolve_members(load_config(str(path))))
     finally:

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image
 
 from orchestrator.data import prepare
-from orchestrator.data.dataset import EvalStream, TrainStream, decode_rgb, open_split
+from orchestrator.data.dataset import decode_rgb, open_split
+from orchestrator.data.streams import EvalStream, TrainStream
 from orchestrator.data.sources import iter_shard
 from orchestrator.errors import UserError
 

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from orchestrator.config import parse_config, resolve_members
-from orchestrator.data.dataset import EvalStream, TooManyBadImages, TrainStream, open_split
+from orchestrator.data.dataset import TooManyBadImages, open_split
+from orchestrator.data.streams import EvalStream, TrainStream
 from orchestrator.data.prepare import _write_shard
 from orchestrator.errors import UserError
 from orchestrator.train.member import open_member_data, train_member

@@ -12,7 +12,8 @@ from scipy import stats
 
 from models import build_model, save_checkpoint
 from orchestrator.config import parse_config, resolve_members
-from orchestrator.data.dataset import Split, TrainStream
+from orchestrator.data.dataset import Split
+from orchestrator.data.streams import TrainStream
 from orchestrator.data.sampling import epoch_length, label_shuffled_order, rank_part
 from orchestrator.data.sources import Sample
 from orchestrator.errors import UserError

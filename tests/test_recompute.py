@@ -86,7 +86,7 @@ def trained(tiny_root, tmp_path_factory):
 
 
 def test_recomputed_predictions_agree_with_the_cached_ones(trained, monkeypatch, tmp_path):
-    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path))
     record, cached, root = trained
     fresh = recompute(record, root, "val", 4, 3, "none")
     assert np.abs(np.asarray(fresh.array, dtype=np.float32) - cached.astype(np.float32)).max() < 1e-2
@@ -96,7 +96,7 @@ def test_recomputed_predictions_agree_with_the_cached_ones(trained, monkeypatch,
 
 @pytest.mark.parametrize("tta", ["flip", "10crop", "multiscale"])
 def test_tta_predictions_are_probabilities_and_state_their_cost(trained, monkeypatch, tmp_path, tta):
-    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path))
     record, cached, root = trained
     p = recompute(record, root, "val", 4, 3, tta)
     arr = np.asarray(p.array, dtype=np.float32)
@@ -122,7 +122,7 @@ def _decodes(monkeypatch):
 
 
 def test_members_sharing_an_eval_geometry_decode_the_split_once(trained, monkeypatch, tmp_path):
-    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path))
     record, cached, root = trained
     calls = _decodes(monkeypatch)
     twin = record.model_copy(update={"name": "twin", "key": "twin-k"})
@@ -140,9 +140,9 @@ def test_members_sharing_an_eval_geometry_decode_the_split_once(trained, monkeyp
 
 def test_decoded_and_streamed_inputs_give_the_same_predictions(trained, monkeypatch, tmp_path):
     record, _, root = trained
-    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path / "a")
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path / "a"))
     decoded = recompute(record, root, "val", 4, 3, "none")
-    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path / "b")
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path / "b"))
     monkeypatch.setenv("ENSEMBLE_DECODED_MAX_GB", "0")  # too large to cache: streamed from the shards
     streamed = recompute(record, root, "val", 4, 3, "none")
     assert (tmp_path / "a" / "decoded").is_dir() and not (tmp_path / "b" / "decoded").exists()
@@ -152,7 +152,7 @@ def test_decoded_and_streamed_inputs_give_the_same_predictions(trained, monkeypa
 def test_an_interrupted_decoding_leaves_nothing_to_reuse(trained, monkeypatch, tmp_path):
     from ensemble import decoded
 
-    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path))
     record, cached, root = trained
     real = decoded.stream_batches
 
@@ -194,7 +194,7 @@ def test_a_full_disk_falls_back_to_decoding_per_member(trained, monkeypatch, tmp
     import errno
 
     record, cached, root = trained
-    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path))
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -215,7 +215,7 @@ def test_served_model_applies_every_evaluated_option(trained, monkeypatch, tmp_p
     from ensemble.serve import EnsembleModel, ensemble_spec
     from orchestrator.data.dataset import open_split
 
-    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path))
     record, _, root = trained
     a, b = record.model_copy(update={"name": "a"}), record.model_copy(update={"name": "b"})
     runs = SimpleNamespace(dataset=SimpleNamespace(class_names=None, num_classes=4))
@@ -245,7 +245,7 @@ def test_tta_recomputes_the_minival_too_and_chooses_there(trained, monkeypatch, 
 
     from orchestrator.data.dataset import open_split
 
-    monkeypatch.setattr("ensemble.predictions.CACHE", tmp_path)
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path))
     record, _, root = trained
     held = open_split(root, "train@minival:2:0", 4, 6)
     assert len(held) == 8 and sorted(s.label for s in held.records) == [0, 0, 1, 1, 2, 2, 3, 3]

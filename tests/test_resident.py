@@ -11,7 +11,8 @@ import torch
 
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.data import resident
-from orchestrator.data.dataset import TrainStream, open_split
+from orchestrator.data.dataset import open_split
+from orchestrator.data.streams import TrainStream
 from orchestrator.errors import UserError
 from orchestrator.train import augment, batch_augment
 from orchestrator.train.member import open_member_data, predict, train_member

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from bench.imagenet_shaped import CLASSES, MIN_VAL_SHARDS, TRAIN_TOTAL, class_counts, generate, scaled
-from bench.scale_drill import former_pass, val_pass
-from orchestrator.data.dataset import EvalStream, open_split
+from bench.scale_drill import former_pass, measured_run, val_pass
+from orchestrator.data.dataset import open_split
+from orchestrator.data.streams import EvalStream
 from orchestrator.errors import UserError
 
 
@@ -75,7 +76,7 @@ def test_a_tampered_labels_file_is_refused(shaped, tmp_path):
 def test_label_shuffling_on_a_streamed_split_draws_exactly_n_per_class_over_all_ranks(shaped):
     """Hikvision's rule at 1,000 classes, streamed: every class N times per pass over 8
     ranks x 2 loaders together, equal parts per rank, each rank reading only its shards."""
-    from orchestrator.data.dataset import TrainStream
+    from orchestrator.data.streams import TrainStream
 
     train = open_split(shaped, "train")
     labels = train.all_labels()
@@ -120,7 +121,8 @@ def test_a_minival_carved_from_a_streamed_split_holds_only_its_own_samples(shape
     """At ImageNet scale train cannot be read into memory to carve a minival: it is carved
     by the labels file, only the minival's samples are held, and the rest streams with
     them skipped, plain or label-shuffled."""
-    from orchestrator.data.dataset import TrainStream, carve_minival
+    from orchestrator.data.dataset import carve_minival
+    from orchestrator.data.streams import TrainStream
 
     whole = open_split(shaped, "train")
     rest, held = carve_minival(whole, 2, 0)
@@ -143,3 +145,10 @@ def test_a_minival_carved_from_a_streamed_split_holds_only_its_own_samples(shape
     assert (per_class == n_max).all()
     plain = [s.key for s in TrainStream(rest, None, 0, 1, seed=1)._one_pass(0, 0, 1)]
     assert len(plain) == len(rest) and not held_keys & set(plain)
+
+
+def test_the_bounded_run_measures_the_trainer_and_its_loaders(shaped):
+    # the drill's memory figure: label-shuffled steps on the streamed split in a fresh process
+    got = measured_run(shaped, 5)
+    assert got["steps"] == 5 and got["loaders"] >= 2  # training and held-out loader processes were seen
+    assert 100 < got["loader_mb"] < got["trainer_mb"] < 4000

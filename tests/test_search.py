@@ -45,11 +45,14 @@ def test_asha_search_on_the_embedded_defaults_chooses_members(tiny_root, tmp_pat
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     counts = summary(out.stdout)
     assert counts["trials"] == 6 and counts["stopped"] >= 1  # ASHA stopped some trials early
-    assert "top-k by own error" in out.stdout and "greedy marginal gain" in out.stdout
+    assert "top-k by own error" in out.stdout and "Caruana selection" in out.stdout
 
     runs = load_runs(str(runs_path))
-    chosen = min(3, counts["complete"])  # only trials that trained every epoch have final predictions
-    assert chosen >= 1 and len(runs.members) == chosen and len({m.name for m in runs.members}) == chosen
+    # Caruana's selection, 3 picks with replacement: at most 3 distinct trials, weighted by picks
+    # (only trials that trained every epoch have final predictions)
+    chosen = len(runs.members)
+    assert 1 <= chosen <= min(3, counts["complete"]) and len({m.name for m in runs.members}) == chosen
+    assert sum(m.weight for m in runs.members) <= 3 and all(m.weight >= 1 for m in runs.members)
     print(out.stdout[-2500:])
     labels = np.load(runs.dataset.labels)
     for m in runs.members:

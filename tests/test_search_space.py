@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ensemble.math import forward_selection
+from ensemble.math import greedy_selection
+from ensemble.protocol import split_rows
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.errors import UserError
 from orchestrator.search import space
@@ -156,15 +157,18 @@ def test_the_choice_streams_trials_predictions_one_at_a_time():
     assert peak[0] <= 2  # the one being read, and at most one not yet collected
 
 
-def test_forward_selection_picks_distinct_members_best_first():
+def test_the_search_chooses_members_by_the_evaluations_caruana_selection():
     preds, labels = library()
-    chosen, curve = forward_selection(lambda i: preds[i], len(preds), labels, 4)
-    assert len(set(chosen)) == 4 and chosen[0] in (0, 1, 2)
-    assert chosen == forward_selection(lambda i: preds[i], len(preds), labels, 4)[0]
+    choice = compare(preds, labels, size=4, metric="nll", fraction=0.5)["greedy"]
+    sel, _ = split_rows(len(labels), 0.5, 0)
+    picks, curve = greedy_selection(lambda i: preds[i][sel], len(preds), labels[sel], rounds=3, init=1, metric="nll")
+    assert choice["picks"] == picks and choice["selection_curve"] == curve  # the one algorithm, not a copy
+    assert choice["chosen"] == list(dict.fromkeys(picks)) and sum(choice["weights"]) == len(picks) <= 4
+    assert choice["weights"] == [float(picks.count(i)) for i in choice["chosen"]]
 
 
 def test_imported_runs_must_match_the_ensembles_data(tiny_root, tmp_path):
-    from orchestrator.ensemble_job import imported
+    from orchestrator.job_runs import imported
     from orchestrator.runs_file import DatasetRef, EvalRef, MemberRecord, RunsFile, write_runs
 
     runs = RunsFile(ensemble="s", dataset=DatasetRef(name="tiny", uri=tiny_root, num_classes=10, labels="l.npy",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from orchestrator.errors import UserError
+from orchestrator.data.sources import list_folder_classes, list_folder_split
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ FOLDER_PREFIX = "folder:"  # a "shard" standing for a whole split of an ImageFol
 def folder_manifest(root: str) -> Manifest:
     """A manifest for an ILSVRC/ImageFolder layout read in place (local folders only)."""
     import os
-
-    from orchestrator.data.sources import list_folder_classes, list_folder_split
 
     wnids = list_folder_classes(root)
     splits = {split: [Shard(f"{FOLDER_PREFIX}{split}", len(list_folder_split(root, split, wnids)))]

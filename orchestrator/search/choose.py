@@ -2,7 +2,11 @@
 
 The top-k trials by their own error tend to be near-copies of one configuration; an
 ensemble gains most from members that are good *and* different (Hansen & Salamon 1990;
-Caruana et al. 2004). Both choices are made from the trials' cached predictions (no
+Caruana et al. 2004). The second choice is the one selection algorithm of the platform,
+`ensemble.math.greedy_selection` (the one `ensemble.evaluate --select greedy` runs):
+Caruana's forward steps with replacement, kept to the best prefix; a trial picked k
+times becomes one member of weight k (`--method weighted` reproduces the combination
+chosen). At most `select.size` picks, so at most that many members. Both choices are made from the trials' cached predictions (no
 retraining, no data read) on the minival when the config has one, reported on all of
 val; without one, on a seeded part of val, reported on the rest (the runs file records
 which rows, so `ensemble.evaluate` never reports them either). Predictions are streamed
@@ -16,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ensemble.math import combine, greedy_selection, topk_error
 from ensemble.protocol import split_rows
-from ensemble.math import combine, forward_selection, topk_error
 
 
 class LazyArrays(Sequence):
@@ -33,8 +37,9 @@ class LazyArrays(Sequence):
         return self.read(self.urls[i])
 
 
-def _ensemble_errors(preds: Sequence[np.ndarray], chosen: list[int], labels: np.ndarray, rows: np.ndarray) -> dict:
-    probs = combine(preds[i][rows] for i in chosen)  # one member at a time
+def _ensemble_errors(preds: Sequence[np.ndarray], chosen: list[int], labels: np.ndarray, rows: np.ndarray,
+                     weights: list[float] | None = None) -> dict:
+    probs = combine((preds[i][rows] for i in chosen), weights)  # one member at a time
     best = min(topk_error(preds[i][rows], labels[rows], 1) for i in chosen)
     return {"top1_err": topk_error(probs, labels[rows], 1), "top5_err": topk_error(probs, labels[rows], 5),
             "best_member_top1_err": best}
@@ -60,7 +65,10 @@ def compare(preds: Sequence[np.ndarray], labels: np.ndarray, size: int, metric: 
             return preds[i][sel]
     own = [topk_error(chooser(i), sel_labels, 1) for i in range(len(preds))]
     topk = [int(i) for i in np.argsort(own, kind="stable")[:size]]
-    greedy, curve = forward_selection(chooser, len(preds), sel_labels, size, metric)
-    return {"topk": {"chosen": topk, **_ensemble_errors(preds, topk, labels, rows)},
-            "greedy": {"chosen": greedy, "selection_curve": curve, **_ensemble_errors(preds, greedy, labels, rows)},
+    picks, curve = greedy_selection(chooser, len(preds), sel_labels, rounds=size - 1, init=1, metric=metric)
+    greedy = list(dict.fromkeys(picks))  # distinct, in the order first picked
+    weights = [float(picks.count(i)) for i in greedy]
+    return {"topk": {"chosen": topk, "weights": [1.0] * len(topk), **_ensemble_errors(preds, topk, labels, rows)},
+            "greedy": {"chosen": greedy, "weights": weights, "picks": picks, "selection_curve": curve,
+                       **_ensemble_errors(preds, greedy, labels, rows, weights)},
             "selection_rows": n_sel, "report_rows": len(rows)}

@@ -13,21 +13,23 @@ import os
 import tempfile
 import time
 
-
-from orchestrator import storage
+from orchestrator import plots, storage
 from orchestrator.config import EnsembleConfig, ResolvedMember, Search, load_config, resolve_members
+from orchestrator.ensemble_job import check_data, open_job
+from orchestrator.ensemble_job import console as make_console
 from orchestrator.errors import UserError
+from orchestrator.runs_file import write_runs
+from orchestrator.search import space
+from orchestrator.search.choose import LazyArrays, compare
+from orchestrator.search.runs import runs_files
+from orchestrator.search.trial import search_trial
 from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE,
                                        PREDICTIONS_FILE)
-from orchestrator.runs_file import Choice, EvalRef, MemberRecord, MlflowRef, RunsFile, write_runs
-from orchestrator.search import space
 
 MUTABLE_PREFIXES = ("recipe.optimizer.lr", "recipe.augment.overrides.")  # PBT's default: LR and augmentation
 
 
 def load_and_check(path: str) -> tuple[EnsembleConfig, list[ResolvedMember]]:
-    from orchestrator.ensemble_job import check_data
-
     cfg = load_config(path)
     if cfg.search is None:
         raise UserError(f"{path} has no `search:` section (see configs/search/ for examples)")
@@ -109,8 +111,6 @@ def _resources(bases: dict[str, ResolvedMember]):
 def run_search(cfg: EnsembleConfig, bases: list[ResolvedMember], ctx: dict, run_name: str):
     from ray import tune
 
-    from orchestrator.search.trial import search_trial
-
     search = cfg.search
     by_key = {b.key: b for b in bases}
     epochs = max(b.recipe.epochs for b in bases)
@@ -176,47 +176,6 @@ def collect(results, bases: dict[str, ResolvedMember], root: str, heldout: str =
     return rows
 
 
-def member_record(row: dict, run_ids: dict[str, str]) -> MemberRecord:
-    from models import get_spec
-
-    m: ResolvedMember = row["member"]
-    ev = get_spec(m.arch).eval_transform(m.low_res, m.input_size)
-    minutes = sum(h.get("epoch_minutes", 0.0) for h in row["history"])
-    return MemberRecord(
-        name=f"{m.name}-{row['trial_id']}", key=m.key, arch=m.arch, checkpoint=row["checkpoint"],
-        predictions=row["predictions"], minival_predictions=row.get("minival_predictions"), eval=EvalRef(**ev.to_dict()), low_res=m.low_res, weight=m.weight,
-        mlflow_run_id=run_ids.get(row["trial_id"]), seed=m.seed, recipe=f"search:{row['trial_id']}",
-        metrics={"top1_err": row["metrics"]["val_top1_err"], "top5_err": row["metrics"]["val_top5_err"],
-                 "val_loss": row["metrics"]["val_loss"], "images_per_s": row["metrics"]["images_per_s"],
-                 "minutes": minutes, "epochs": row["epochs"], "val_samples": row["metrics"]["val_samples"]})
-
-
-def runs_files(cfg: EnsembleConfig, rows: list[dict], choice: dict, ctx: dict, run_ids: dict) -> dict[str, RunsFile]:
-    from orchestrator.ensemble_job import dataset_ref, minival_ref
-
-    complete = [r for r in rows if r.get("predictions")]
-    dataset = dataset_ref(cfg, complete[0]["labels"], int(complete[0]["metrics"]["val_samples"]))
-    minival, choices = minival_ref(cfg, complete)
-    sel = cfg.search.select
-    if minival is not None:
-        choices = [c.model_copy(update={"what": "per-epoch metrics and Tune's metric (ASHA/PBT ranked trials)"})
-                   for c in choices]
-        choices.append(Choice(what="the trials that became members", split=minival.split,
-                              samples=minival.samples))
-    else:
-        # without a minival Tune ranked trials on all of val, and the members were chosen on
-        # a seeded part of it: ensemble.evaluate reports only the rest
-        choices = [Choice(what="Tune's metric (ASHA/PBT ranked trials)", split=dataset.split, samples=dataset.samples),
-                   Choice(what="the trials that became members", split=dataset.split,
-                          samples=choice["selection_rows"], fraction=sel.selection_fraction, seed=0)]
-    mlflow = MlflowRef(tracking_uri=ctx["tracking_uri"], experiment=cfg.mlflow.experiment,
-                       parent_run_id=ctx["parent_run_id"])
-    return {kind: RunsFile(ensemble=f"{cfg.name}-{kind}", mlflow=mlflow, dataset=dataset, minival=minival,
-                           choices=choices,
-                           members=[member_record(complete[i], run_ids) for i in choice[kind]["chosen"]])
-            for kind in ("greedy", "topk")}
-
-
 def trial_run_ids(client, experiment_id: str, parent: str) -> dict[str, str]:
     runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000)
     return {r.data.tags.get("trial.id"): r.info.run_id for r in runs if r.data.tags.get("trial.id")}
@@ -226,8 +185,6 @@ def log_search(client, parent: str, cfg: EnsembleConfig, rows: list[dict], choic
     import csv
 
     from mlflow.entities import Metric
-
-    from orchestrator import plots
 
     keys = list(cfg.search.space)
     table = [{"trial": r["trial_id"], "base": r["base"], **r["overrides"], "epochs": r["epochs"], **r["metrics"]}
@@ -258,7 +215,7 @@ def print_choice(console, rows: list[dict], choice: dict, size: int) -> None:
                         f"(held-out rows: {choice['report_rows']})")
     for col in ("choice", "trials", "ensemble top-1 err", "ensemble top-5 err", "best member top-1 err"):
         table.add_column(col)
-    for kind, label in (("topk", "top-k by own error"), ("greedy", "greedy marginal gain")):
+    for kind, label in (("topk", "top-k by own error"), ("greedy", "Caruana selection")):
         c = choice[kind]
         table.add_row(label, ", ".join(complete[i]["trial_id"] for i in c["chosen"]), f"{c['top1_err']:.2%}",
                       f"{c['top5_err']:.2%}", f"{c['best_member_top1_err']:.2%}")
@@ -266,9 +223,7 @@ def print_choice(console, rows: list[dict], choice: dict, size: int) -> None:
 
 
 def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs_path: str) -> dict:
-    from orchestrator.ensemble_job import console, open_job
-    from orchestrator.search.choose import LazyArrays, compare
-
+    console = make_console()
     root, tracking_uri, client, experiment_id, parent = open_job(cfg, config_path, "search",
                                                                  {"search.scheduler": cfg.search.scheduler})
     ctx = {"storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
@@ -307,6 +262,6 @@ def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs
     cloned = sum(bool(r["cloned_from"]) for r in rows)
     console.print(f"{len(rows)} trials: {len(complete)} complete, {stopped} stopped early, {cloned} cloned by PBT")
     if complete:
-        console.print(f"runs file (greedy choice): {storage.join(root, cfg.name, 'runs.yaml')}; top-k choice: "
+        console.print(f"runs file (Caruana selection): {storage.join(root, cfg.name, 'runs.yaml')}; top-k choice: "
                       f"{storage.join(root, cfg.name, 'runs-topk.yaml')}")
     return {"rows": rows, "choice": choice, "parent_run_id": parent}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.config import Dimension, ResolvedMember, member_key, parse_recipe
+from orchestrator.config import Dimension, ResolvedMember, check_dimension, member_key, parse_recipe
 from orchestrator.errors import UserError
 from orchestrator.train import lr
 
@@ -31,16 +31,6 @@ def to_tune(dim: Dimension):
     return {"choice": lambda: tune.choice(v), "grid": lambda: tune.grid_search(v),
             "uniform": lambda: tune.uniform(*v), "loguniform": lambda: tune.loguniform(*v),
             "randint": lambda: tune.randint(v[0], v[1] + 1)}[dim.kind]()
-
-
-def check_dimension(path: str, dim: Dimension) -> None:
-    v = dim.values
-    if dim.kind in ("choice", "grid") and not v:
-        raise UserError(f"search.space.{path}: {dim.kind} is empty; give at least one value")
-    if dim.kind in ("uniform", "loguniform", "randint") and not v[0] < v[1] + (dim.kind == "randint"):
-        raise UserError(f"search.space.{path}: range [{v[0]}, {v[1]}] is empty or reversed; give [low, high]")
-    if dim.kind == "loguniform" and v[0] <= 0:
-        raise UserError(f"search.space.{path}: loguniform needs a positive low bound, got {v[0]}")
 
 
 def _policy_params(policy: str) -> set[str]:

@@ -27,6 +27,7 @@ from orchestrator.config import Data, ResolvedMember
 from orchestrator.search import space
 from orchestrator.tracking import get_or_create_trial_run, log_epoch
 from orchestrator.train.member import CHECKPOINT_FILE, final_outputs, open_member_data, train_member
+from orchestrator import plots
 
 
 def fingerprint(state_dict: dict) -> float:
@@ -100,8 +101,6 @@ def search_trial(config: dict, ctx: dict) -> None:
 
 def _log_final(client: MlflowClient, run_id: str, folder: str, member: ResolvedMember, history: list[dict],
                files: list[str]) -> None:
-    from orchestrator import plots
-
     for name in files:
         client.log_artifact(run_id, os.path.join(folder, name), "predictions")
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,7 @@ import torch
 from torchvision.transforms import v2
 
 from orchestrator.errors import unknown_name
+from orchestrator.train.cam import CamGuidedCrop
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,6 @@ def plain_fields(f: AugmentFields) -> AugmentFields:
 
 
 def _crop(f: AugmentFields, size: int, cam_maps=None, cam_probability: float = 1.0):
-    from orchestrator.train.cam import CamGuidedCrop
-
     modes = INTERPOLATIONS if f.random_interpolation else (v2.InterpolationMode.BILINEAR,)
     if cam_maps is not None:
         crops = [CamGuidedCrop(size, f.crop_scale, f.crop_ratio, cam_maps, cam_probability, m) for m in modes]

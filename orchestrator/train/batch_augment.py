@@ -6,9 +6,8 @@ per image in loader processes needs six or more cores per GPU before augmenting 
 With `resources.decode: gpu` the loader processes only read encoded bytes; the training
 process decodes the batch with nvJPEG (`torchvision.io.decode_jpeg` on a CUDA device,
 batched), crops and resizes each image on the GPU, then flips, jitters and normalises
-the batch at once. `Prefetcher` prepares the next batch on a side CUDA stream while the
-current step computes, from a background thread (the pattern of NVIDIA's DALI and apex's
-`data_prefetcher`).
+the batch at once. `orchestrator/train/prefetch.py` prepares the next batch on a side CUDA
+stream while the current step computes, from a background thread.
 
 The fields are those of the per-image pipeline (`augment.py`) with the same meaning:
 crop_scale/crop_ratio (Inception crop), hflip, color_jitter (brightness, contrast,
@@ -281,82 +280,3 @@ class PassAugment:
         encoded = split_encoded(data, lengths)
         plain = self.plain is not None and self.plain_from_pass is not None and int(passes[0]) >= self.plain_from_pass
         return (self.plain if plain else self.main)(encoded, labels)
-
-
-class Prefetcher:
-    """Iterator over `work(*item)` for the items of `items`, `depth` ahead, made by a
-    background thread (`work` returns a tuple of tensors: augmented batches here, ready
-    batches in `ensemble.predictions.recompute`).
-
-    On CUDA the thread queues each item's work (decode, augmentation) on its own stream,
-    so it overlaps the main stream's kernels, and its Python work overlaps the consumer's
-    (torch releases the GIL inside ops). The consumer's stream waits on the item's event
-    before using it. An exception in the thread is raised from `next()`; `close()` (or
-    leaving a `with` block) stops the thread when the consumer stops early."""
-
-    _END = object()
-
-    def __init__(self, items, work, device: torch.device, depth: int = 2):
-        import queue
-        import threading
-
-        self.items, self.work, self.device = items, work, torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="prefetch")
-        self.thread.start()
-
-    def _put(self, entry) -> None:
-        import queue
-
-        while not self.stopped.is_set():
-            try:
-                return self.queue.put(entry, timeout=0.1)
-            except queue.Full:
-                continue
-
-    def _run(self) -> None:
-        stream = torch.cuda.Stream(self.device) if self.cuda else None
-        try:
-            for item in self.items:
-                if self.stopped.is_set():
-                    return
-                if stream is None:
-                    self._put((self.work(*item), None))
-                    continue
-                with torch.cuda.stream(stream):
-                    out = self.work(*item)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                self._put((out, event))
-            self._put((self._END, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._put((exc, None))
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        out, event = self.queue.get()
-        if out is self._END:
-            raise StopIteration
-        if isinstance(out, BaseException):
-            raise out
-        if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for t in out:
-                if isinstance(t, torch.Tensor) and t.is_cuda:
-                    t.record_stream(current)  # the allocator must not hand them back to the side stream early
-        return out

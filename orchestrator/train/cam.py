@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from orchestrator.errors import UserError
+from orchestrator.data.dataset import decode_rgb
 
 
 def _feature_hook(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -116,8 +117,6 @@ def compute_maps(teacher: nn.Module, samples, input_size: int, mean, std, device
     """{sample key: float16 CAM} over `samples` (objects with .key, .data, .label); with
     `sink(keys, maps)` each batch goes there instead and nothing is kept. The whole image
     is resized to the teacher's input (no centre crop), so the map covers it."""
-    from orchestrator.data.dataset import decode_rgb
-
     decode = decode or decode_rgb
     prep = v2.Compose([v2.Resize((input_size, input_size), antialias=True), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(mean, std)])

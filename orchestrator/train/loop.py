@@ -7,7 +7,6 @@ When torch.distributed is initialised (Ray Train does it), metrics are summed ov
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field

@@ -19,13 +19,12 @@ from torch.utils.data import DataLoader
 from ensemble.math import topk_error
 from models import build_model, get_spec
 from orchestrator.config import Data, ResolvedMember
-from orchestrator.data import resident
-from orchestrator.data.dataset import EvalStream, Split, TooManyBadImages, TrainStream, carve_minival, open_split
-from orchestrator.data.resident import Resident
-from orchestrator.errors import UserError
+from orchestrator.data.dataset import Split, TooManyBadImages, carve_minival, open_split
+from orchestrator.data.streams import EvalStream, TrainStream
 from orchestrator.train import augment, batch_augment, confusion, loop, lr, teacher
-from orchestrator.train.resident import ResidentBatches
+from orchestrator.train.resident import hold_resident, resident_batches
 from orchestrator.train.optim import build_optimizer
+from orchestrator.train.prefetch import Prefetcher
 
 
 CHECKPOINT_FILE, PREDICTIONS_FILE, LABELS_FILE = "model.pt", "predictions.npy", "labels.npy"
@@ -113,7 +112,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     ev, eval_tf = eval_transform_of(member)
     workers = member.resources.loader_workers
     plain_from = recipe.epochs - recipe.plain_last_epochs if recipe.plain_last_epochs else None
-    held = hold_resident(member, data, device, said)
+    held = hold_resident(member, data.resident, data.train, device, said)
     if held is not None:
         stream = resident_batches(member, fields, ev, held, device, rank, world, state.epoch, plain_from)
         train_batches = iter(stream)
@@ -189,46 +188,6 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     return model, state
 
 
-def hold_resident(member: ResolvedMember, data: MemberData, device: torch.device, said: dict) -> Resident | None:
-    """The train split decoded on `device` when `data.resident` says so (data/resident.py)."""
-    hold, why = resident_choice(member, data.resident, data.train, device)
-    said["data.placement"] = why
-    if not hold:
-        return None
-    try:
-        return resident.load(data.train, device)
-    except resident.MixedSizes:
-        if data.resident is True:
-            raise
-        said["data.placement"] = "streamed (images of several sizes)"
-        return None
-
-
-def resident_choice(member: ResolvedMember, mode: bool | str, train: Split, device: torch.device) -> tuple[bool, str]:
-    """(hold member's train split decoded on device?, why) for data.resident = mode."""
-    missing = batch_augment.unsupported(member.recipe.augment.fields(), member.recipe.cam_crops is not None)
-    if mode is True and missing:
-        raise UserError(f"member {member.name}: data.resident: true needs augmentations with a batch form; "
-                        f"{', '.join(missing)} have none (valid: resident: auto or false)")
-    return resident.decide(mode, train, device, not missing)
-
-
-def resident_batches(member: ResolvedMember, fields, ev, held: Resident, device, rank: int, world: int,
-                     start_pass: int, plain_from: int | None) -> ResidentBatches:
-    recipe = member.recipe
-
-    def build(f):
-        return batch_augment.BatchAugment(f, member.input_size, ev.mean, ev.std, device, held.bad)
-
-    stream = ResidentBatches(held, build(fields), batch_size=recipe.batch_size, steps=1, seed=member.seed,
-                             rank=rank, world=world, start_pass=start_pass, label_shuffling=recipe.label_shuffling,
-                             plain=build(augment.plain_fields(fields)) if plain_from is not None else None,
-                             plain_from=plain_from)
-    steps = max(stream.samples_per_pass() // world // recipe.batch_size, 1)
-    stream.steps = min(steps, recipe.max_steps_per_epoch or steps)
-    return stream
-
-
 def decode_on_device(member: ResolvedMember, device: torch.device) -> bool:
     """`resources.decode`: gpu (checked at config load), cpu, or auto = gpu when training on
     CUDA and every augmentation field has a batch form (see batch_augment.unsupported)."""
@@ -250,7 +209,7 @@ def device_batches(member: ResolvedMember, fields, ev, stream: TrainStream, devi
         return batch_augment.BatchAugment(f, member.input_size, ev.mean, ev.std, device, stream.bad)
 
     plain = build(augment.plain_fields(fields)) if plain_from is not None else None
-    return batch_augment.Prefetcher(iter(raw), batch_augment.PassAugment(build(fields), plain, plain_from), device)
+    return Prefetcher(iter(raw), batch_augment.PassAugment(build(fields), plain, plain_from), device)
 
 
 def count_bad_images(metrics: dict, seen: dict, train_stream, val_stream, limit: int) -> None:

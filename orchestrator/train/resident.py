@@ -17,8 +17,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from orchestrator.config import ResolvedMember
+from orchestrator.data import resident
+from orchestrator.data.dataset import Split
 from orchestrator.data.resident import Resident
 from orchestrator.data.sampling import epoch_order, rank_part
+from orchestrator.errors import UserError
+from orchestrator.train import augment, batch_augment
 from orchestrator.train.batch_augment import BatchAugment
 
 
@@ -77,3 +82,45 @@ class ResidentBatches:
                 idx = mine[k * self.batch_size:(k + 1) * self.batch_size]
                 yield aug.augment(self.data.images[idx]), self.data.labels[idx]
             p += 1
+
+
+def hold_resident(member: ResolvedMember, mode: bool | str, train: Split, device: torch.device,
+                  said: dict) -> Resident | None:
+    """The train split decoded on `device` when `data.resident` (mode) says so; why goes
+    into `said` (the member's notes)."""
+    hold, why = resident_choice(member, mode, train, device)
+    said["data.placement"] = why
+    if not hold:
+        return None
+    try:
+        return resident.load(train, device)
+    except resident.MixedSizes:
+        if mode is True:
+            raise
+        said["data.placement"] = "streamed (images of several sizes)"
+        return None
+
+
+def resident_choice(member: ResolvedMember, mode: bool | str, train: Split, device: torch.device) -> tuple[bool, str]:
+    """(hold member's train split decoded on device?, why) for data.resident = mode."""
+    missing = batch_augment.unsupported(member.recipe.augment.fields(), member.recipe.cam_crops is not None)
+    if mode is True and missing:
+        raise UserError(f"member {member.name}: data.resident: true needs augmentations with a batch form; "
+                        f"{', '.join(missing)} have none (valid: resident: auto or false)")
+    return resident.decide(mode, train, device, not missing)
+
+
+def resident_batches(member: ResolvedMember, fields, ev, held: Resident, device, rank: int, world: int,
+                     start_pass: int, plain_from: int | None) -> ResidentBatches:
+    recipe = member.recipe
+
+    def build(f):
+        return batch_augment.BatchAugment(f, member.input_size, ev.mean, ev.std, device, held.bad)
+
+    stream = ResidentBatches(held, build(fields), batch_size=recipe.batch_size, steps=1, seed=member.seed,
+                             rank=rank, world=world, start_pass=start_pass, label_shuffling=recipe.label_shuffling,
+                             plain=build(augment.plain_fields(fields)) if plain_from is not None else None,
+                             plain_from=plain_from)
+    steps = max(stream.samples_per_pass() // world // recipe.batch_size, 1)
+    stream.steps = min(steps, recipe.max_steps_per_epoch or steps)
+    return stream

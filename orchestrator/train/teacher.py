@@ -17,6 +17,10 @@ from orchestrator import storage
 from orchestrator.config import Recipe, Teacher
 from orchestrator.errors import UserError, unknown_name
 from orchestrator.runs_file import MemberRecord, RunsFile, load_runs
+from models import load_checkpoint
+from orchestrator.train.cam import CamMaps
+from orchestrator.train.cam import write_cam_maps
+from orchestrator.train.confusion import confusion_prior, smoothing_matrix
 
 
 def find_teacher(teacher: Teacher) -> tuple[RunsFile, MemberRecord]:
@@ -37,8 +41,6 @@ def _check_classes(runs: RunsFile, class_names: list[str], what: str) -> None:
 
 def load_confusion_smoothing(recipe: Recipe, class_names: list[str]) -> torch.Tensor | None:
     """The smoothing matrix S (targets = S[y]) of a recipe with a confusion prior, else None."""
-    from orchestrator.train.confusion import confusion_prior, smoothing_matrix
-
     cp = recipe.confusion_prior
     if cp is None:
         return None
@@ -69,8 +71,6 @@ def load_cam_maps(recipe: Recipe, split, device):
     beside the teacher's weights (`<weights folder>/cam/<split id>/`); every later start,
     resume or other member using the same teacher reads it. A remote teacher's maps are
     fetched once per machine into `$ENSEMBLE_CAM_CACHE` (default ~/.cache/ensemble-cam)."""
-    from orchestrator.train.cam import CamMaps
-
     cc = recipe.cam_crops
     if cc is None:
         return None
@@ -121,9 +121,6 @@ def _fetch(stored: str, local: str) -> bool:
 
 
 def _build_cam_maps(member: MemberRecord, split, device, folder: str):
-    from models import load_checkpoint
-    from orchestrator.train.cam import write_cam_maps
-
     model, _ = load_checkpoint(member.checkpoint)
     ev = member.eval
     return write_cam_maps(folder, model, split.iter_samples(), len(split), ev.input_size, ev.mean, ev.std, device)

@@ -1,27 +1,21 @@
-"""One typed config tree for an ensemble job, loaded from YAML; unknown keys rejected.
+"""The config's schema: typed sections of an ensemble config, unknown keys refused.
 
-    name, data, storage, mlflow, ray          -- where things live
     recipes: {name: Recipe}                   -- optimiser, LR policy, augmentation, epochs
-    defaults: Member fields shared by all members
-    members: [Member]  and/or  grid: {archs x recipes x seeds}
+    defaults / members: Member                -- arch, recipe, seed, input size, Resources
+    data, storage, mlflow, ray, packing       -- where things live and how they run
 
-`load_config` expands `${VAR:-default}` from the environment, validates, and raises a
-one-line `UserError` on the first problem. `resolve_members` turns the config into the
-list of fully specified members, each with a stable key.
+Names are checked against their registries here (LR policies, augmentation presets) so
+a wrong one is refused at load time with the valid choices. `ResolvedMember` is one
+member made whole by `orchestrator/config/load.py`. The search section's schema is in
+`orchestrator/config/search.py`.
 """
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
-import os
-import re
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orchestrator.errors import UserError, unknown_name
+from orchestrator.errors import UserError
 from orchestrator.train import augment, lr
 
 
@@ -229,74 +223,6 @@ class RayOpts(Strict):
     max_failures: int = Field(2, ge=0, description="Ray Train restarts of a member's worker group")
 
 
-SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
-
-
-class Dimension(Strict):
-    """One searched field: exactly one of choice / grid (lists), uniform / loguniform /
-    randint ([low, high], randint inclusive)."""
-
-    choice: list | None = None
-    grid: list | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self):
-        given = [k for k in SPACE_KINDS if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise UserError(f"a search dimension needs exactly one of {', '.join(SPACE_KINDS)}; "
-                            f"got {', '.join(given) or 'none'}")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in SPACE_KINDS if getattr(self, k) is not None)
-
-    @property
-    def values(self) -> list:
-        return list(getattr(self, self.kind))
-
-
-class Asha(Strict):
-    grace_period: int = Field(1, ge=1, description="epochs every trial trains before it can be stopped")
-    reduction_factor: float = Field(3.0, gt=1)
-
-
-class Pbt(Strict):
-    perturbation_interval: int = Field(1, ge=1, description="epochs between exploit/explore steps")
-    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
-    resample_probability: float = Field(0.25, ge=0, le=1)
-    mutate: list[str] | None = None  # searched paths PBT perturbs; default: LR and augmentation fields
-
-
-class Select(Strict):
-    size: int = Field(4, ge=1, description="how many trials become members")
-    metric: Literal["nll", "top1", "top5"] = "nll"  # greedy selection's loss on the selection split
-    selection_fraction: float = Field(0.5, gt=0, lt=1, description="val share used to choose; the rest reports")
-
-
-class Search(Strict):
-    space: dict[str, Dimension] = Field(min_length=1)
-    num_samples: int = Field(8, ge=1, description="samples per base member (x the grid dimensions)")
-    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
-    asha: Asha = Asha()
-    pbt: Pbt = Pbt()
-    algorithm: Literal["random", "optuna"] = "random"
-    metric: Literal["val_top1_err", "val_top5_err", "val_loss"] = "val_top1_err"
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    select: Select = Select()
-
-    @model_validator(mode="after")
-    def _ranges(self):
-        from orchestrator.search.space import check_dimension
-
-        for path, dim in self.space.items():
-            check_dimension(path, dim)
-        return self
-
-
 # K trainers' total images/s over one trainer's on one GPU: ResNet-18 at 32 px on an H200
 # (../shared/docs/BACKGROUND.md); bench/pack_bench.py --out measures a cluster's own
 H200_PACKING_GAINS = {1: 1.0, 2: 2.32, 4: 3.5, 8: 3.44}
@@ -319,27 +245,6 @@ class PackingOpts(Strict):
         return v
 
 
-class EnsembleConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    data: Data
-    storage: Storage = Storage()
-    mlflow: Mlflow = Mlflow()
-    ray: RayOpts = RayOpts()
-    recipes: dict[str, Recipe] = {"default": Recipe()}
-    defaults: Member = Member()
-    members: list[Member] = []
-    grid: Grid | None = None
-    search: Search | None = None  # used by jobs/search.py
-    packing: PackingOpts = PackingOpts()
-    imported_runs: list[str] = Field([], description="runs files whose finished members join as they are")
-
-    @model_validator(mode="after")
-    def _members_present(self):
-        if not self.members and self.grid is None and not self.imported_runs:
-            raise UserError("config has no members: give `members:`, `grid:` or `imported_runs:`")
-        return self
-
-
 class ResolvedMember(BaseModel):
     """Everything needed to train one member, independent of the config file."""
 
@@ -355,164 +260,3 @@ class ResolvedMember(BaseModel):
     weight: float
     resources: Resources
     packing: str | None = None  # why `gpus_per_worker: auto` came out as it did
-
-
-_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
-
-
-def expand_env(text: str) -> str:
-    """`${VAR}` and `${VAR:-default}` from the environment, as in a shell."""
-
-    def sub(m: re.Match) -> str:
-        value = os.environ.get(m.group(1)) or m.group(2)
-        if value is None:
-            raise UserError(f"config uses ${{{m.group(1)}}} but it is not set and has no default")
-        return value
-
-    return _ENV.sub(sub, text)
-
-
-def _format_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    if err["type"] == "extra_forbidden":
-        return f"unknown config key {where!r}"
-    return f"config {where}: {err['msg']}"
-
-
-def parse_config(raw: dict) -> EnsembleConfig:
-    try:
-        return EnsembleConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(_format_error(exc)) from None
-
-
-def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        path = ".".join(["recipe", *(str(p) for p in err["loc"])])
-        what = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        raise UserError(f"{where}: {path}: {what}") from None
-
-
-def load_config(path: str) -> EnsembleConfig:
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(expand_env(f.read()))
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        from orchestrator.runs_file import yaml_problem
-
-        raise UserError(f"config {path} is not valid YAML: {yaml_problem(exc)}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"config {path} must be a mapping of keys, got {type(raw).__name__}")
-    return parse_config(raw)
-
-
-def member_key(name: str, payload: dict) -> str:
-    """Stable key: the member's name plus a hash of everything that affects its training,
-    so an edited recipe trains a new member instead of resuming an incompatible one."""
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{name}-{digest}"
-
-
-def recipe_payload(recipe: Recipe) -> dict:
-    """The recipe as hashed into member keys. Fields added after keys were first issued
-    count only when set, so existing members keep their keys (and resume)."""
-    out = recipe.model_dump()
-    if out["max_steps_per_epoch"] is None:
-        del out["max_steps_per_epoch"]
-    return out
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _merge(defaults: Member, m: Member) -> Member:
-    """Member over defaults over built-ins, field by field in nested sections too: a
-    member's `resources: {workers: 2}` keeps the defaults' `use_gpu`."""
-    return Member.model_validate(_deep_merge(defaults.model_dump(exclude_unset=True), m.model_dump(exclude_unset=True)))
-
-
-LOW_RES_MAX = 64  # px: at or below, a unset low_res means the 32-64 px stem
-
-
-def input_geometry(m: Member, spec) -> tuple[int, bool]:
-    """(input size, low_res) with no silent default: see Member.low_res."""
-    if m.low_res is None:
-        size = m.input_size or spec.eval.input_size
-        return size, size <= LOW_RES_MAX
-    return m.input_size or (spec.low_res_size if m.low_res else spec.eval.input_size), m.low_res
-
-
-def _grid_members(grid: Grid) -> list[Member]:
-    return [Member(arch=a, recipe=r, seed=s) for a, r, s in itertools.product(grid.archs, grid.recipes, grid.seeds)]
-
-
-def _pack(name: str, resources: Resources, opts: PackingOpts) -> tuple[Resources, str | None]:
-    from orchestrator.packing import resolve_auto
-
-    share, decision = resolve_auto(name, resources, opts)
-    return resources.model_copy(update={"gpus_per_worker": share}), decision.reason if decision else None
-
-
-def _check_decode(name: str, recipe: Recipe, resources: Resources) -> None:
-    from orchestrator.train.batch_augment import unsupported
-
-    missing = unsupported(recipe.augment.fields(), recipe.cam_crops is not None)
-    if resources.decode == "gpu" and missing:
-        raise UserError(f"member {name}: decode: gpu cannot apply {', '.join(missing)} (per-image CPU "
-                        f"operations); use decode: cpu or auto, or drop them")
-
-
-def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
-    """Explicit members first, then the grid product; defaults fill unset fields."""
-    from models import get_spec
-
-    out: list[ResolvedMember] = []
-    for m in cfg.members + (_grid_members(cfg.grid) if cfg.grid else []):
-        m = _merge(cfg.defaults, m)
-        if m.arch is None:
-            raise UserError(f"member {m.name or len(out)} has no `arch`")
-        spec = get_spec(m.arch)
-        recipe_name = m.recipe or "default"
-        if recipe_name not in cfg.recipes:
-            raise unknown_name("recipe", recipe_name, cfg.recipes)
-        recipe = cfg.recipes[recipe_name]
-        size, low_res = input_geometry(m, spec)
-        if low_res and size < spec.min_low_res_size:
-            raise UserError(f"{m.arch} needs input_size >= {spec.min_low_res_size} in its low-res form, got {size}")
-        name = m.name or f"{m.arch}-{recipe_name}-s{m.seed}"
-        resources = m.resources or Resources()
-        resources.check(name)
-        _check_decode(name, recipe, resources)
-        resources, packing = _pack(name, resources, cfg.packing)
-        payload = {"arch": m.arch, "recipe": recipe_payload(recipe), "seed": m.seed, "low_res": low_res,
-                   "input_size": size, "workers": resources.workers, "data": cfg.data.key_fields()}
-        out.append(ResolvedMember(key=member_key(name, payload), name=name, arch=m.arch, recipe_name=recipe_name,
-                                  recipe=recipe, seed=m.seed, low_res=low_res, input_size=size,
-                                  weight=m.weight, resources=resources, packing=packing))
-    names = [m.name for m in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UserError(f"member names must be unique; repeated: {', '.join(dupes)}")
-    return out
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params are flat."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

@@ -1,0 +1,200 @@
+"""From a YAML file to members: `load_config` expands `${VAR:-default}` from the
+environment, validates the whole tree (`EnsembleConfig`) and raises a one-line
+`UserError` on the first problem; `resolve_members` turns it into fully specified
+members (defaults merged field by field, input geometry, resources and packing), each
+with a stable key that hashes everything that affects its training.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from models import get_spec
+from orchestrator.config.schema import (Data, Grid, Member, Mlflow, PackingOpts, RayOpts, Recipe, ResolvedMember,
+                                        Resources, Storage, Strict)
+from orchestrator.config.search import Search
+from orchestrator.errors import UserError, unknown_name
+from orchestrator.packing import resolve_auto
+from orchestrator.runs_file import yaml_problem
+from orchestrator.train.batch_augment import unsupported
+
+
+class EnsembleConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data: Data
+    storage: Storage = Storage()
+    mlflow: Mlflow = Mlflow()
+    ray: RayOpts = RayOpts()
+    recipes: dict[str, Recipe] = {"default": Recipe()}
+    defaults: Member = Member()
+    members: list[Member] = []
+    grid: Grid | None = None
+    search: Search | None = None  # used by jobs/search.py
+    packing: PackingOpts = PackingOpts()
+    imported_runs: list[str] = Field([], description="runs files whose finished members join as they are")
+
+    @model_validator(mode="after")
+    def _members_present(self):
+        if not self.members and self.grid is None and not self.imported_runs:
+            raise UserError("config has no members: give `members:`, `grid:` or `imported_runs:`")
+        return self
+
+
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """`${VAR}` and `${VAR:-default}` from the environment, as in a shell."""
+
+    def sub(m: re.Match) -> str:
+        value = os.environ.get(m.group(1)) or m.group(2)
+        if value is None:
+            raise UserError(f"config uses ${{{m.group(1)}}} but it is not set and has no default")
+        return value
+
+    return _ENV.sub(sub, text)
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key {where!r}"
+    return f"config {where}: {err['msg']}"
+
+
+def parse_config(raw: dict) -> EnsembleConfig:
+    try:
+        return EnsembleConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_format_error(exc)) from None
+
+
+def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = ".".join(["recipe", *(str(p) for p in err["loc"])])
+        what = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise UserError(f"{where}: {path}: {what}") from None
+
+
+def load_config(path: str) -> EnsembleConfig:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(expand_env(f.read()))
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config {path} is not valid YAML: {yaml_problem(exc)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path} must be a mapping of keys, got {type(raw).__name__}")
+    return parse_config(raw)
+
+
+def member_key(name: str, payload: dict) -> str:
+    """Stable key: the member's name plus a hash of everything that affects its training,
+    so an edited recipe trains a new member instead of resuming an incompatible one."""
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
+def recipe_payload(recipe: Recipe) -> dict:
+    """The recipe as hashed into member keys. Fields added after keys were first issued
+    count only when set, so existing members keep their keys (and resume)."""
+    out = recipe.model_dump()
+    if out["max_steps_per_epoch"] is None:
+        del out["max_steps_per_epoch"]
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _merge(defaults: Member, m: Member) -> Member:
+    """Member over defaults over built-ins, field by field in nested sections too: a
+    member's `resources: {workers: 2}` keeps the defaults' `use_gpu`."""
+    return Member.model_validate(_deep_merge(defaults.model_dump(exclude_unset=True), m.model_dump(exclude_unset=True)))
+
+
+LOW_RES_MAX = 64  # px: at or below, a unset low_res means the 32-64 px stem
+
+
+def input_geometry(m: Member, spec) -> tuple[int, bool]:
+    """(input size, low_res) with no silent default: see Member.low_res."""
+    if m.low_res is None:
+        size = m.input_size or spec.eval.input_size
+        return size, size <= LOW_RES_MAX
+    return m.input_size or (spec.low_res_size if m.low_res else spec.eval.input_size), m.low_res
+
+
+def _grid_members(grid: Grid) -> list[Member]:
+    return [Member(arch=a, recipe=r, seed=s) for a, r, s in itertools.product(grid.archs, grid.recipes, grid.seeds)]
+
+
+def _pack(name: str, resources: Resources, opts: PackingOpts) -> tuple[Resources, str | None]:
+    share, decision = resolve_auto(name, resources, opts)
+    return resources.model_copy(update={"gpus_per_worker": share}), decision.reason if decision else None
+
+
+def _check_decode(name: str, recipe: Recipe, resources: Resources) -> None:
+    missing = unsupported(recipe.augment.fields(), recipe.cam_crops is not None)
+    if resources.decode == "gpu" and missing:
+        raise UserError(f"member {name}: decode: gpu cannot apply {', '.join(missing)} (per-image CPU "
+                        f"operations); use decode: cpu or auto, or drop them")
+
+
+def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
+    """Explicit members first, then the grid product; defaults fill unset fields."""
+    out: list[ResolvedMember] = []
+    for m in cfg.members + (_grid_members(cfg.grid) if cfg.grid else []):
+        m = _merge(cfg.defaults, m)
+        if m.arch is None:
+            raise UserError(f"member {m.name or len(out)} has no `arch`")
+        spec = get_spec(m.arch)
+        recipe_name = m.recipe or "default"
+        if recipe_name not in cfg.recipes:
+            raise unknown_name("recipe", recipe_name, cfg.recipes)
+        recipe = cfg.recipes[recipe_name]
+        size, low_res = input_geometry(m, spec)
+        if low_res and size < spec.min_low_res_size:
+            raise UserError(f"{m.arch} needs input_size >= {spec.min_low_res_size} in its low-res form, got {size}")
+        name = m.name or f"{m.arch}-{recipe_name}-s{m.seed}"
+        resources = m.resources or Resources()
+        resources.check(name)
+        _check_decode(name, recipe, resources)
+        resources, packing = _pack(name, resources, cfg.packing)
+        payload = {"arch": m.arch, "recipe": recipe_payload(recipe), "seed": m.seed, "low_res": low_res,
+                   "input_size": size, "workers": resources.workers, "data": cfg.data.key_fields()}
+        out.append(ResolvedMember(key=member_key(name, payload), name=name, arch=m.arch, recipe_name=recipe_name,
+                                  recipe=recipe, seed=m.seed, low_res=low_res, input_size=size,
+                                  weight=m.weight, resources=resources, packing=packing))
+    names = [m.name for m in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"member names must be unique; repeated: {', '.join(dupes)}")
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
