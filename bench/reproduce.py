@@ -12,6 +12,8 @@ planner's K for small members). Their predictions and `runs.yaml` go to `--out`;
 `ensemble.evaluate` then scores the ensemble on that runs file (bootstrap intervals, size
 curve), and a plain-PyTorch baseline (`bench/plain_baseline.py`, no platform code) trains
 on the same data in the same run for a side-by-side line. Neither Ray nor MLflow is needed.
+A member whose folder holds its `record.json` (written last) is reused by a later run of
+the same config, as the jobs reuse finished members; delete `--out` to train afresh.
 
 The last line is the figure:
     ensemble top1 T1 top5 T5 best-member top5 B cut X% [lo, hi]
@@ -45,8 +47,13 @@ def train_one(job: dict) -> dict:
     from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE, final_outputs,
                                            open_member_data, train_member)
 
-    torch.set_num_threads(job["threads"])
     member = ResolvedMember.model_validate(job["member"])
+    folder = os.path.join(job["out"], "members", member.key)
+    done = os.path.join(folder, "record.json")
+    if os.path.exists(done):  # trained by an earlier run of the same config: reused, as the jobs do
+        with open(done) as f:
+            return {**json.load(f), "reused": True}
+    torch.set_num_threads(job["threads"])
     data = open_member_data(Data.model_validate(job["data"]))
     device = torch.device(job["device"])
     last: dict = {}
@@ -61,20 +68,23 @@ def train_one(job: dict) -> dict:
     model, state = train_member(member, data, device=device, on_epoch_end=on_epoch_end)
     metrics = last["metrics"]
     files = final_outputs(last["probs"], lambda part: [part], model, member, data, metrics, device)
-    folder = os.path.join(job["out"], "members", member.key)
     os.makedirs(folder, exist_ok=True)
     for name, array in files.items():
         np.save(os.path.join(folder, name), array)
     save_checkpoint(os.path.join(folder, CHECKPOINT_FILE), arch=member.arch, num_classes=data.num_classes,
                     low_res=member.low_res, model=model, epoch=state.epoch)
     ev = get_spec(member.arch).eval_transform(member.low_res, member.input_size)
-    return {"name": member.name, "key": member.key, "arch": member.arch, "eval": ev.to_dict(),
+    record = {"name": member.name, "key": member.key, "arch": member.arch, "eval": ev.to_dict(),
             "low_res": member.low_res, "weight": member.weight, "seed": member.seed, "recipe": member.recipe_name,
             "status": "finished", "checkpoint": os.path.join(folder, CHECKPOINT_FILE),
             "predictions": os.path.join(folder, PREDICTIONS_FILE), "labels": os.path.join(folder, LABELS_FILE),
             "metrics": {"top1_err": metrics["val_top1_err"], "top5_err": metrics["val_top5_err"],
                         "images_per_s": metrics["images_per_s"], "minutes": (time.time() - start) / 60,
                         "epochs": state.epoch, "val_samples": metrics["val_samples"]}}
+    with open(done + ".partial", "w") as f:
+        json.dump(record, f)
+    os.replace(done + ".partial", done)  # written last: a member with a record is complete
+    return record
 
 
 def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:
@@ -147,6 +157,7 @@ def main() -> None:
         records = pool.map(train_one, jobs, chunksize=1)
         baseline = baseline.get() if baseline is not None else None
     trained_min = (time.time() - start) / 60
+    reused = sum(bool(r.pop("reused", False)) for r in records)
     runs = os.path.join(args.out, "runs.yaml")
     write_runs_file(cfg, records, runs)
     report = evaluate(runs, args.out)
@@ -166,8 +177,9 @@ def main() -> None:
                 if same else "")
         print(f"plain PyTorch ResNet-20 (same data and epochs): top-1 {baseline['top1_err']:.4f}, "
               f"top-5 {baseline['top5_err']:.4f}{side}")
-    print(f"members trained in {trained_min:.1f} min; whole run {wall:.1f} min on {device}; best member top-1 "
-          f"{best1:.4f}")
+    again = f" ({reused} of {len(records)} members reused from an earlier run in {args.out})" if reused else ""
+    print(f"members trained in {trained_min:.1f} min{again}; whole run {wall:.1f} min on {device}; "
+          f"best member top-1 {best1:.4f}")
     rel = (lambda x: f"{x / best5:.1%}") if best5 > 0 else (lambda x: "n/a")  # no top-5 errors at all: no cut
     print(f"ensemble top1 {ens['top1_err']:.4f} top5 {ens['top5_err']:.4f} best-member top5 {best5:.4f} "
           f"cut {rel(best5 - ens['top5_err'])} [{rel(lo)}, {rel(hi)}]")
