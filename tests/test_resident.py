@@ -11,7 +11,7 @@ import torch
 
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.data import resident
-from orchestrator.data.dataset import open_split
+from orchestrator.data.dataset import decode_rgb, open_split
 from orchestrator.data.streams import TrainStream
 from orchestrator.errors import UserError
 from orchestrator.train import augment, batch_augment
@@ -61,7 +61,7 @@ def test_with_augmentation_off_a_batch_is_the_per_image_tensor(tiny_root):
     for k in range(4):
         x, y = next(it)
         idx = order[6 * k:6 * k + 6]
-        expected = torch.stack([per_image(resident.decode_rgb(split.records[i].data)) for i in idx])
+        expected = torch.stack([per_image(decode_rgb(split.records[i].data)) for i in idx])
         assert torch.equal(y, held.labels[idx])
         assert torch.allclose(x, expected, atol=1e-5)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orchestrator.data.dataset import BadImages, Split, decode_rgb, try_decode
+from orchestrator.data.dataset import BadImages, Split, try_decode
 from orchestrator.errors import UserError
 
 BUDGET_SHARE = 0.25  # of free device memory (or RAM): the rest is the model's and the loop's
@@ -39,10 +39,14 @@ class Resident:
         return len(self.labels)
 
 
-def first_image_shape(split: Split) -> tuple[int, int]:
-    """(H, W) of the split's first image: the size every image must share."""
-    first = next(iter(split.iter_samples()))
-    return tuple(decode_rgb(first.data).shape[-2:])
+def first_image_shape(split: Split) -> tuple[int, int] | None:
+    """(H, W) of the split's first decodable image: the size every image must share (None
+    when nothing decodes; undecodable images are counted and skipped as in streaming)."""
+    for sample in split.iter_samples():
+        img = try_decode(sample.data, None)
+        if img is not None:
+            return tuple(img.shape[-2:])
+    return None
 
 
 def decoded_bytes(split: Split, shape: tuple[int, int]) -> int:
@@ -65,6 +69,8 @@ def decide(mode: bool | str, split: Split, device: torch.device, batch_form: boo
     if mode is False:
         return False, "streamed (data.resident: false)"
     shape = first_image_shape(split)
+    if shape is None:
+        return False, "streamed (no decodable image)"
     need, budget = decoded_bytes(split, shape), budget_bytes(device)
     size = f"{len(split):,} images of {shape[0]}x{shape[1]} px = {need / 2**20:,.1f} MiB uint8"
     if mode is True:

@@ -12,6 +12,7 @@ carry in its checkpoint.
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -57,11 +58,13 @@ class ResidentBatches:
         self.data, self.augment, self.plain, self.plain_from = data, augment, plain, plain_from
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.rank, self.world, self.start_pass, self.label_shuffling = rank, world, start_pass, label_shuffling
+        self.passes_started = 0
 
     @property
-    def bad(self):
-        """Undecodable images, left out when the split was decoded."""
-        return self.data.bad
+    def bad(self) -> SimpleNamespace:
+        """Undecodable images skipped so far: those left out when the split was decoded,
+        once per pass started (a streamed pass meets and counts them each time too)."""
+        return SimpleNamespace(total=self.data.bad.total * self.passes_started)
 
     def samples_per_pass(self) -> int:
         return len(pass_indices(self.data, self.seed, 0, self.rank, self.world, self.label_shuffling)) * self.world
@@ -74,6 +77,7 @@ class ResidentBatches:
         p = self.start_pass
         device = self.data.images.device
         while True:
+            self.passes_started += 1
             seed_pass(self.seed, p)
             mine = torch.as_tensor(pass_indices(self.data, self.seed, p, self.rank, self.world, self.label_shuffling),
                                    device=device)
