@@ -105,7 +105,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.008, help="AdamW peak LR per 256 images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -115,7 +117,7 @@ def main() -> None:
                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
     val_tf = v2.Compose([v2.Resize(args.size, antialias=True), v2.ToDtype(torch.float32, scale=True),
                          v2.Normalize(MEAN, STD)])
-    model = resnet20(args.classes)
+    model = resnet20(args.classes).to(device)
     lr = args.lr * args.batch / 256
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     steps = args.epochs * (len(x_train) // args.batch)
@@ -125,15 +127,15 @@ def main() -> None:
         order = torch.randperm(len(x_train))
         for k in range(len(x_train) // args.batch):
             idx = order[k * args.batch:(k + 1) * args.batch]
-            xb = torch.stack([train_tf(x_train[i]) for i in idx])
-            loss = F.cross_entropy(model(xb), y_train[idx])
+            xb = torch.stack([train_tf(x_train[i]) for i in idx]).to(device)
+            loss = F.cross_entropy(model(xb), y_train[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(torch.stack([val_tf(img) for img in x_val[i:i + 256]]))
+        logits = torch.cat([model(torch.stack([val_tf(img) for img in x_val[i:i + 256]]).to(device)).cpu()
                             for i in range(0, len(x_val), 256)])
     top5 = logits.topk(5, dim=1).indices
     top1_err = (top5[:, 0] != y_val).float().mean().item()

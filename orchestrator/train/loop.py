@@ -40,13 +40,6 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def topk_correct(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """Number of samples whose label is among the top-k, for each k, by the platform's one
-    rule (ensemble.math: a tie with the true class is not a hit)."""
-    rank = true_class_rank(probs, labels)
-    return [int((rank < k).sum()) for k in ks]
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -149,8 +142,8 @@ def evaluate(model, loader, device, bf16=True, channels_last=False, keep_probs=F
             logits = model(images).float()
         p = logits.softmax(dim=1)
         # scored on the float32 softmax that is stored, so the epoch's figure is the stored rows'
-        c1, c5 = topk_correct(p, labels)
-        correct1, correct5 = correct1 + c1, correct5 + c5
+        rank = true_class_rank(p, labels)  # the platform's one top-k rule (ensemble/math.py)
+        correct1, correct5 = correct1 + int((rank < 1).sum()), correct5 + int((rank < 5).sum())
         nll += float(F.cross_entropy(logits, labels, reduction="sum"))
         n += labels.shape[0]
         if probs is not None:
