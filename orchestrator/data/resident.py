@@ -68,6 +68,8 @@ def decide(mode: bool | str, split: Split, device: torch.device, batch_form: boo
     """(hold the split?, why), for `data.resident` = auto | true | false."""
     if mode is False:
         return False, "streamed (data.resident: false)"
+    if mode == "auto" and not batch_form:  # decided without reading an image
+        return False, "streamed (an augmentation has no batch form)"
     shape = first_image_shape(split)
     if shape is None:
         return False, "streamed (no decodable image)"
@@ -75,8 +77,6 @@ def decide(mode: bool | str, split: Split, device: torch.device, batch_form: boo
     size = f"{len(split):,} images of {shape[0]}x{shape[1]} px = {need / 2**20:,.1f} MiB uint8"
     if mode is True:
         return True, f"resident on {device.type} ({size})"
-    if not batch_form:
-        return False, "streamed (an augmentation has no batch form)"
     if budget is None:
         return True, f"resident on cuda if within {BUDGET_SHARE:.0%} of its free memory ({size})"
     if need > budget:
@@ -84,15 +84,14 @@ def decide(mode: bool | str, split: Split, device: torch.device, batch_form: boo
     return True, f"resident on {device.type} ({size})"
 
 
-def load(split: Split, device: torch.device, progress=None) -> Resident:
-    """Decode every image of `split` once, in dataset order, into one uint8 array.
-    `progress(done, total)` is called now and then (decoding 100k images takes a minute)."""
+def load(split: Split, device: torch.device) -> Resident:
+    """Decode every image of `split` once, in dataset order, into one uint8 array."""
     shape = first_image_shape(split)
     n = len(split)
     images = torch.empty((n, 3, *shape), dtype=torch.uint8)
     labels = np.empty(n, dtype=np.int64)
     bad, kept = BadImages(), 0
-    for i, s in enumerate(split.iter_samples()):
+    for s in split.iter_samples():
         img = try_decode(s.data, bad)
         if img is None:
             continue
@@ -101,6 +100,4 @@ def load(split: Split, device: torch.device, progress=None) -> Resident:
                             f"the first {shape[0]}x{shape[1]} (valid choices: resident: auto or false)")
         images[kept], labels[kept] = img, s.label
         kept += 1
-        if progress is not None and (i + 1) % 10_000 == 0:
-            progress(i + 1, n)
     return Resident(images[:kept].to(device), torch.from_numpy(labels[:kept]).to(device), bad)

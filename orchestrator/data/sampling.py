@@ -23,6 +23,12 @@ from typing import Sequence
 import numpy as np
 
 
+def pass_seed(seed: int, p: int) -> int:
+    """The seed of pass p of a member seeded `seed`: its order, its shard order and, in the
+    resident mode, every draw of the pass."""
+    return seed * 1_000_003 + p
+
+
 def label_shuffled_order(labels: Sequence[int], seed: int) -> list[int]:
     """Sample indices of one epoch: exactly N per class (N = largest class), each class's
     samples used floor(N/n) or ceil(N/n) times, globally shuffled."""

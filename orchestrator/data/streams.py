@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from orchestrator.data.dataset import BadImages, Split, _read, try_decode
-from orchestrator.data.sampling import epoch_length, epoch_order, rank_part, streamed_copies
+from orchestrator.data.sampling import epoch_length, epoch_order, pass_seed, rank_part, streamed_copies
 from orchestrator.data.sources import Sample
 
 
@@ -90,19 +90,19 @@ class TrainStream(IterableDataset):
                         yield Sample(s.key, data, s.label)
 
     def _one_pass(self, p: int, slot: int, nslots: int) -> Iterator[Sample]:
-        pass_seed = self.seed * 1_000_003 + p
+        seed = pass_seed(self.seed, p)
         if self.split.records is not None:
-            mine = rank_part(epoch_order(self.split.labels, pass_seed, self.label_shuffling), self.rank, self.world)
+            mine = rank_part(epoch_order(self.split.labels, seed, self.label_shuffling), self.rank, self.world)
             for i in mine[slot::nslots]:
                 yield self.split.records[i]
             return
-        rng = random.Random(pass_seed)
+        rng = random.Random(seed)
         urls = self.split.urls()
         rng.shuffle(urls)
         total = self.world * nslots
         me = self.rank * nslots + slot
         if self.label_shuffling:
-            stream = self._streamed_shuffled(urls, rng, pass_seed, slot, nslots)
+            stream = self._streamed_shuffled(urls, rng, seed, slot, nslots)
         elif len(urls) >= total:  # shard-level split: each shard read by one slot only
             stream = self.split.iter_samples(urls[me::total])
         else:  # fewer shards than readers: sample-level split

@@ -276,7 +276,9 @@ class PassAugment:
     def __init__(self, main: BatchAugment, plain: BatchAugment | None = None, plain_from_pass: int | None = None):
         self.main, self.plain, self.plain_from_pass = main, plain, plain_from_pass
 
+    def for_pass(self, p: int) -> BatchAugment:
+        plain = self.plain is not None and self.plain_from_pass is not None and p >= self.plain_from_pass
+        return self.plain if plain else self.main
+
     def __call__(self, data, lengths, labels, passes):
-        encoded = split_encoded(data, lengths)
-        plain = self.plain is not None and self.plain_from_pass is not None and int(passes[0]) >= self.plain_from_pass
-        return (self.plain if plain else self.main)(encoded, labels)
+        return self.for_pass(int(passes[0]))(split_encoded(data, lengths), labels)

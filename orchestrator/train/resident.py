@@ -22,15 +22,10 @@ from orchestrator.config import ResolvedMember
 from orchestrator.data import resident
 from orchestrator.data.dataset import Split
 from orchestrator.data.resident import Resident
-from orchestrator.data.sampling import epoch_order, rank_part
+from orchestrator.data.sampling import epoch_length, epoch_order, pass_seed, rank_part
 from orchestrator.errors import UserError
 from orchestrator.train import augment, batch_augment
 from orchestrator.train.batch_augment import BatchAugment
-
-
-def pass_seed(seed: int, p: int) -> int:
-    """The seed of pass p (the streaming path's TrainStream uses the same)."""
-    return seed * 1_000_003 + p
 
 
 def seed_pass(seed: int, p: int) -> None:
@@ -55,7 +50,7 @@ class ResidentBatches:
     def __init__(self, data: Resident, augment: BatchAugment, *, batch_size: int, steps: int, seed: int,
                  rank: int = 0, world: int = 1, start_pass: int = 0, label_shuffling: bool = False,
                  plain: BatchAugment | None = None, plain_from: int | None = None):
-        self.data, self.augment, self.plain, self.plain_from = data, augment, plain, plain_from
+        self.data, self.passes = data, batch_augment.PassAugment(augment, plain, plain_from)
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.rank, self.world, self.start_pass, self.label_shuffling = rank, world, start_pass, label_shuffling
         self.passes_started = 0
@@ -67,11 +62,9 @@ class ResidentBatches:
         return SimpleNamespace(total=self.data.bad.total * self.passes_started)
 
     def samples_per_pass(self) -> int:
-        return len(pass_indices(self.data, self.seed, 0, self.rank, self.world, self.label_shuffling)) * self.world
-
-    def _augment_for(self, p: int) -> BatchAugment:
-        plain = self.plain is not None and self.plain_from is not None and p >= self.plain_from
-        return self.plain if plain else self.augment
+        """Over all ranks: the pass's length less what `rank_part` drops for equal parts."""
+        n = epoch_length(self.data.labels.cpu().numpy(), self.label_shuffling)
+        return n // self.world * self.world
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         p = self.start_pass
@@ -81,7 +74,7 @@ class ResidentBatches:
             seed_pass(self.seed, p)
             mine = torch.as_tensor(pass_indices(self.data, self.seed, p, self.rank, self.world, self.label_shuffling),
                                    device=device)
-            aug = self._augment_for(p)
+            aug = self.passes.for_pass(p)
             for k in range(self.steps):
                 idx = mine[k * self.batch_size:(k + 1) * self.batch_size]
                 yield aug.augment(self.data.images[idx]), self.data.labels[idx]
