@@ -129,6 +129,8 @@ def main() -> None:
     p.add_argument("--out", default="outputs/reproduce", help="members, runs.yaml and the report (default %(default)s)")
     p.add_argument("--pack", type=int, help="members trained at once (default: CPU cores; 4 on a GPU)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-PyTorch baseline")
+    p.add_argument("--epochs", type=int, help="a quick look: every recipe trains this many epochs")
+    p.add_argument("--members", type=int, help="a quick look: only the first N members")
     args = p.parse_args()
 
     import torch
@@ -137,7 +139,10 @@ def main() -> None:
 
     path = args.config or str(SIZES["gpu" if args.gpu else "cpu"])
     cfg = load_config(path)
-    members = resolve_members(cfg)
+    if args.epochs:
+        cfg = cfg.model_copy(update={"recipes": {k: r.model_copy(update={"epochs": args.epochs})
+                                                 for k, r in cfg.recipes.items()}})
+    members = resolve_members(cfg)[:args.members]
     gpu = args.gpu or any(m.resources.use_gpu for m in members)
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     cores = os.cpu_count() or 1

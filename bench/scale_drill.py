@@ -105,20 +105,24 @@ def shuffled_pass(train, ranks: int, loaders: int) -> tuple[np.ndarray, list[int
     return per_class, per_rank, count.bytes
 
 
-def cam_build(train, n: int) -> tuple[float, int]:
-    """(images/s, bytes per image) of building a teacher's CAM file over n train images."""
+def cam_build(train, n: int, workers: int = 2) -> tuple[float, int]:
+    """(images/s, bytes per image) of building a teacher's CAM file over the first n train
+    images (rounded down to whole batches), decoded by `workers` loader processes as a
+    member's build does (`cam_batches`)."""
     import itertools
 
     import torch
 
     from models import build_model
-    from orchestrator.train.cam import write_cam_maps
+    from orchestrator.train.cam import cam_batches, write_cam_maps
 
     teacher = build_model("resnet18", num_classes=train.num_classes, low_res=True)
+    batch = 128
+    n = max(batch, n // batch * batch)
+    batches = cam_batches(train, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), workers, batch)
     with tempfile.TemporaryDirectory() as folder:
         start = time.time()
-        maps = write_cam_maps(folder, teacher, itertools.islice(train.iter_samples(), n), n, 32,
-                              (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.device("cpu"))
+        maps = write_cam_maps(folder, teacher, itertools.islice(batches, n // batch), n, torch.device("cpu"))
         rate = n / (time.time() - start)
         return rate, int(maps.maps[0].nbytes)
 

@@ -152,3 +152,40 @@ def test_the_bounded_run_measures_the_trainer_and_its_loaders(shaped):
     got = measured_run(shaped, 5)
     assert got["steps"] == 5 and got["loaders"] >= 2  # training and held-out loader processes were seen
     assert 100 < got["loader_mb"] < got["trainer_mb"] < 4000
+
+
+def test_cam_maps_are_built_in_one_pass_by_the_loaders_each_reading_its_own_shards(shaped, tmp_path, monkeypatch):
+    import torch
+
+    from bench.scale_drill import ReadCounter
+    from models import build_model
+    from orchestrator.data import streams
+    from orchestrator.train.cam import cam_batches, cam_input, write_cam_maps
+
+    split = open_split(shaped, "val")  # 1,000 images in 64+ shards: any split a teacher maps
+    size = sum(s.bytes for s in split.manifest.shards("val"))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    # four loader slots between them read each shard once and yield each sample once
+    keys = []
+    with ReadCounter(split) as count:
+        for me in range(4):
+            monkeypatch.setattr(streams, "_slots", lambda me=me: (me, 4))
+            keys += [key for key, _, _ in streams.KeyedStream(split, cam_input(32, mean, std))]
+    monkeypatch.undo()
+    assert count.bytes == size
+    assert sorted(keys) == sorted(s.key for s in split.iter_samples())
+
+    # built by 2 real loader processes, the maps are those of an in-process build, per key
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", num_classes=1000, low_res=True).eval()
+    cpu = torch.device("cpu")
+    alone = write_cam_maps(str(tmp_path / "a"), teacher, cam_batches(split, 32, mean, std, 0, 100), len(split), cpu)
+    loaders = write_cam_maps(str(tmp_path / "b"), teacher, cam_batches(split, 32, mean, std, 2, 100), len(split), cpu)
+    assert list(alone) == list(loaders) == sorted(keys)
+    assert loaders.maps.shape == (1000, 4, 4) and loaders.maps.dtype == np.float16
+    for key in keys[::97]:
+        assert torch.allclose(alone.get(key).float(), loaders.get(key).float(), atol=2e-3)
+        assert abs(float(loaders.get(key).float().sum()) - 1.0) < 0.02  # a distribution over the image
+    with pytest.raises(RuntimeError, match="expected"):  # a miscount is refused, not half-written
+        write_cam_maps(str(tmp_path / "c"), teacher, cam_batches(split, 32, mean, std, 0, 100), 999, cpu)
+    assert not (tmp_path / "c" / "maps.npy").exists()

@@ -155,3 +155,28 @@ class EvalStream(IterableDataset):
                 # still scored (as a blank grey image), so every index keeps its row; counted
                 img = torch.full((3, 64, 64), 128, dtype=torch.uint8)
             yield index, self.transform(img), s.label
+
+
+class KeyedStream(IterableDataset):
+    """Every sample of a split once, as (key, image, label), for one-pass jobs over a
+    training split (a teacher's CAM build): a streamed split's shards are divided among
+    the loader workers (shard k to worker k mod workers, each shard read once), an
+    in-memory one by position. Arrival order differs from dataset order; the key says
+    which sample each row is. An undecodable image comes as a grey one (counted in `bad`);
+    training skips it anyway."""
+
+    def __init__(self, split: Split, transform):
+        self.split, self.transform = split, transform
+        self.bad = BadImages()
+
+    def __iter__(self):
+        slot, nslots = _slots()
+        if self.split.records is not None:
+            samples = self.split.iter_samples(keep=lambda i: i % nslots == slot)
+        else:
+            samples = self.split.iter_samples(urls=self.split.urls()[slot::nslots])
+        for s in samples:
+            img = try_decode(s.data, self.bad)
+            if img is None:
+                img = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+            yield s.key, self.transform(img), s.label

@@ -9,14 +9,17 @@ map = sum_k w[y, k] * F_k(x, y) over the last feature maps F and the classifier 
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from orchestrator.errors import UserError
-from orchestrator.data.dataset import decode_rgb
+from orchestrator.data.streams import KeyedStream
 
 
 def _feature_hook(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -111,37 +114,18 @@ class CamGuidedCrop:
                                           interpolation=self.interpolation, antialias=True)
 
 
-@torch.no_grad()
-def compute_maps(teacher: nn.Module, samples, input_size: int, mean, std, device, batch_size: int = 128,
-                 decode=None, sink=None) -> dict[str, torch.Tensor]:
-    """{sample key: float16 CAM} over `samples` (objects with .key, .data, .label); with
-    `sink(keys, maps)` each batch goes there instead and nothing is kept. The whole image
-    is resized to the teacher's input (no centre crop), so the map covers it."""
-    decode = decode or decode_rgb
-    prep = v2.Compose([v2.Resize((input_size, input_size), antialias=True), v2.ToDtype(torch.float32, scale=True),
+def cam_input(input_size: int, mean, std):
+    """The teacher's view of a sample for its CAM: the whole image resized to the
+    teacher's input (no centre crop), so the map covers all of it."""
+    return v2.Compose([v2.Resize((input_size, input_size), antialias=True), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(mean, std)])
-    teacher = teacher.to(device).eval()
-    maps: dict[str, torch.Tensor] = {}
-    batch: list = []
 
-    def flush():
-        images = torch.stack([prep(decode(s.data)) for s in batch]).to(device)
-        labels = torch.tensor([s.label for s in batch], device=device)
-        cams = class_activation_maps(teacher, images, labels).to(torch.float16).cpu()
-        if sink is not None:
-            sink([s.key for s in batch], cams)
-        else:
-            for s, m in zip(batch, cams):
-                maps[s.key] = m
-        batch.clear()
 
-    for s in samples:
-        batch.append(s)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    return maps
+def cam_batches(split, input_size: int, mean, std, workers: int, batch_size: int = 128) -> DataLoader:
+    """(keys, images, labels) batches of every sample of `split` once, decoded and resized by
+    `workers` loader processes, each reading its own shards (`KeyedStream`)."""
+    return DataLoader(KeyedStream(split, cam_input(input_size, mean, std)), batch_size=batch_size,
+                      num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 class CamMaps:
@@ -151,8 +135,6 @@ class CamMaps:
     holding a dict of tensors each (about 0.9 GB per process at 1.28M images)."""
 
     def __init__(self, folder: str):
-        import numpy as np
-
         self.folder = folder
         self.maps = np.load(f"{folder}/maps.npy", mmap_mode="r")
         self.keys = np.load(f"{folder}/keys.npy", mmap_mode="r")  # sorted, fixed-width bytes
@@ -165,8 +147,6 @@ class CamMaps:
         return (k.decode() for k in self.keys)
 
     def get(self, key: str) -> torch.Tensor | None:
-        import numpy as np
-
         k = key.encode()
         i = int(np.searchsorted(self.keys, k))
         if i == len(self.keys) or self.keys[i] != k:
@@ -177,28 +157,25 @@ class CamMaps:
         return (self.get(k) for k in self)
 
 
-def write_cam_maps(folder: str, teacher: nn.Module, samples, count: int, input_size: int, mean, std, device,
-                   batch_size: int = 128) -> CamMaps:
-    """Compute the CAMs of `count` samples in one pass straight into `folder`'s files
-    (maps written as they are computed, not held), then open them as `CamMaps`. Written
-    under a temporary name and renamed, so a reader never sees half a file."""
-    import os
-
-    import numpy as np
-
+@torch.no_grad()
+def write_cam_maps(folder: str, teacher: nn.Module, batches, count: int, device) -> CamMaps:
+    """Compute the CAMs of `count` samples in one pass over `batches` ((keys, images,
+    labels), as `cam_batches` makes them) straight into `folder`'s files (maps written as
+    they are computed, not held), then open them as `CamMaps`. Written under a temporary
+    name and renamed, so a reader never sees half a file."""
     os.makedirs(folder, exist_ok=True)
     tmp = f"{folder}/maps.partial.npy"
     out, keys, row = None, [], 0
-
-    def sink(batch_keys, batch_maps):
-        nonlocal out, row
+    teacher = teacher.to(device).eval()
+    for batch_keys, images, labels in batches:
+        cams = class_activation_maps(teacher, images.to(device), labels.to(device)).to(torch.float16).cpu()
         if out is None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(count, *batch_maps.shape[1:]))
-        out[row:row + len(batch_keys)] = batch_maps.numpy()
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(count, *cams.shape[1:]))
+        if row + len(batch_keys) > count:
+            raise RuntimeError(f"CAM maps: more than the {count} samples expected (a shard read twice?)")
+        out[row:row + len(batch_keys)] = cams.numpy()
         keys.extend(batch_keys)
         row += len(batch_keys)
-
-    compute_maps(teacher, samples, input_size, mean, std, device, batch_size, sink=sink)
     if row != count:
         raise RuntimeError(f"CAM maps: {row} samples computed, {count} expected")
     out.flush()

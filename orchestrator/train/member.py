@@ -122,7 +122,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
         train_batches = device_batches(member, fields, ev, stream, device, plain_from)
     else:
         started = time.perf_counter()
-        cam_maps = teacher.load_cam_maps(recipe, data.train, device)
+        cam_maps = teacher.load_cam_maps(recipe, data.train, device, workers)
         if cam_maps is not None:
             said["hikvision.cam_crops"] = (f"CAM maps from teacher {recipe.cam_crops.teacher.member}: "
                                            f"{len(cam_maps)} images in {time.perf_counter() - started:.1f} s, "

@@ -18,8 +18,7 @@ from orchestrator.config import Recipe, Teacher
 from orchestrator.errors import UserError, unknown_name
 from orchestrator.runs_file import MemberRecord, RunsFile, load_runs
 from models import load_checkpoint
-from orchestrator.train.cam import CamMaps
-from orchestrator.train.cam import write_cam_maps
+from orchestrator.train.cam import CamMaps, cam_batches, write_cam_maps
 from orchestrator.train.confusion import confusion_prior, smoothing_matrix
 
 
@@ -65,12 +64,14 @@ def confusion_source(runs: RunsFile, member: MemberRecord, where: str):
     return storage.read_npy(member.predictions), storage.read_npy(runs.dataset.labels)
 
 
-def load_cam_maps(recipe: Recipe, split, device):
+def load_cam_maps(recipe: Recipe, split, device, workers: int = 0):
     """The CAM of each train sample's true class from the recipe's CAM teacher (a `CamMaps`:
     key -> map, memory-mapped), else None. Computed once per teacher and split and stored
     beside the teacher's weights (`<weights folder>/cam/<split id>/`); every later start,
     resume or other member using the same teacher reads it. A remote teacher's maps are
-    fetched once per machine into `$ENSEMBLE_CAM_CACHE` (default ~/.cache/ensemble-cam)."""
+    fetched once per machine into `$ENSEMBLE_CAM_CACHE` (default ~/.cache/ensemble-cam).
+    The build is one pass with the member's loaders: `workers` processes decode, each
+    reading its own shards, while the teacher runs on `device`."""
     cc = recipe.cam_crops
     if cc is None:
         return None
@@ -87,7 +88,7 @@ def load_cam_maps(recipe: Recipe, split, device):
         return CamMaps(local)
     if storage.is_remote(stored) and _fetch(stored, local):
         return CamMaps(local)
-    maps = _build_cam_maps(member, split, device, local)
+    maps = _build_cam_maps(member, split, device, local, workers)
     if storage.is_remote(stored):
         _upload(local, stored)
     return maps
@@ -120,7 +121,8 @@ def _fetch(stored: str, local: str) -> bool:
     return True
 
 
-def _build_cam_maps(member: MemberRecord, split, device, folder: str):
+def _build_cam_maps(member: MemberRecord, split, device, folder: str, workers: int):
     model, _ = load_checkpoint(member.checkpoint)
     ev = member.eval
-    return write_cam_maps(folder, model, split.iter_samples(), len(split), ev.input_size, ev.mean, ev.std, device)
+    return write_cam_maps(folder, model, cam_batches(split, ev.input_size, ev.mean, ev.std, workers), len(split),
+                          device)
