@@ -14,7 +14,10 @@
 #      (bench/compare_runs.py; within 0.002 error on a GPU, bitwise on a CPU);
 #   3. resident mode vs synthetic tensors on the device (bench/resident_bench.py);
 #   4. packing: 1 and 4 low-res ResNet-18 trainers, platform loop vs a plain loop
-#      (bench/pack_bench.py --plain).
+#      (bench/pack_bench.py --plain);
+#   5. bounded decode: peak GPU memory of a batch with one 4000 x 3000 JPEG against
+#      the same batch without it (bench/decode_memory.py).
+# About 8 minutes on one H200 (the reproduce step at most 6; a device call may run 10).
 # Figures go to $OUT (the device call's folder) or outputs/gpu-reproduce: the whole log,
 # summary.txt (each step's last lines), report.json, runs.yaml, packing.json and the plots.
 set -euo pipefail
@@ -49,11 +52,13 @@ SUMMARY=$RESULTS/summary.txt
 if [ "$MODE" = gpu ]; then
   SIZE=(--gpu) TOL=(--tolerance 0.002)
   RESIDENT=(--arch resnet18 --size 64 --batch 256 --classes 200 --per-class 100 --steps 20 --rounds 5)
-  PACK=(--k 1 4 --batch 256 --seconds 10)
+  PACK=(--k 1 4 --batch 256 --seconds 5)
+  DECODE=(--batch 256 --size 224)
 else
   SIZE=(--config configs/reproduce/smoke.yaml) TOL=()
   RESIDENT=(--arch resnet20 --size 32 --batch 16 --classes 10 --per-class 20 --steps 2 --rounds 2 --device cpu)
   PACK=(--k 1 2 --batch 4 --size 16 --seconds 1 --warmup 1)
+  DECODE=(--batch 8 --size 32 --device cpu)
 fi
 
 step() {  # step NAME CMD...: run, log, keep its last lines in the summary
@@ -75,6 +80,9 @@ step() {  # step NAME CMD...: run, log, keep its last lines in the summary
   "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'cuda', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
   step reproduce "$PY" bench/reproduce.py "${SIZE[@]}" --out "$WORK/reproduce"
+  for f in report.json runs.yaml report/size_curve.png report/members.png; do  # kept now: the main figure
+    if [ -f "$WORK/reproduce/$f" ]; then cp "$WORK/reproduce/$f" "$RESULTS/"; fi
+  done
   for run in a b; do
     step "repeat-$run" "$PY" bench/reproduce.py "${SIZE[@]}" --epochs 1 --members 2 --no-baseline \
       --out "$WORK/repeat-$run"
@@ -82,11 +90,8 @@ step() {  # step NAME CMD...: run, log, keep its last lines in the summary
   step reproducible "$PY" bench/compare_runs.py "$WORK/repeat-a/runs.yaml" "$WORK/repeat-b/runs.yaml" "${TOL[@]}"
   step resident "$PY" bench/resident_bench.py --data "$DATA_ROOT/tiny-imagenet-200" "${RESIDENT[@]}"
   step packing "$PY" bench/pack_bench.py "${PACK[@]}" --plain --out "$RESULTS/packing.json"
+  step decode "$PY" bench/decode_memory.py "${DECODE[@]}"
 } 2>&1 | tee "$LOG"
-
-for f in report.json runs.yaml report/size_curve.png report/members.png; do
-  [ -f "$WORK/reproduce/$f" ] && cp "$WORK/reproduce/$f" "$RESULTS/"
-done
 rm -rf "$WORK"
 echo "figures in $RESULTS:"
 cat "$SUMMARY"

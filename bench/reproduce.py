@@ -88,13 +88,32 @@ def train_one(job: dict) -> dict:
 
 
 def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:
-    """bench/plain_baseline.py on the config's subset, in its own process."""
+    """bench/plain_baseline.py on the config's subset, in its own process: as many train
+    images per class as the members train on (a minival carved from them is not trained on)."""
     d = cfg.data
+    per_class = d.train_per_class - (d.minival or 0) if d.train_per_class else 500  # Tiny-ImageNet's all
     cmd = [sys.executable, str(ROOT / "bench" / "plain_baseline.py"), "--root", d.root, "--classes", str(d.classes),
-           "--train-per-class", str(d.train_per_class), "--val-per-class", str(d.val_per_class or 50),
+           "--train-per-class", str(per_class), "--val-per-class", str(d.val_per_class or 50),
            "--epochs", str(epochs), "--size", str(size), "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gpu_estimate(cfg, members) -> str:
+    """The planner's rate model (orchestrator/cluster.py, fitted on one H200): seconds of
+    the GPU alone for every member back to back; packing K at once lowers it."""
+    from orchestrator.cluster import Cluster, NodeType, estimated_rate
+    from orchestrator.data.manifest import load_manifest
+
+    classes = cfg.data.classes
+    n = len(classes) if isinstance(classes, list) else classes or load_manifest(cfg.data.root).num_classes
+    samples = n * cfg.data.train_per_class if cfg.data.train_per_class else None
+    if samples is None:
+        return "no GPU-time estimate (data.train_per_class unset)"
+    one = Cluster(name="one H200", nodes=[NodeType(name="gpu", count=1, cpus=16, gpus=1)])
+    seconds = [m.recipe.epochs * samples / estimated_rate(m, one, n) for m in members]
+    return (f"the planner's estimate for one H200: {sum(seconds):.0f} s of GPU time with the members back to back "
+            f"(largest {max(seconds):.0f} s), before packing")
 
 
 def write_runs_file(cfg, records: list[dict], path: str) -> None:
@@ -151,6 +170,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     print(f"{cfg.name}: {len(members)} members on {device}, {pack} at once ({threads} CPU threads each); "
           f"data {cfg.data.root} ({cfg.data.classes} classes, {cfg.data.train_per_class} train per class)", flush=True)
+    if device == "cuda":
+        print(gpu_estimate(cfg, members), flush=True)
     start = time.time()
     jobs = [{"member": m.model_dump(), "data": cfg.data.model_dump(), "out": os.path.abspath(args.out),
              "threads": threads, "device": device} for m in members]

@@ -240,7 +240,8 @@ def main() -> None:
               f"read {train_read / train_size:.3f} x the train split")
         former = former_pass(val, slots)
         cam_rate, cam_bytes = cam_build(train, args.cam_images)
-        print(f"CAM maps of {args.cam_images:,} train images (a low-res ResNet-18 teacher at 32 px, CPU): "
+        print(f"CAM maps of {args.cam_images:,} train images (a low-res ResNet-18 teacher at 32 px, CPU, "
+              f"2 loader processes decoding): "
               f"{cam_rate:.0f} images/s, {cam_bytes:,} bytes each; for all {len(train):,}: "
               f"{len(train) * cam_bytes / 1e9:.2f} GB float16, {len(train) / cam_rate / 3600:.1f} h on this machine")
         print(f"peak RSS of this process over the drill: {peak_rss_mb():.0f} MB")

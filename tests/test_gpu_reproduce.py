@@ -59,12 +59,13 @@ def test_gpu_call_runs_every_step_in_a_bare_python(tiny_root, tmp_path):
                          text=True, timeout=840)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (results / "summary.txt").read_text()
-    for name in ("reproduce", "repeat-a", "repeat-b", "reproducible", "resident", "packing"):
+    for name in ("reproduce", "repeat-a", "repeat-b", "reproducible", "resident", "packing", "decode"):
         assert f"({name}: exit 0," in summary, summary
     assert re.search(r"ensemble top1 [\d.]+ top5 [\d.]+ best-member top5 [\d.]+ cut", summary), summary
     assert "reproducible: yes (2 members, bitwise equal)" in summary
     assert re.search(r"resident / synthetic: [\d.]+", summary)
     assert re.search(r"platform / plain [\d.]+", summary)
+    assert re.search(r"huge / plain peak memory: [\d.]+", summary)
     assert json.loads((results / "report.json").read_text())["dataset"]["samples"] == 100
     assert set(json.loads((results / "packing.json").read_text())["platform_over_plain"]) == {"1", "2"}
     assert (results / "size_curve.png").stat().st_size > 0
