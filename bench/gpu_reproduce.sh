@@ -8,8 +8,9 @@
 #   bash bench/gpu_reproduce.sh --smoke  # here: the same steps at toy size on the CPU
 #
 # Steps, each a ratio or figure measured in this one run:
-#   1. bench/reproduce.py --gpu: 12 members of 4 families on the 4-shard subset, packed on
-#      the GPU, evaluated on all 10,000 val images, beside a plain-PyTorch baseline;
+#   1. bench/reproduce.py --gpu --tta flip: 12 members of 4 families on the 4-shard subset,
+#      packed on the GPU, scored with flip TTA (the reference's protocol) on all 10,000 val
+#      images, beside a plain-PyTorch baseline;
 #   2. reproducibility: the first 2 members for 1 epoch, trained twice, compared
 #      (bench/compare_runs.py; within 0.002 error on a GPU, bitwise on a CPU);
 #   3. resident mode vs synthetic tensors on the device (bench/resident_bench.py);
@@ -79,7 +80,7 @@ step() {  # step NAME CMD...: run, log, keep its last lines in the summary
   nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'cuda', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
-  step reproduce "$PY" bench/reproduce.py "${SIZE[@]}" --out "$WORK/reproduce"
+  step reproduce "$PY" bench/reproduce.py "${SIZE[@]}" --tta flip --out "$WORK/reproduce"
   for f in report.json runs.yaml report/size_curve.png report/members.png; do  # kept now: the main figure
     if [ -f "$WORK/reproduce/$f" ]; then cp "$WORK/reproduce/$f" "$RESULTS/"; fi
   done

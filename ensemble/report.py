@@ -131,7 +131,7 @@ def plot_size_curve(path: str, report: dict) -> None:
 
 def plot_members(path: str, report: dict) -> None:
     """Members and, set apart on the right, the ensemble: top-1 and top-5 error with the
-    value on each bar; the legend sits below the axes, where it covers nothing."""
+    value on each bar; the legend sits above the axes, where it covers nothing."""
     members, e = report["members"], report["ensemble"]
     names = [m["name"] for m in members] + ["ensemble"]
     x = [float(i) for i in range(len(members))] + [len(members) + 0.6]  # a gap before the ensemble
@@ -146,8 +146,10 @@ def plot_members(path: str, report: dict) -> None:
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
     ax.get_xticklabels()[-1].set_fontweight("bold")
     ax.set_ylim(0, min(1.0, max(max(m["top1_err"] for m in members), e["top1_err"]) * 1.25 + 0.02))
-    ax.set(ylabel="error", title="members and their ensemble")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, fontsize=8)
+    ax.set_ylabel("error")
+    ax.set_title("members and their ensemble", loc="left")
+    # above the axes, right of the title: below them it would meet long rotated member names
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -143,3 +143,22 @@ def test_failed_members_are_skipped_with_a_warning(tmp_path, capsys):
     report, _ = run(path, tmp_path)
     assert [m["name"] for m in report["members"]] == ["m0", "m1", "m2"]
     assert "skipping member diverged: status failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count", [2, 12])
+def test_the_members_plot_legend_covers_no_bar_name_or_title(tmp_path, monkeypatch, count):
+    from ensemble import report as rep
+
+    figures = []
+    monkeypatch.setattr(rep.plt, "close", figures.append)  # keep the figure to measure it
+    members = [{"name": f"resnet20-adamw-crops-s{i}-long-name", "top1_err": 0.85, "top5_err": 0.6}
+               for i in range(count)]
+    rep.plot_members(str(tmp_path / "m.png"), {"members": members, "ensemble": {"top1_err": 0.8, "top5_err": 0.55}})
+    fig = figures[0]
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(r)
+    others = ([t.get_window_extent(r) for t in ax.get_xticklabels()] + [p.get_window_extent(r) for p in ax.patches]
+              + [ax.title.get_window_extent(r)])
+    assert not any(legend.overlaps(box) for box in others)
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1 and legend.y1 <= fig.bbox.y1  # in the image
