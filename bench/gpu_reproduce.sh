@@ -18,7 +18,7 @@
 #      (bench/pack_bench.py --plain);
 #   5. bounded decode: peak GPU memory of a batch with one 4000 x 3000 JPEG against
 #      the same batch without it (bench/decode_memory.py).
-# About 8 minutes on one H200 (the reproduce step at most 6; a device call may run 10).
+# About 6 minutes on one H200 (the reproduce step about 4, the other figures about 2).
 # Figures go to $OUT (the device call's folder) or outputs/gpu-reproduce: the whole log,
 # summary.txt (each step's last lines), report.json, runs.yaml, packing.json and the plots.
 set -euo pipefail
@@ -53,7 +53,7 @@ SUMMARY=$RESULTS/summary.txt
 if [ "$MODE" = gpu ]; then
   SIZE=(--gpu) TOL=(--tolerance 0.002)
   RESIDENT=(--arch resnet18 --size 64 --batch 256 --classes 200 --per-class 100 --steps 20 --rounds 5)
-  PACK=(--k 1 4 --batch 256 --seconds 5)
+  PACK=(--k 1 4 --batch 256 --seconds 3)
   DECODE=(--batch 256 --size 224)
 else
   SIZE=(--config configs/reproduce/smoke.yaml) TOL=()
