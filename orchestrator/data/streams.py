@@ -22,6 +22,13 @@ def _slots() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+def decoded_or_grey(data: bytes, bad: BadImages) -> torch.Tensor:
+    """The image, or (undecodable: counted in `bad`) a blank grey one, so that a one-pass
+    reader still yields a row for every sample."""
+    img = try_decode(data, bad)
+    return torch.full((3, 64, 64), 128, dtype=torch.uint8) if img is None else img
+
+
 class TrainStream(IterableDataset):
     """Endless training stream for one rank: pass after pass, reshuffled per pass
     (seed + pass), each pass this rank's disjoint part. The loop takes a fixed number of
@@ -150,11 +157,7 @@ class EvalStream(IterableDataset):
     def __iter__(self):
         slot, nslots = _slots()
         for index, s in self.split.iter_indexed(self.rank * nslots + slot, self.world * nslots):
-            img = try_decode(s.data, self.bad)
-            if img is None:
-                # still scored (as a blank grey image), so every index keeps its row; counted
-                img = torch.full((3, 64, 64), 128, dtype=torch.uint8)
-            yield index, self.transform(img), s.label
+            yield index, self.transform(decoded_or_grey(s.data, self.bad)), s.label
 
 
 class KeyedStream(IterableDataset):
@@ -176,7 +179,4 @@ class KeyedStream(IterableDataset):
         else:
             samples = self.split.iter_samples(urls=self.split.urls()[slot::nslots])
         for s in samples:
-            img = try_decode(s.data, self.bad)
-            if img is None:
-                img = torch.full((3, 64, 64), 128, dtype=torch.uint8)
-            yield s.key, self.transform(img), s.label
+            yield s.key, self.transform(decoded_or_grey(s.data, self.bad)), s.label
