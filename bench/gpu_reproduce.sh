@@ -9,7 +9,8 @@
 #
 # Steps, each a ratio or figure measured in this one run:
 #   1. bench/reproduce.py --gpu --tta flip: 12 members of 4 families on the 4-shard subset,
-#      packed on the GPU, scored with flip TTA (the reference's protocol) on all 10,000 val
+#      packed on the GPU as the planner decides from each member's probed memory and rate,
+#      scored with flip TTA (the reference's protocol) on all 10,000 val
 #      images, beside a plain-PyTorch baseline;
 #   2. reproducibility: the first 2 members for 1 epoch, trained twice, compared
 #      (bench/compare_runs.py; within 0.002 error on a GPU, bitwise on a CPU);

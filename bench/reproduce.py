@@ -7,8 +7,12 @@ and top-5 error below its best member, on real data, with a command anyone can r
 
 Members are trained by the platform's Ray-free core (`orchestrator.train.member.train_member`,
 the function the Ray member workers call, with the same final outputs), several at once in
-separate processes: one per CPU core, or on one GPU as many as `--pack` says (the packing
-planner's K for small members). Their predictions and `runs.yaml` go to `--out`;
+separate processes: one per CPU core, or on one GPU as the packing planner decides: each
+member with `gpus_per_worker: auto` is first probed alone on the GPU (a few steps of the
+training core on a synthetic batch: peak memory and images/s), then
+`orchestrator.plan.apply_packing` gives it its share 1/K from those figures and the GPU's
+memory, as `plan --measured` does for a cluster, and members start as the running ones'
+shares leave room (`--pack K` overrides: K at once). Their predictions and `runs.yaml` go to `--out`;
 `ensemble.evaluate` then scores the ensemble on that runs file (bootstrap intervals, size
 curve), and a plain-PyTorch baseline (`bench/plain_baseline.py`, no platform code) trains
 on the same data in the same run for a side-by-side line. Neither Ray nor MLflow is needed.
@@ -29,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +92,104 @@ def train_one(job: dict) -> dict:
     return record
 
 
+def train_and_release(job: dict) -> dict:
+    """train_one, then the process's cached GPU memory handed back (the process trains the
+    next member, and the members packed beside it were planned without this one's cache)."""
+    import gc
+
+    import torch
+
+    record = train_one(job)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return record
+
+
+def probe(jobs: list[dict], steps: int = 6) -> list[dict]:
+    """Each member alone on the device: `steps` optimiser steps of the training core
+    (`loop.train_epoch`, with the member's network, optimiser, batch, bf16 and channels_last)
+    on a synthetic batch, after two warm-up steps. Peak memory (GB) and images/s: what the
+    packing planner decides from. Members of the same shape are probed once."""
+    import torch
+
+    from models import build_model
+    from orchestrator.config import ResolvedMember
+    from orchestrator.train import loop
+    from orchestrator.train.optim import build_optimizer
+
+    seen: dict[tuple, dict] = {}
+    out = []
+    for job in jobs:
+        m = ResolvedMember.model_validate(job["member"])
+        r = m.recipe
+        shape = (m.arch, m.low_res, m.input_size, r.batch_size, r.optimizer.name, r.bf16, r.channels_last)
+        if shape not in seen:
+            device = torch.device(job["device"])
+            cuda = device.type == "cuda"
+            cl = r.channels_last and cuda
+            model = build_model(m.arch, num_classes=job["classes"], low_res=m.low_res).to(device)
+            if cl:
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = build_optimizer(model, r.optimizer, r.optimizer.lr)
+            images = torch.randn(r.batch_size, 3, m.input_size, m.input_size, device=device)
+            labels = torch.randint(0, job["classes"], (r.batch_size,), device=device)
+            batches = iter(lambda: (images, labels), None)
+            state, criterion = loop.FitState(), loop.build_criterion(0.0)
+
+            def run(n):
+                return loop.train_epoch(model, optimizer, batches, n, lambda _: 1e-3, state, device, criterion,
+                                        bf16=r.bf16, channels_last=cl)
+
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            run(2)  # cuDNN's autotuning and the allocator's first blocks
+            metrics = run(steps)
+            seen[shape] = {"images_per_s": metrics["images_per_s"], "gpu_memory_gb": metrics.get("gpu_memory_gb")}
+            del model, optimizer, images, labels, batches
+            if cuda:
+                torch.cuda.empty_cache()
+        out.append({"name": m.name, **seen[shape]})
+    return out
+
+
+def planned_shares(cfg, members, probes: list[dict], gpu_memory_gb: float, num_classes: int,
+                   cpus: int) -> tuple[list[float], dict[str, str]]:
+    """Each member's share of the one GPU as the packing planner decides it
+    (`orchestrator.plan.apply_packing`, the function `plan --measured` uses) from the probed
+    memory and solo rate and this GPU's memory; a member with a fixed `gpus_per_worker`
+    keeps it. Returns the shares and the planner's reason per packed member."""
+    from orchestrator.cluster import Cluster, NodeType
+    from orchestrator.plan import apply_packing
+
+    gpu = Cluster(name="this GPU", nodes=[NodeType(name="gpu", count=1, cpus=cpus, gpus=1,
+                                                   gpu_memory_gb=gpu_memory_gb)])
+    rates = {p["name"]: p["images_per_s"] for p in probes}
+    memory = {p["name"]: p["gpu_memory_gb"] for p in probes if p["gpu_memory_gb"]}
+    packed, reasons = apply_packing(members, cfg.packing, gpu, num_classes, rates, memory)
+    return [min(1.0, float(m.resources.gpus_per_worker)) for m in packed], reasons
+
+
+def run_packed(pool, tasks: list[tuple], shares: list[float]) -> list:
+    """fn(*args) for every (fn, *args) task, in order, each started once the running tasks'
+    shares leave room for its own (shares of one device; 1 = alone). Results in order."""
+    jobs = tasks
+    results: list = [None] * len(jobs)
+    running: dict = {}
+    used, nxt = 0.0, 0
+    while nxt < len(jobs) or running:
+        while nxt < len(jobs) and (not running or used + shares[nxt] <= 1 + 1e-6):
+            running[pool.submit(*jobs[nxt])] = nxt
+            used += shares[nxt]
+            nxt += 1
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            i = running.pop(future)
+            used -= shares[i]
+            results[i] = future.result()
+    return results
+
+
 def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:
     """bench/plain_baseline.py on the config's subset, in its own process: as many train
     images per class as the members train on (a minival carved from them is not trained on)."""
@@ -99,14 +202,19 @@ def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def num_classes(cfg) -> int:
+    from orchestrator.data.manifest import load_manifest
+
+    classes = cfg.data.classes
+    return len(classes) if isinstance(classes, list) else classes or load_manifest(cfg.data.root).num_classes
+
+
 def gpu_estimate(cfg, members) -> str:
     """The planner's rate model (orchestrator/cluster.py, fitted on one H200): seconds of
     the GPU alone for every member back to back; packing K at once lowers it."""
     from orchestrator.cluster import Cluster, NodeType, estimated_rate
-    from orchestrator.data.manifest import load_manifest
 
-    classes = cfg.data.classes
-    n = len(classes) if isinstance(classes, list) else classes or load_manifest(cfg.data.root).num_classes
+    n = num_classes(cfg)
     samples = n * cfg.data.train_per_class if cfg.data.train_per_class else None
     if samples is None:
         return "no GPU-time estimate (data.train_per_class unset)"
@@ -146,7 +254,7 @@ def main() -> None:
     size.add_argument("--gpu", action="store_true", help="one GPU's size (configs/reproduce/gpu.yaml)")
     size.add_argument("--config", help="an ensemble config")
     p.add_argument("--out", default="outputs/reproduce", help="members, runs.yaml and the report (default %(default)s)")
-    p.add_argument("--pack", type=int, help="members trained at once (default: CPU cores; 4 on a GPU)")
+    p.add_argument("--pack", type=int, help="members trained at once (default: CPU cores; on a GPU, the packing planner's K)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-PyTorch baseline")
     p.add_argument("--epochs", type=int, help="a quick look: every recipe trains this many epochs")
     p.add_argument("--members", type=int, help="a quick look: only the first N members")
@@ -167,23 +275,38 @@ def main() -> None:
     gpu = args.gpu or any(m.resources.use_gpu for m in members)
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     cores = os.cpu_count() or 1
-    pack = args.pack or (4 if device == "cuda" else cores)
-    threads = max(1, cores // pack) if device == "cpu" else 2
     os.makedirs(args.out, exist_ok=True)
-    print(f"{cfg.name}: {len(members)} members on {device}, {pack} at once ({threads} CPU threads each); "
-          f"data {cfg.data.root} ({cfg.data.classes} classes, {cfg.data.train_per_class} train per class)", flush=True)
+    print(f"{cfg.name}: {len(members)} members on {device}; data {cfg.data.root} "
+          f"({cfg.data.classes} classes, {cfg.data.train_per_class} train per class)", flush=True)
     if device == "cuda":
         print(gpu_estimate(cfg, members), flush=True)
     start = time.time()
     jobs = [{"member": m.model_dump(), "data": cfg.data.model_dump(), "out": os.path.abspath(args.out),
-             "threads": threads, "device": device} for m in members]
-    with mp.get_context("spawn").Pool(pack) as pool:
-        baseline = None
-        if not args.no_baseline:
-            first = members[0]
-            baseline = pool.apply_async(plain_baseline, (cfg, first.recipe.epochs, first.input_size, threads))
-        records = pool.map(train_one, jobs, chunksize=1)
-        baseline = baseline.get() if baseline is not None else None
+             "device": device} for m in members]
+    ctx = mp.get_context("spawn")
+    shares = [1 / (args.pack or cores)] * len(members)
+    if device == "cuda" and not args.pack:
+        n = num_classes(cfg)
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as one:  # its CUDA context ends with it
+            probes = one.submit(probe, [{**j, "classes": n} for j in jobs]).result()
+        memory = torch.cuda.get_device_properties(0).total_memory / 1e9
+        shares, reasons = planned_shares(cfg, members, probes, memory, n, cores)
+        for p in probes:
+            print(f"  probe {p['name']}: {p['gpu_memory_gb'] or 0:.1f} GB, {p['images_per_s']:.0f} images/s alone; "
+                  f"packing {reasons.get(p['name'], 'a fixed share')}", flush=True)
+    pack = max(round(1 / s) for s in shares)
+    threads = max(1, cores // pack) if device == "cpu" else 2
+    jobs = [{**j, "threads": threads} for j in jobs]
+    print(f"at most {pack} members at once ({threads} CPU threads each)", flush=True)
+    tasks = [(train_and_release, j) for j in jobs]
+    if not args.no_baseline:  # first, holding one member's place: on a CPU a core, on a GPU the smallest share
+        first = members[0]
+        tasks.insert(0, (plain_baseline, cfg, first.recipe.epochs, first.input_size, threads))
+        shares = [min(shares)] + shares
+    with ProcessPoolExecutor(max_workers=pack, mp_context=ctx) as pool:
+        results = run_packed(pool, tasks, shares)
+    baseline = None if args.no_baseline else results.pop(0)
+    records = results
     trained_min = (time.time() - start) / 60
     reused = sum(bool(r.pop("reused", False)) for r in records)
     runs = os.path.join(args.out, "runs.yaml")

@@ -35,3 +35,79 @@ def test_reproduce_trains_evaluates_and_prints_its_figure(tiny_root, tmp_path):
         assert probs.shape == (64, 8) and abs(float((probs.argmax(1) != labels).mean()) - r.metrics["top1_err"]) < 1e-9
     best5 = min(r.metrics["top5_err"] for r in runs.members)
     assert float(m.group(3)) == round(best5, 4)
+
+
+def test_members_start_only_as_the_running_shares_leave_room():
+    """reproduce's scheduler on one device: a member with a share of 1 runs alone, quarter
+    members four at once, and results come back in the members' order."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.reproduce import run_packed
+
+    lock, live, peak, alone, quarters = threading.Lock(), [0.0], [0.0], [], [0, 0]
+
+    def member(i, share):
+        with lock:
+            live[0] += share
+            peak[0] = max(peak[0], live[0])
+            alone.append((i, live[0] == share))
+            if share == 0.25:
+                quarters[0] += 1
+                quarters[1] = max(quarters[1], quarters[0])
+        time.sleep(0.05)
+        with lock:
+            live[0] -= share
+            quarters[0] -= share == 0.25
+        return i
+
+    shares = [0.5, 0.5, 1.0, 0.25, 0.25, 0.25, 0.25, 0.25, 1.0]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        out = run_packed(pool, [(member, i, s) for i, s in enumerate(shares)], shares)
+    assert out == list(range(len(shares)))
+    assert peak[0] <= 1.0 + 1e-9
+    assert all(ok for i, ok in alone if shares[i] == 1.0)  # the whole-device members ran alone
+    assert quarters[1] == 4  # the quarter members ran four at once
+
+
+def test_the_planner_decides_each_members_share_from_its_probe(tmp_path):
+    """reproduce --gpu: the probed memory and solo rate go through the planner's
+    apply_packing: a small member packs four to a GPU (gain), a big one two (memory), one
+    that fills the GPU alone is not packed, a fixed share is kept."""
+    from bench.reproduce import planned_shares
+    from orchestrator.config import load_config, resolve_members
+
+    raw = yaml.safe_load((ROOT / "configs" / "reproduce" / "gpu.yaml").read_text())
+    raw["members"] = [{"arch": "resnet18", "recipe": "cosine", "seed": 0}, {"arch": "resnet34", "recipe": "cosine", "seed": 0},
+                      {"arch": "vgg11_bn", "recipe": "cosine", "seed": 0},
+                      {"arch": "wrn16_4", "recipe": "cosine", "seed": 0, "resources": {"gpus_per_worker": 0.5}}]
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(tmp_path / "gpu.yaml"))
+    members = resolve_members(cfg)
+    probes = [{"name": members[0].name, "images_per_s": 2000.0, "gpu_memory_gb": 6.0},
+              {"name": members[1].name, "images_per_s": 1000.0, "gpu_memory_gb": 30.0},
+              {"name": members[2].name, "images_per_s": 1e6, "gpu_memory_gb": 6.0},
+              {"name": members[3].name, "images_per_s": 2000.0, "gpu_memory_gb": 6.0}]
+    shares, reasons = planned_shares(cfg, members, probes, 80.0, 200, 16)
+    assert shares == [0.25, 0.5, 1.0, 0.5]
+    assert "by gain" in reasons[members[0].name] and "by memory" in reasons[members[1].name]
+    assert "fills the GPU alone" in reasons[members[2].name] and members[3].name not in reasons
+
+
+def test_probe_measures_each_member_shape_once_with_the_training_core(tiny_root, tmp_path):
+    """The probe's figures come from the training core's step on the member's own network
+    and batch; members of one shape share a probe."""
+    from bench.reproduce import probe
+    from orchestrator.config import load_config, resolve_members
+
+    raw = yaml.safe_load((ROOT / "configs" / "reproduce" / "smoke.yaml").read_text()
+                         .replace("${DATA_ROOT:-../shared/data}/tiny-imagenet-200", tiny_root))
+    raw["recipes"]["short"]["batch_size"] = 4
+    raw["members"].append({"arch": "resnet20", "recipe": "short", "seed": 5})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    members = resolve_members(load_config(str(tmp_path / "c.yaml")))
+    out = probe([{"member": m.model_dump(), "device": "cpu", "classes": 10} for m in members], steps=2)
+    assert [p["name"] for p in out] == [m.name for m in members]
+    assert all(p["images_per_s"] > 0 and p["gpu_memory_gb"] is None for p in out)
+    assert out[0]["images_per_s"] == out[2]["images_per_s"] != out[1]["images_per_s"]  # resnet20 probed once
