@@ -76,29 +76,56 @@ def plot_trials(path: str, histories: dict[str, list[dict]], metric: str = "val_
     plt.close(fig)
 
 
-def plot_parallel(path: str, rows: list[dict], keys: list[str], metric: str) -> None:
-    """Parallel coordinates of the searched fields, one line per trial coloured by its
-    final metric (lower = darker); categorical fields are placed by their order."""
-    import numpy as np
+def parallel_axes(rows: list[dict], axes: list[str]) -> list[tuple[list[float], list[tuple[float, str]]]]:
+    """Per axis: each row's position in [0, 1] and the labelled ticks. Numbers are scaled
+    between their extremes (a range over 4x wide on a log scale, as searched LRs are),
+    labelled at each of up to 5 levels, else at both ends; anything else is a category, labelled at its place."""
+    import math
 
-    fig, ax = plt.subplots(figsize=(max(6, 2 * len(keys) + 2), 4))
-    axes = keys + [metric]
-    scaled = []
+    out = []
     for k in axes:
         vals = [r.get(k) for r in rows]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             lo, hi = min(vals), max(vals)
-            scaled.append([(v - lo) / (hi - lo) if hi > lo else 0.5 for v in vals])
+            log = lo > 0 and hi > 4 * lo
+            f = math.log if log else float
+            span = f(hi) - f(lo)
+            pos = [(f(v) - f(lo)) / span if span else 0.5 for v in vals]
+            marks = sorted(set(vals)) if len(set(vals)) <= 5 else [lo, hi]  # a few levels: each one
+            ticks = [((f(v) - f(lo)) / span if span else 0.5, f"{v:.3g}") for v in marks]
+            if log:
+                ticks[-1] = (ticks[-1][0], ticks[-1][1] + " (log)")
         else:
             cats = sorted({str(v) for v in vals})
-            scaled.append([(cats.index(str(v)) + 0.5) / len(cats) for v in vals])
+            pos = [(cats.index(str(v)) + 0.5) / len(cats) for v in vals]
+            ticks = [((i + 0.5) / len(cats), c) for i, c in enumerate(cats)]
+        out.append((pos, ticks))
+    return out
+
+
+def plot_parallel(path: str, rows: list[dict], keys: list[str], metric: str) -> None:
+    """Parallel coordinates of the searched fields, one line per trial coloured by its
+    final metric (lower = darker, the colour bar); each axis labelled with its values."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(6, 2 * len(keys) + 3), 4.5))
+    axes = keys + [metric]
+    placed = parallel_axes(rows, axes)
     final = np.array([r[metric] for r in rows], dtype=float)
-    norm = (final - final.min()) / (np.ptp(final) or 1.0)
+    norm = plt.Normalize(final.min(), final.max() if np.ptp(final) else final.min() + 1)
     for j in range(len(rows)):
-        ax.plot(range(len(axes)), [s[j] for s in scaled], color=plt.cm.viridis(norm[j]), alpha=0.8)
+        ax.plot(range(len(axes)), [pos[j] for pos, _ in placed], color=plt.cm.viridis(norm(final[j])), alpha=0.8)
+    for i, (_, ticks) in enumerate(placed):
+        ax.axvline(i, color="0.6", lw=0.8, zorder=0)
+        for y, label in ticks:
+            ax.text(i + 0.04, y, label, fontsize=7, va="center", ha="left",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
     ax.set_xticks(range(len(axes)), [a.rsplit(".", 1)[-1] for a in axes], rotation=20)
+    ax.set_xlim(-0.2, len(axes) - 0.4)
+    ax.set_ylim(-0.08, 1.08)
     ax.set_yticks([])
-    ax.set_title("searched fields (scaled per axis) -> " + metric)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, pad=0.01, label=metric)
+    ax.set_title(f"{len(rows)} trials: searched fields -> {metric} (each line a trial)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

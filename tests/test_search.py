@@ -162,3 +162,22 @@ def test_the_shipped_tiny_imagenet_search_trains_label_shuffled_on_the_streamed_
     assert client.get_metric_history(trial.info.run_id, "minival_top1_err")
     runs = load_runs(str(tmp_path / "runs.yaml"))
     assert np.load(runs.members[0].predictions).shape == (400, 200)
+
+
+def test_parallel_coordinates_label_every_axis_with_its_values():
+    """The search's parallel-coordinates plot: a wide numeric range on a log scale labelled
+    at its ends, a few levels each labelled, categories by name, positions in [0, 1]."""
+    from orchestrator.plots import parallel_axes
+
+    rows = [{"lr": 0.05, "warmup": 0, "policy": "cosine", "aug": True, "err": 0.8},
+            {"lr": 0.5, "warmup": 2, "policy": "onecycle", "aug": False, "err": 0.9},
+            {"lr": 1.6, "warmup": 1, "policy": "cosine", "aug": False, "err": 0.85}]
+    lr, warmup, policy, aug, err = parallel_axes(rows, ["lr", "warmup", "policy", "aug", "err"])
+    assert [label for _, label in lr[1]] == ["0.05", "0.5", "1.6 (log)"]
+    assert abs(lr[0][1] - 0.6644) < 1e-3  # log(0.5/0.05) / log(1.6/0.05)
+    assert [label for _, label in warmup[1]] == ["0", "1", "2"] and warmup[0] == [0.0, 1.0, 0.5]
+    assert [label for _, label in policy[1]] == ["cosine", "onecycle"] and policy[0] == [0.25, 0.75, 0.25]
+    assert [label for _, label in aug[1]] == ["False", "True"]
+    assert [label for _, label in err[1]] == ["0.8", "0.85", "0.9"]
+    many = parallel_axes([{"x": float(v)} for v in range(1, 8)], ["x"])[0]
+    assert [label for _, label in many[1]] == ["1", "7 (log)"]  # beyond 5 levels: the ends
