@@ -153,7 +153,7 @@ def probe(jobs: list[dict], steps: int = 6) -> list[dict]:
     return out
 
 
-def planned_shares(cfg, members, probes: list[dict], gpu_memory_gb: float, num_classes: int,
+def planned_shares(cfg, members, probes: list[dict], gpu_memory_gb: float, classes: int,
                    cpus: int) -> tuple[list[float], dict[str, str]]:
     """Each member's share of the one GPU as the packing planner decides it
     (`orchestrator.plan.apply_packing`, the function `plan --measured` uses) from the probed
@@ -166,7 +166,7 @@ def planned_shares(cfg, members, probes: list[dict], gpu_memory_gb: float, num_c
                                                    gpu_memory_gb=gpu_memory_gb)])
     rates = {p["name"]: p["images_per_s"] for p in probes}
     memory = {p["name"]: p["gpu_memory_gb"] for p in probes if p["gpu_memory_gb"]}
-    packed, reasons = apply_packing(members, cfg.packing, gpu, num_classes, rates, memory)
+    packed, reasons = apply_packing(members, cfg.packing, gpu, classes, rates, memory)
     return [min(1.0, float(m.resources.gpus_per_worker)) for m in packed], reasons
 
 
@@ -190,12 +190,33 @@ def run_packed(pool, tasks: list[tuple], shares: list[float]) -> list:
     return results
 
 
+def trained_per_class(cfg) -> list[int]:
+    """Images each of the first classes trains on: `data.train_per_class` (or all, by the
+    manifest's labels file, else its mean per class) less the minival carved from them."""
+    import numpy as np
+
+    from orchestrator.data.manifest import load_manifest
+
+    n, d = num_classes(cfg), cfg.data
+    if d.train_per_class:
+        counts = [d.train_per_class] * n
+    else:
+        manifest = load_manifest(d.root)
+        labels = manifest.split_labels("train")
+        if labels is not None:
+            counts = np.bincount(labels, minlength=n)[:n].tolist()
+        else:  # no labels file: the split's mean per class
+            counts = [sum(s.samples for s in manifest.shards("train")) // manifest.num_classes] * n
+    return [max(0, c - (d.minival or 0)) for c in counts]
+
+
 def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:
     """bench/plain_baseline.py on the config's subset, in its own process: as many train
-    images per class as the members train on (a minival carved from them is not trained on)."""
+    images per class as the members train on (a minival carved from them is not trained on;
+    with uneven classes, the smallest class's count for every class)."""
     d = cfg.data
-    per_class = d.train_per_class - (d.minival or 0) if d.train_per_class else 500  # Tiny-ImageNet's all
-    cmd = [sys.executable, str(ROOT / "bench" / "plain_baseline.py"), "--root", d.root, "--classes", str(d.classes),
+    per_class = min(trained_per_class(cfg))
+    cmd = [sys.executable, str(ROOT / "bench" / "plain_baseline.py"), "--root", d.root, "--classes", str(num_classes(cfg)),
            "--train-per-class", str(per_class), "--val-per-class", str(d.val_per_class or 50),
            "--epochs", str(epochs), "--size", str(size), "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -215,9 +236,7 @@ def gpu_estimate(cfg, members) -> str:
     from orchestrator.cluster import Cluster, NodeType, estimated_rate
 
     n = num_classes(cfg)
-    samples = n * cfg.data.train_per_class if cfg.data.train_per_class else None
-    if samples is None:
-        return "no GPU-time estimate (data.train_per_class unset)"
+    samples = sum(trained_per_class(cfg))  # a minival is scored, not trained on
     one = Cluster(name="one H200", nodes=[NodeType(name="gpu", count=1, cpus=16, gpus=1)])
     seconds = [m.recipe.epochs * samples / estimated_rate(m, one, n) for m in members]
     return (f"the planner's estimate for one H200: {sum(seconds):.0f} s of GPU time with the members back to back "

@@ -2,6 +2,7 @@
 parallel processes, a runs file `ensemble.evaluate` reads, the plain-PyTorch baseline
 beside them, and the final line with the figure."""
 import re
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -111,3 +112,37 @@ def test_probe_measures_each_member_shape_once_with_the_training_core(tiny_root,
     assert [p["name"] for p in out] == [m.name for m in members]
     assert all(p["images_per_s"] > 0 and p["gpu_memory_gb"] is None for p in out)
     assert out[0]["images_per_s"] == out[2]["images_per_s"] != out[1]["images_per_s"]  # resnet20 probed once
+
+
+def test_the_baseline_and_the_estimate_count_the_images_members_train_on(tiny_root, tmp_path):
+    """A minival is carved from train and not trained on; without `train_per_class` the
+    counts are the manifest's, class by class."""
+    from bench.reproduce import trained_per_class
+    from orchestrator.config import load_config
+    from orchestrator.data.manifest import load_manifest
+
+    raw = yaml.safe_load((ROOT / "configs" / "reproduce" / "smoke.yaml").read_text()
+                         .replace("${DATA_ROOT:-../shared/data}/tiny-imagenet-200", tiny_root))
+    raw["data"].update(train_per_class=20, minival=5)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(raw))
+    assert trained_per_class(load_config(str(tmp_path / "a.yaml"))) == [15] * 10
+    del raw["data"]["train_per_class"]
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
+    manifest = load_manifest(tiny_root)
+    assert manifest.split_labels("train") is None  # this test set has no labels file: the mean per class
+    mean = sum(s.samples for s in manifest.shards("train")) // manifest.num_classes
+    assert trained_per_class(load_config(str(tmp_path / "b.yaml"))) == [mean - 5] * 10
+    # with a labels file (as `prepare` writes one), the counts are per class
+    import json
+
+    root = tmp_path / "labelled"
+    root.mkdir()
+    total = sum(s.samples for s in manifest.shards("train"))
+    labels = np.arange(total) % 7  # uneven over the first 10 classes: 0-6 only
+    np.save(root / "train_labels.npy", labels)
+    raw_manifest = json.loads((Path(tiny_root) / "manifest.json").read_text())
+    raw_manifest["splits"]["train"]["labels"] = {"file": "train_labels.npy"}
+    (root / "manifest.json").write_text(json.dumps(raw_manifest))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "root": str(root)}}))
+    counts = trained_per_class(load_config(str(tmp_path / "c.yaml")))
+    assert counts == [int((labels == c).sum()) - 5 for c in range(7)] + [0] * 3
