@@ -61,16 +61,36 @@ def plot_lr_policies(path: str, warmup_fraction: float = 0.05) -> None:
     plt.close(fig)
 
 
-def plot_trials(path: str, histories: dict[str, list[dict]], metric: str = "val_top1_err") -> None:
+def trial_label(trial_id: str, overrides: dict, final: float | None = None) -> str:
+    """A trial as its legend names it: the id's last part, then each searched field's last
+    name and value (`00002: onecycle, lr 0.034 -> 0.775`)."""
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    values = [fmt(v) if k.endswith(".policy") else f"{k.rsplit('.', 1)[-1]} {fmt(v)}" for k, v in overrides.items()]
+    end = f" -> {final:.3f}" if final is not None else ""
+    return f"{trial_id.rsplit('_', 1)[-1]}: {', '.join(values)}{end}"
+
+
+def plot_trials(path: str, histories: dict[str, list[dict]], metric: str = "val_top1_err",
+                labels: dict[str, str] | None = None) -> None:
     """Every trial's val metric per epoch: ASHA's early stops show as short lines, PBT's
-    exploit steps as jumps."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, hist in histories.items():
-        ax.plot([h["epoch"] for h in hist], [h[metric] for h in hist], marker="o", ms=3, label=name)
-    ax.set(xlabel="epoch", ylabel=metric, title=f"search trials ({len(histories)})")
+    exploit steps as jumps. The legend (beside the axes, up to 12 trials) names each trial
+    by `labels` (its searched values), best final value first."""
+    from matplotlib.ticker import MaxNLocator
+
+    labels = labels or {}
+    shown = len(histories) <= 12
+    fig, ax = plt.subplots(figsize=(11 if shown else 7, 4))
+    order = sorted(histories, key=lambda n: histories[n][-1][metric] if histories[n] else float("inf"))
+    for name in order:
+        hist = histories[name]
+        ax.plot([h["epoch"] for h in hist], [h[metric] for h in hist], marker="o", ms=3, label=labels.get(name, name))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel=metric, title=f"search trials ({len(histories)}), legend best first")
     ax.grid(alpha=0.3)
-    if len(histories) <= 12:
-        ax.legend(fontsize=7)
+    if shown:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

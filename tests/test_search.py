@@ -181,3 +181,18 @@ def test_parallel_coordinates_label_every_axis_with_its_values():
     assert [label for _, label in err[1]] == ["0.8", "0.85", "0.9"]
     many = parallel_axes([{"x": float(v)} for v in range(1, 8)], ["x"])[0]
     assert [label for _, label in many[1]] == ["1", "7 (log)"]  # beyond 5 levels: the ends
+
+
+def test_trial_curves_name_each_trial_by_its_searched_values(tmp_path):
+    """The legend of trial_curves.png: the trial's short id, its policy and each searched
+    value by its field's last name, and its final metric."""
+    from orchestrator.plots import plot_trials, trial_label
+
+    overrides = {"recipe.schedule.policy": "onecycle", "recipe.optimizer.lr": 0.03412,
+                 "recipe.augment.overrides.mixup_alpha": 0.2, "recipe.label_shuffling": True}
+    label = trial_label("search_trial_dc9e3_00002", overrides, 0.775)
+    assert label == "00002: onecycle, lr 0.0341, mixup_alpha 0.2, label_shuffling True -> 0.775"
+    assert trial_label("t_1", {"recipe.optimizer.lr": 0.1}) == "1: lr 0.1"
+    histories = {"a": [{"epoch": 1, "e": 0.9}, {"epoch": 2, "e": 0.8}], "b": [{"epoch": 1, "e": 0.95}]}
+    plot_trials(str(tmp_path / "t.png"), histories, "e", {"a": "a: best", "b": "b: stopped"})
+    assert (tmp_path / "t.png").stat().st_size > 10_000
