@@ -193,6 +193,11 @@ def test_trial_curves_name_each_trial_by_its_searched_values(tmp_path):
     label = trial_label("search_trial_dc9e3_00002", overrides, 0.775)
     assert label == "00002: onecycle, lr 0.0341, mixup_alpha 0.2, label_shuffling True -> 0.775"
     assert trial_label("t_1", {"recipe.optimizer.lr": 0.1}) == "1: lr 0.1"
+    from orchestrator.search.space import in_effect  # a policy parameter its policy does not take is not named
+
+    sampled = {"recipe.schedule.policy": "cosine", "recipe.schedule.params.power": 2.0, "recipe.optimizer.lr": 0.1}
+    assert in_effect(sampled) == {"recipe.schedule.policy": "cosine", "recipe.optimizer.lr": 0.1}
+    assert in_effect({**sampled, "recipe.schedule.policy": "poly"})["recipe.schedule.params.power"] == 2.0
     histories = {"a": [{"epoch": 1, "e": 0.9}, {"epoch": 2, "e": 0.8}], "b": [{"epoch": 1, "e": 0.95}]}
     plot_trials(str(tmp_path / "t.png"), histories, "e", {"a": "a: best", "b": "b: stopped"})
     assert (tmp_path / "t.png").stat().st_size > 10_000

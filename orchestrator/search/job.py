@@ -197,7 +197,7 @@ def log_search(client, parent: str, cfg: EnsembleConfig, rows: list[dict], choic
         plots.plot_lr_policies(os.path.join(tmp, "lr_policies.png"))
         curve_metric = tune_metric(cfg).replace("_loss", "_top1_err")
         plots.plot_trials(os.path.join(tmp, "trial_curves.png"), {r["trial_id"]: r["history"] for r in rows},
-                          curve_metric, {r["trial_id"]: plots.trial_label(r["trial_id"], r["overrides"],
+                          curve_metric, {r["trial_id"]: plots.trial_label(r["trial_id"], space.in_effect(r["overrides"]),
                                                                           r["history"][-1].get(curve_metric)
                                                                           if r["history"] else None)
                                          for r in rows})

@@ -37,6 +37,16 @@ def _policy_params(policy: str) -> set[str]:
     return set(lr.policy_params(policy))
 
 
+def in_effect(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The sampled values a trial trains with: a policy parameter its sampled policy does
+    not take is left out, as `apply` drops it."""
+    policy, prefix = overrides.get("recipe.schedule.policy"), "recipe.schedule.params."
+    if policy is None:
+        return dict(overrides)
+    takes = _policy_params(policy)
+    return {k: v for k, v in overrides.items() if not k.startswith(prefix) or k[len(prefix):] in takes}
+
+
 def _set(tree: dict, path: str, value: Any) -> None:
     keys = path.split(".")
     node = tree
