@@ -173,13 +173,12 @@ def planned_shares(cfg, members, probes: list[dict], gpu_memory_gb: float, class
 def run_packed(pool, tasks: list[tuple], shares: list[float]) -> list:
     """fn(*args) for every (fn, *args) task, in order, each started once the running tasks'
     shares leave room for its own (shares of one device; 1 = alone). Results in order."""
-    jobs = tasks
-    results: list = [None] * len(jobs)
+    results: list = [None] * len(tasks)
     running: dict = {}
     used, nxt = 0.0, 0
-    while nxt < len(jobs) or running:
-        while nxt < len(jobs) and (not running or used + shares[nxt] <= 1 + 1e-6):
-            running[pool.submit(*jobs[nxt])] = nxt
+    while nxt < len(tasks) or running:
+        while nxt < len(tasks) and (not running or used + shares[nxt] <= 1 + 1e-6):
+            running[pool.submit(*tasks[nxt])] = nxt
             used += shares[nxt]
             nxt += 1
         done, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -196,11 +196,12 @@ def log_search(client, parent: str, cfg: EnsembleConfig, rows: list[dict], choic
             w.writerows(table)
         plots.plot_lr_policies(os.path.join(tmp, "lr_policies.png"))
         curve_metric = tune_metric(cfg).replace("_loss", "_top1_err")
+        labels = {}
+        for r in rows:  # each trial named by the values it trains with and its final error
+            final = r["history"][-1].get(curve_metric) if r["history"] else None
+            labels[r["trial_id"]] = plots.trial_label(r["trial_id"], space.in_effect(r["overrides"]), final)
         plots.plot_trials(os.path.join(tmp, "trial_curves.png"), {r["trial_id"]: r["history"] for r in rows},
-                          curve_metric, {r["trial_id"]: plots.trial_label(r["trial_id"], space.in_effect(r["overrides"]),
-                                                                          r["history"][-1].get(curve_metric)
-                                                                          if r["history"] else None)
-                                         for r in rows})
+                          curve_metric, labels)
         plots.plot_parallel(os.path.join(tmp, "parallel_coordinates.png"), table, keys, tune_metric(cfg))
         for name in ("trials.csv", "lr_policies.png", "trial_curves.png", "parallel_coordinates.png"):
             client.log_artifact(parent, os.path.join(tmp, name), "search")
