@@ -59,7 +59,7 @@ def train_one(job: dict) -> dict:
         with open(done) as f:
             return {**json.load(f), "reused": True}
     torch.set_num_threads(job["threads"])
-    data = open_member_data(Data.model_validate(job["data"]))
+    data = open_member_data(Data.model_validate(job["data"]), member.share)
     device = torch.device(job["device"])
     last: dict = {}
     start = time.time()
@@ -191,7 +191,8 @@ def run_packed(pool, tasks: list[tuple], shares: list[float]) -> list:
 
 def trained_per_class(cfg) -> list[int]:
     """Images each of the first classes trains on: `data.train_per_class` (or all, by the
-    manifest's labels file, else its mean per class) less the minival carved from them."""
+    manifest's labels file, else its mean per class) less the minival carved from them,
+    and with `data.shares` one member's share of that."""
     import numpy as np
 
     from orchestrator.data.manifest import load_manifest
@@ -206,7 +207,7 @@ def trained_per_class(cfg) -> list[int]:
             counts = np.bincount(labels, minlength=n)[:n].tolist()
         else:  # no labels file: the split's mean per class
             counts = [sum(s.samples for s in manifest.shards("train")) // manifest.num_classes] * n
-    return [max(0, c - (d.minival or 0)) for c in counts]
+    return [max(0, c - (d.minival or 0)) // (d.shares or 1) for c in counts]
 
 
 def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:

@@ -65,7 +65,7 @@ def run_member(config: dict, session: Session) -> None:
         session.report_final_again(resume)
         return
 
-    data = open_member_data(Data.model_validate(config["data"]))
+    data = open_member_data(Data.model_validate(config["data"]), member.share)
     state_start = resume["epoch"] if resume else 0
     run_id = config.get("mlflow_run_id")
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and run_id else None

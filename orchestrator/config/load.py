@@ -178,9 +178,12 @@ def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
         resources, packing = _pack(name, resources, cfg.packing)
         payload = {"arch": m.arch, "recipe": recipe_payload(recipe), "seed": m.seed, "low_res": low_res,
                    "input_size": size, "workers": resources.workers, "data": cfg.data.key_fields()}
+        share = len(out) % cfg.data.shares if cfg.data.shares else None
+        if share is not None:
+            payload["share"] = share
         out.append(ResolvedMember(key=member_key(name, payload), name=name, arch=m.arch, recipe_name=recipe_name,
                                   recipe=recipe, seed=m.seed, low_res=low_res, input_size=size,
-                                  weight=m.weight, resources=resources, packing=packing))
+                                  weight=m.weight, resources=resources, packing=packing, share=share))
     names = [m.name for m in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -181,6 +181,9 @@ class Data(Strict):
     # scored once, at the end, and only reported (orchestrator/data/minival.py)
     minival: int | None = Field(None, ge=1, description="samples per class held out of train, never trained on")
     minival_seed: int = 0
+    # train (less its minival) dealt into K disjoint per-class shares; member i trains on
+    # share i mod K (orchestrator/data/shares.py)
+    shares: int | None = Field(None, ge=2, description="disjoint shares of train, one per member in turn")
     # train decoded once and held where the model trains (orchestrator/data/resident.py):
     # auto = when its images share one size, the augmentations have a batch form and it fits
     resident: bool | Literal["auto"] = "auto"
@@ -190,6 +193,10 @@ class Data(Strict):
         if self.minival and self.train_per_class and self.minival >= self.train_per_class:
             raise UserError(f"data.minival ({self.minival} per class) must be below data.train_per_class "
                             f"({self.train_per_class}): the rest of train is what the members learn from")
+        if self.shares and self.train_per_class and self.train_per_class - (self.minival or 0) < self.shares:
+            raise UserError(f"data.shares ({self.shares}) leaves an empty share: data.train_per_class "
+                            f"({self.train_per_class}) less data.minival ({self.minival or 0}) must be at least "
+                            f"the number of shares")
         return self
 
     @property
@@ -205,6 +212,8 @@ class Data(Strict):
             d.pop("resident")
         if self.minival is None:
             d.pop("minival"), d.pop("minival_seed")
+        if self.shares is None:
+            d.pop("shares")
         return d
 
 
@@ -260,3 +269,4 @@ class ResolvedMember(BaseModel):
     weight: float
     resources: Resources
     packing: str | None = None  # why `gpus_per_worker: auto` came out as it did
+    share: int | None = None  # with data.shares: the share of train it trains on

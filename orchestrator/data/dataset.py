@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from orchestrator.data import minival
+from orchestrator.data import minival, shares as shares_of
 from orchestrator.data.manifest import FOLDER_PREFIX, Manifest, check_shards_exist, load_manifest
 from orchestrator.data.sources import Sample, iter_shard, list_folder_split
 from orchestrator.errors import UserError
@@ -243,6 +243,24 @@ def carve_minival(whole: Split, per_class: int, seed: int) -> tuple[Split, Split
     rest, chosen = minival.carve(whole.labels, whole.num_classes, per_class, seed)
     return (Split(whole.manifest, rest_name, whole.kept, whole.per_class, [whole.records[i] for i in rest]),
             Split(whole.manifest, held_name, whole.kept, whole.per_class, [whole.records[i] for i in chosen]))
+
+
+def take_share(split: Split, shares: int, share: int) -> Split:
+    """Share `share` of `shares` of a training split (orchestrator/data/shares.py): in
+    memory, its samples; streamed, the same split with every other sample skipped."""
+    name = shares_of.split_name(split.split, shares, share)
+    if split.records is not None:
+        keep = shares_of.positions(split.labels, shares, share)
+        return Split(split.manifest, name, split.kept, split.per_class, [split.records[i] for i in keep])
+    source = split.source_labels()
+    skipped = np.zeros(len(source), dtype=bool)
+    if split.exclude is not None:
+        skipped[split.exclude] = True
+    candidates = np.flatnonzero(~skipped)
+    skipped[candidates] = True
+    skipped[candidates[shares_of.positions(source[candidates], shares, share)]] = False
+    return Split(split.manifest, name, split.kept, split.per_class, None, source=split.shard_split,
+                 exclude=np.flatnonzero(skipped))
 
 
 def _read_subset(split: Split) -> list[Sample]:

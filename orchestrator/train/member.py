@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ensemble.math import topk_error
 from models import build_model, get_spec
 from orchestrator.config import Data, ResolvedMember
-from orchestrator.data.dataset import Split, TooManyBadImages, carve_minival, open_split
+from orchestrator.data.dataset import Split, TooManyBadImages, carve_minival, open_split, take_share
 from orchestrator.data.streams import EvalStream, TrainStream
 from orchestrator.train import augment, batch_augment, confusion, loop, lr, teacher
 from orchestrator.train.resident import hold_resident, resident_batches
@@ -38,6 +38,7 @@ class MemberData:
     max_bad_images: int = 50
     minival: Split | None = None  # held out of train: every choice is made on it (data/minival.py)
     resident: bool | str = "auto"  # data.resident: train held decoded on the device (data/resident.py)
+    share: str | None = None  # with data.shares: which share of train this is ("2 of 4")
 
     @property
     def num_classes(self) -> int:
@@ -53,13 +54,17 @@ class MemberData:
         return "minival" if self.minival is not None else "val"
 
 
-def open_member_data(data: Data) -> MemberData:
+def open_member_data(data: Data, share: int | None = None) -> MemberData:
+    """The member's splits; with `data.shares`, train is the member's `share` of it."""
     train = open_split(data.root, data.train_split, data.classes, data.train_per_class, data.num_classes)
     held = None
     if data.minival:  # train is read once and carved in two
         train, held = carve_minival(train, data.minival, data.minival_seed)
+    which = None
+    if data.shares and share is not None:
+        train, which = take_share(train, data.shares, share), f"{share + 1} of {data.shares}"
     val = open_split(data.root, data.val_split, data.classes, data.val_per_class, data.num_classes)
-    return MemberData(train, val, data.max_bad_images, held, data.resident)
+    return MemberData(train, val, data.max_bad_images, held, data.resident, which)
 
 
 def eval_transform_of(member: ResolvedMember):
@@ -153,9 +158,12 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                                              f"{counts.min()} to {counts.max()} images)")
     if recipe.plain_last_epochs:
         said["hikvision.plain_last_epochs"] = f"strong augmentation off for the last {recipe.plain_last_epochs} epochs"
+    if data.share:
+        said["data.share"] = (f"trains on share {data.share} of train: {len(data.train)} images "
+                              f"(orchestrator/data/shares.py)")
     if rank == 0:
         for tag, text in said.items():  # the data placement only as a tag on the member's run
-            if tag.startswith("hikvision."):
+            if tag.startswith(("hikvision.", "data.share")):
                 print(f"member {member.name}: {text}", flush=True)
     criterion = (confusion.PriorSmoothingLoss(smoothing).to(device) if smoothing is not None
                  else loop.build_criterion(fields.label_smoothing))
