@@ -103,6 +103,7 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
         assert child.info.status == "FINISHED"
         assert child.data.params["arch"] == child.data.tags["arch"]
         assert child.data.params["recipe.schedule.policy"] == "cosine"
+        assert child.data.tags["data.share"].startswith(f"trains on share {int(child.data.params['share']) + 1} of 2")
         history = client.get_metric_history(child.info.run_id, "val_top5_err")
         assert [h.step for h in history] == [1, 2]
         files = {f.path for top in ("predictions", "plots") for f in client.list_artifacts(child.info.run_id, top)}
@@ -253,6 +254,10 @@ def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
     assert re.search(r"member resnet18-tiny-s0 \(resnet18\): epoch 2/2, train loss [\d.]+, val top-1 [\d.]+% top-5",
                      out.stdout)
     assert "Trial status" not in out.stdout
+    # each member says, as it starts, which share of train it trains on (configs/smoke.yaml: shares 2)
+    for name, share in (("resnet18-tiny-s0", 1), ("googlenet-tiny-s1", 2)):
+        assert f"member {name}: trains on share {share} of 2 of train: 80 images" in out.stdout
+    assert "repeated" not in out.stdout
     # ... and it ends with the ensemble against its best member on both metrics, in points
     assert re.search(r"top-1 error: ensemble [\d.]+% vs best member \S+ [\d.]+%: [+-][\d.]+ points", out.stdout)
     assert re.search(r"top-5 error: ensemble [\d.]+% vs best member \S+ [\d.]+%: [+-][\d.]+ points", out.stdout)
