@@ -1,0 +1,109 @@
+"""What `data.shares` does to the first command's ensemble gain, over several draws of seeds.
+
+    python bench/shares_gain.py                  # configs/default.yaml, 4 draws (about 50 min on 2 CPUs)
+    python bench/shares_gain.py --draws 2
+
+One draw is the default job's four members with every seed moved by 100 x draw (draw 0
+is the shipped job), trained twice by the platform's Ray-free core, two at a time: once as
+configured (each member on its own share of train) and once with every member on the same
+images (no shares; train_per_class = minival + one share). One ensemble's gain over its
+best member is one draw of a noisy figure (n = 1,000 val images); the mean over draws, and
+over every combination that takes each member position from any draw, says what the
+design gives. Prints one line per draw and design, then the means:
+
+    shares 4  draw 0: members 65.4 64.6 66.2 68.3  ensemble 63.1  gain over best +1.50 over mean +3.02
+    ...
+    shares 4  mean over 4 draws +2.68; over 256 combinations +2.89, >= 2 points in 84%
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing as mp
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def train(job: tuple) -> tuple:
+    """(design, draw, position, val top-1 error, val probabilities) of one member."""
+    import torch
+
+    from orchestrator.config import load_config, resolve_members
+    from orchestrator.train.member import assemble_predictions, open_member_data, predict, train_member
+
+    config, design, draw, i = job
+    torch.set_num_threads(1)
+    cfg = with_design(load_config(config), design)
+    member = resolve_members(cfg)[i]
+    member = member.model_copy(update={"seed": member.seed + 100 * draw})
+    data = open_member_data(cfg.data, member.share)
+    cpu = torch.device("cpu")
+    model, _ = train_member(member, data, device=cpu)
+    probs = assemble_predictions([predict(model, data.val, member, cpu)], len(data.val))
+    return design, draw, i, probs
+
+
+def with_design(cfg, design: str):
+    """`shares`: as configured; `same`: every member on the images of one share."""
+    if design == "shares":
+        return cfg
+    d = cfg.data
+    one_share = (d.train_per_class - (d.minival or 0)) // d.shares
+    return cfg.model_copy(update={"data": d.model_copy(update={"shares": None,
+                                                                "train_per_class": one_share + (d.minival or 0)})})
+
+
+def top1(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(100 * (probs.argmax(1) != labels).mean())
+
+
+def gains(members: list[np.ndarray], labels: np.ndarray) -> tuple[list[float], float, float, float]:
+    errs = [top1(p, labels) for p in members]
+    ens = top1(np.mean(members, 0), labels)
+    return errs, ens, min(errs) - ens, float(np.mean(errs)) - ens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--draws", type=int, default=4)
+    p.add_argument("--processes", type=int, default=2)
+    args = p.parse_args()
+
+    from orchestrator.config import load_config, resolve_members
+    from orchestrator.train.member import open_member_data, split_labels
+
+    cfg = load_config(args.config)
+    if not cfg.data.shares:
+        sys.exit(f"{args.config} has no data.shares: nothing to compare")
+    n = len(resolve_members(cfg))
+    labels = split_labels(open_member_data(cfg.data).val)
+    jobs = [(args.config, design, draw, i) for draw in range(args.draws) for design in ("shares", "same")
+            for i in range(n)]
+    probs: dict = {}
+    with ProcessPoolExecutor(args.processes, mp_context=mp.get_context("spawn")) as pool:
+        for k, (design, draw, i, pr) in enumerate(pool.map(train, jobs), 1):
+            probs[design, draw, i] = pr
+            print(f"[{k}/{len(jobs)}] {design} draw {draw} member {i}: val top-1 {top1(pr, labels):.1f}%", flush=True)
+    for design in ("shares", "same"):
+        name = f"shares {cfg.data.shares}" if design == "shares" else "same data"
+        per_draw = []
+        for draw in range(args.draws):
+            errs, ens, over_best, over_mean = gains([probs[design, draw, i] for i in range(n)], labels)
+            per_draw.append(over_best)
+            print(f"{name:9s} draw {draw}: members {' '.join(f'{e:.1f}' for e in errs)}  ensemble {ens:.1f}  "
+                  f"gain over best {over_best:+.2f} over mean {over_mean:+.2f}")
+        combos = [gains([probs[design, d, i] for i, d in enumerate(pick)], labels)[2]
+                  for pick in itertools.product(range(args.draws), repeat=n)]
+        print(f"{name:9s} mean over {args.draws} draws {np.mean(per_draw):+.2f}; over {len(combos)} combinations "
+              f"{np.mean(combos):+.2f}, >= 2 points in {np.mean(np.array(combos) >= 2):.0%}")
+
+
+if __name__ == "__main__":
+    main()
