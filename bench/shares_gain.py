@@ -1,6 +1,6 @@
 """What `data.shares` does to the first command's ensemble gain, over several draws of seeds.
 
-    python bench/shares_gain.py                  # configs/default.yaml, 4 draws (about 50 min on 2 CPUs)
+    python bench/shares_gain.py                  # configs/default.yaml, 4 draws (32 members, 25-40 min on 2 CPUs)
     python bench/shares_gain.py --draws 2
 
 One draw is the default job's four members with every seed moved by 100 x draw (draw 0
@@ -13,7 +13,7 @@ design gives. Prints one line per draw and design, then the means:
 
     shares 4  draw 0: members 65.4 64.6 66.2 68.3  ensemble 63.1  gain over best +1.50 over mean +3.02
     ...
-    shares 4  mean over 4 draws +2.68; over 256 combinations +2.89, >= 2 points in 84%
+    shares 4  mean over 4 draws +2.68; over 256 combinations +2.89, >= 2 points in 85%
 """
 from __future__ import annotations
 
