@@ -46,6 +46,7 @@ def test_each_member_trains_on_its_own_share_and_says_so(tiny_root):
     assert set().union(*keys) == {s.key for s in whole.train.records} and sum(map(len, keys)) == 32
     assert all(np.bincount([s.label for s in d.train.records]).tolist() == [2, 2, 2, 2] for d in data)
     assert all({s.key for s in d.minival.records} == {s.key for s in whole.minival.records} for d in data)
+    assert [d.train.share for d in data] == ["1 of 4", "2 of 4", "3 of 4", "4 of 4"] and whole.train.share is None
     notes = {}
     train_member(members[1], data[1], device=CPU, notes=notes)
     assert notes["data.share"].startswith("trains on share 2 of 4 of train: 8 images")

@@ -106,6 +106,11 @@ class Split:
         return len(self.kept)
 
     @property
+    def share(self) -> str | None:
+        """Which share of train this is ("2 of 4"; orchestrator/data/shares.py), else None."""
+        return shares_of.describe(self.split)
+
+    @property
     def class_names(self) -> list[str]:
         return [self.manifest.classes[i]["wnid"] for i in self.kept]
 

@@ -38,7 +38,6 @@ class MemberData:
     max_bad_images: int = 50
     minival: Split | None = None  # held out of train: every choice is made on it (data/minival.py)
     resident: bool | str = "auto"  # data.resident: train held decoded on the device (data/resident.py)
-    share: str | None = None  # with data.shares: which share of train this is ("2 of 4")
 
     @property
     def num_classes(self) -> int:
@@ -60,11 +59,10 @@ def open_member_data(data: Data, share: int | None = None) -> MemberData:
     held = None
     if data.minival:  # train is read once and carved in two
         train, held = carve_minival(train, data.minival, data.minival_seed)
-    which = None
     if data.shares and share is not None:
-        train, which = take_share(train, data.shares, share), f"{share + 1} of {data.shares}"
+        train = take_share(train, data.shares, share)
     val = open_split(data.root, data.val_split, data.classes, data.val_per_class, data.num_classes)
-    return MemberData(train, val, data.max_bad_images, held, data.resident, which)
+    return MemberData(train, val, data.max_bad_images, held, data.resident)
 
 
 def eval_transform_of(member: ResolvedMember):
@@ -158,9 +156,8 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
                                              f"{counts.min()} to {counts.max()} images)")
     if recipe.plain_last_epochs:
         said["hikvision.plain_last_epochs"] = f"strong augmentation off for the last {recipe.plain_last_epochs} epochs"
-    if data.share:
-        said["data.share"] = (f"trains on share {data.share} of train: {len(data.train)} images "
-                              f"(orchestrator/data/shares.py)")
+    if data.train.share:  # "2 of 4": the member's own share of train (orchestrator/data/shares.py)
+        said["data.share"] = f"trains on share {data.train.share} of train: {len(data.train)} images"
     if rank == 0:
         for tag, text in said.items():  # the data placement only as a tag on the member's run
             if tag.startswith(("hikvision.", "data.share")):
