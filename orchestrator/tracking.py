@@ -138,9 +138,12 @@ def log_epoch(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> N
 
 def _shown(key: str, value: float) -> float:
     """Error rates (computed in float32) as the 7 digits they hold: 0.662 in the UI, not
-    0.6620000004768372. Every other metric exactly as measured (a weight fingerprint is
+    0.6620000004768372; rates (images/s, timed on a shared machine) to 4 digits, 256.6 not
+    256.608179...; every other metric exactly as measured (a weight fingerprint is
     compared for equality)."""
-    return float(f"{value:.7g}") if key.endswith("_err") else value
+    if key.endswith("_err"):
+        return float(f"{value:.7g}")
+    return float(f"{value:.4g}") if key.endswith("_per_s") else value
 
 
 def get_or_create_trial_run(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, member,

@@ -72,9 +72,9 @@ def test_the_experiment_carries_a_saved_runs_view_the_ui_can_open(tmp_path):
         f"http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey=ensembles&workflowType=machine_learning")
 
 
-def test_error_rates_are_logged_as_the_digits_they_hold_and_nothing_else_is_rounded():
+def test_errors_and_images_per_s_are_logged_as_the_digits_that_mean_something():
     from orchestrator.tracking import _shown
 
     assert _shown("val_top1_err", 0.6620000004768372) == 0.662
     assert _shown("fingerprint", 172085.55761317757) == 172085.55761317757  # compared for equality
-    assert _shown("images_per_s", 265.68971) == 265.68971
+    assert _shown("images_per_s", 256.608179) == 256.6 and _shown("images_per_s", 25123.4) == 25120
