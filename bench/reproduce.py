@@ -207,7 +207,7 @@ def trained_per_class(cfg) -> list[int]:
             counts = np.bincount(labels, minlength=n)[:n].tolist()
         else:  # no labels file: the split's mean per class
             counts = [sum(s.samples for s in manifest.shards("train")) // manifest.num_classes] * n
-    return [max(0, c - (d.minival or 0)) // (d.shares or 1) for c in counts]
+    return [int(d.member_per_class(c)) for c in counts]
 
 
 def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:

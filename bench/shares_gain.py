@@ -60,7 +60,10 @@ def with_design(cfg, design: str):
 
 
 def top1(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(100 * (probs.argmax(1) != labels).mean())
+    """Top-1 error in percent, by the one rule every report uses (ensemble.math)."""
+    from ensemble.math import topk_error
+
+    return 100 * topk_error(probs, labels, 1)
 
 
 def gains(members: list[np.ndarray], labels: np.ndarray) -> tuple[list[float], float, float, float]:

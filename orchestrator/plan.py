@@ -64,8 +64,7 @@ def _train_samples(cfg) -> tuple[int, int]:
     per_class = total / manifest.num_classes
     if cfg.data.train_per_class:
         per_class = min(per_class, cfg.data.train_per_class)
-    per_class = (per_class - (cfg.data.minival or 0)) / (cfg.data.shares or 1)  # what one member trains on
-    return int(per_class * len(kept)), len(kept)
+    return int(cfg.data.member_per_class(per_class) * len(kept)), len(kept)
 
 
 def print_plan(result: dict, cluster: Cluster, estimated: set[str] = frozenset()) -> None:

@@ -199,6 +199,11 @@ class Data(Strict):
                             f"the number of shares")
         return self
 
+    def member_per_class(self, read: float) -> float:
+        """Of `read` train images of a class, those one member trains on: less the minival,
+        and with shares, one share of the rest."""
+        return max(0, read - (self.minival or 0)) / (self.shares or 1)
+
     @property
     def heldout(self) -> str:
         """The split every per-epoch metric and every choice is made on."""

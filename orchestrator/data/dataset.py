@@ -258,14 +258,10 @@ def take_share(split: Split, shares: int, share: int) -> Split:
         keep = shares_of.positions(split.labels, shares, share)
         return Split(split.manifest, name, split.kept, split.per_class, [split.records[i] for i in keep])
     source = split.source_labels()
-    skipped = np.zeros(len(source), dtype=bool)
-    if split.exclude is not None:
-        skipped[split.exclude] = True
-    candidates = np.flatnonzero(~skipped)
-    skipped[candidates] = True
-    skipped[candidates[shares_of.positions(source[candidates], shares, share)]] = False
+    candidates = np.setdiff1d(np.arange(len(source)), [] if split.exclude is None else split.exclude)
+    keep = candidates[shares_of.positions(source[candidates], shares, share)]
     return Split(split.manifest, name, split.kept, split.per_class, None, source=split.shard_split,
-                 exclude=np.flatnonzero(skipped))
+                 exclude=np.setdiff1d(np.arange(len(source)), keep))
 
 
 def _read_subset(split: Split) -> list[Sample]:
