@@ -1,7 +1,7 @@
 """What `data.shares` does to the first command's ensemble gain, over several draws of seeds.
 
-    python bench/shares_gain.py                  # configs/default.yaml, 4 draws (32 members, 25-40 min on 2 CPUs)
-    python bench/shares_gain.py --draws 2
+    python bench/shares_gain.py --draws 3        # configs/default.yaml: 24 members, 25 min on 2 CPUs
+    python bench/shares_gain.py                  # 4 draws, 32 members
 
 One draw is the default job's four members with every seed moved by 100 x draw (draw 0
 is the shipped job), trained twice by the platform's Ray-free core, two at a time: once as
@@ -11,9 +11,9 @@ best member is one draw of a noisy figure (n = 1,000 val images); the mean over 
 over every combination that takes each member position from any draw, says what the
 design gives. Prints one line per draw and design, then the means:
 
-    shares 4  draw 0: members 65.4 64.6 66.2 68.3  ensemble 63.1  gain over best +1.50 over mean +3.02
+    shares 4  draw 0: members 61.0 60.9 64.1 66.2  ensemble 58.3  gain over best +2.60 over mean +4.75
     ...
-    shares 4  mean over 4 draws +2.68; over 256 combinations +2.89, >= 2 points in 85%
+    shares 4  mean over 3 draws +2.60; over 81 combinations +3.05, >= 2 points in 98%
 """
 from __future__ import annotations
 
