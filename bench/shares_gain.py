@@ -54,7 +54,7 @@ def with_design(cfg, design: str):
     if design == "shares":
         return cfg
     d = cfg.data
-    one_share = (d.train_per_class - (d.minival or 0)) // d.shares
+    one_share = int(d.member_per_class(d.train_per_class))
     return cfg.model_copy(update={"data": d.model_copy(update={"shares": None,
                                                                 "train_per_class": one_share + (d.minival or 0)})})
 
