@@ -49,8 +49,8 @@ def train_one(job: dict) -> dict:
 
     from models import get_spec, save_checkpoint
     from orchestrator.config import Data, ResolvedMember
-    from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, PREDICTIONS_FILE, final_outputs,
-                                           open_member_data, train_member)
+    from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE,
+                                           PREDICTIONS_FILE, final_outputs, open_member_data, train_member)
 
     member = ResolvedMember.model_validate(job["member"])
     folder = os.path.join(job["out"], "members", member.key)
@@ -83,6 +83,8 @@ def train_one(job: dict) -> dict:
             "low_res": member.low_res, "weight": member.weight, "seed": member.seed, "recipe": member.recipe_name,
             "status": "finished", "checkpoint": os.path.join(folder, CHECKPOINT_FILE),
             "predictions": os.path.join(folder, PREDICTIONS_FILE), "labels": os.path.join(folder, LABELS_FILE),
+            **({"minival_predictions": os.path.join(folder, MINIVAL_PREDICTIONS_FILE),
+                "minival_labels": os.path.join(folder, MINIVAL_LABELS_FILE)} if MINIVAL_PREDICTIONS_FILE in files else {}),
             "metrics": {"top1_err": metrics["val_top1_err"], "top5_err": metrics["val_top5_err"],
                         "images_per_s": metrics["images_per_s"], "minutes": (time.time() - start) / 60,
                         "epochs": state.epoch, "val_samples": metrics["val_samples"]}}
@@ -210,17 +212,57 @@ def trained_per_class(cfg) -> list[int]:
     return [int(d.member_per_class(c)) for c in counts]
 
 
-def plain_baseline(cfg, epochs: int, size: int, threads: int) -> dict:
-    """bench/plain_baseline.py on the config's subset, in its own process: as many train
-    images per class as the members train on (a minival carved from them is not trained on;
-    with uneven classes, the smallest class's count for every class)."""
-    d = cfg.data
-    per_class = min(trained_per_class(cfg))
-    cmd = [sys.executable, str(ROOT / "bench" / "plain_baseline.py"), "--root", d.root, "--classes", str(num_classes(cfg)),
-           "--train-per-class", str(per_class), "--val-per-class", str(d.val_per_class or 50),
-           "--epochs", str(epochs), "--size", str(size), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+PLAIN_ARCHS = ("resnet20", "resnet18", "resnet34")  # the networks bench/plain_baseline.py writes
+PLAIN_AUGMENT = ("crop_scale", "crop_ratio", "hflip", "label_smoothing")  # the fields it applies
+
+
+def baseline_member(members):
+    """The member the plain baseline is compared with: the first, in the config's order,
+    whose network the baseline writes (a fixed rule: nothing is chosen on val)."""
+    return next((m for m in members if m.arch in PLAIN_ARCHS), None)
+
+
+def unplain(member) -> list[str]:
+    """What in the member's recipe has no plain counterpart (the baseline is then skipped)."""
+    from orchestrator.train.augment import AugmentFields
+
+    r, f, default = member.recipe, member.recipe.augment.fields(), AugmentFields()
+    out = [f"augment.{k}" for k in vars(f) if k not in PLAIN_AUGMENT and getattr(f, k) != getattr(default, k)]
+    out += [k for k in ("label_shuffling", "cam_crops", "confusion_prior", "multiscale", "max_steps_per_epoch")
+            if getattr(r, k)]
+    if r.schedule.policy not in ("constant", "cosine", "onecycle"):
+        out.append(f"schedule.policy {r.schedule.policy}")
+    return out
+
+
+def baseline_spec(cfg, member) -> dict:
+    """The member's recipe, eval transform and exact image keys (its share of train less the
+    minival, and val), as bench/plain_baseline.py reads them."""
+    from models import get_spec
+    from orchestrator.train.member import open_member_data
+
+    data = open_member_data(cfg.data, member.share)
+    r, f = member.recipe, member.recipe.augment.fields()
+    ev = get_spec(member.arch).eval_transform(member.low_res, member.input_size)
+    return {"name": member.name, "arch": member.arch, "low_res": member.low_res, "input_size": member.input_size,
+            "seed": member.seed, "classes": list(data.train.kept),
+            "train_keys": [s.key for s in data.train.iter_samples()], "val_keys": [s.key for s in data.val.iter_samples()],
+            "recipe": {"epochs": r.epochs, "batch_size": r.batch_size, "optimizer": r.optimizer.model_dump(mode="json"),
+                       "schedule": r.schedule.model_dump(mode="json"), "plain_last_epochs": r.plain_last_epochs,
+                       "augment": {k: getattr(f, k) for k in PLAIN_AUGMENT}},
+            "eval": {"resize": ev.resize, "crop": ev.crop, "mean": list(ev.mean), "std": list(ev.std)}}
+
+
+def plain_baseline(cfg, member, out: str, threads: int, device: str) -> dict:
+    """bench/plain_baseline.py in its own process, like for like with `member`: its recipe,
+    its training images, the same val images and scoring rule."""
+    path = os.path.join(out, "baseline_member.json")
+    with open(path, "w") as f:
+        json.dump(baseline_spec(cfg, member), f)
+    cmd = [sys.executable, str(ROOT / "bench" / "plain_baseline.py"), "--root", cfg.data.root, "--member", path,
+           "--threads", str(threads), "--device", device]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def num_classes(cfg) -> int:
@@ -318,13 +360,17 @@ def main() -> None:
     jobs = [{**j, "threads": threads} for j in jobs]
     print(f"at most {pack} members at once ({threads} CPU threads each)", flush=True)
     tasks = [(train_and_release, j) for j in jobs]
-    if not args.no_baseline:  # first, holding one member's place: on a CPU a core, on a GPU the smallest share
-        first = members[0]
-        tasks.insert(0, (plain_baseline, cfg, first.recipe.epochs, first.input_size, threads))
+    twin = None if args.no_baseline else baseline_member(members)
+    if twin is not None and unplain(twin):
+        print(f"plain baseline skipped: member {twin.name}'s recipe uses {', '.join(unplain(twin))}, which "
+              f"bench/plain_baseline.py does not apply", flush=True)
+        twin = None
+    if twin is not None:  # first, holding one member's place: on a CPU a core, on a GPU the smallest share
+        tasks.insert(0, (plain_baseline, cfg, twin, os.path.abspath(args.out), threads, device))
         shares = [min(shares)] + shares
     with ProcessPoolExecutor(max_workers=pack, mp_context=ctx) as pool:
         results = run_packed(pool, tasks, shares)
-    baseline = None if args.no_baseline else results.pop(0)
+    baseline = results.pop(0) if twin is not None else None
     records = results
     trained_min = (time.time() - start) / 60
     reused = sum(bool(r.pop("reused", False)) for r in records)
@@ -332,29 +378,48 @@ def main() -> None:
     write_runs_file(cfg, records, runs)
     report = evaluate(runs, args.out, args.tta)
     wall = (time.time() - start) / 60
-    ens = report["ensemble"]
-    # the members as the report scored them (with --tta, their TTA predictions)
-    best5 = min(m["top5_err"] for m in report["members"])
-    best1 = min(m["top1_err"] for m in report["members"])
-    lo, hi = ens["gain_top5_over_best_ci"]
     print(size_curve_line(report))
-    print(f"top-1 gain over the best member {ens['gain_top1_over_best']:+.4f} "
-          f"[{ens['gain_top1_over_best_ci'][0]:+.4f}, {ens['gain_top1_over_best_ci'][1]:+.4f}]; "
-          f"top-5 gain {ens['gain_top5_over_best']:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% paired bootstrap)")
-    if baseline:
-        mine = [r for r in records if r["arch"] == "resnet20"]
-        same = min(mine, key=lambda r: r["metrics"]["top1_err"]) if mine else None
-        side = (f"; the platform's best ResNet-20 {same['metrics']['top1_err']:.4f} / {same['metrics']['top5_err']:.4f}"
-                if same else "")
-        print(f"plain PyTorch ResNet-20 (same data and epochs): top-1 {baseline['top1_err']:.4f}, "
-              f"top-5 {baseline['top5_err']:.4f}{side}")
+    for line in final_lines(report, records, baseline, twin):
+        print(line)
     again = f" ({reused} of {len(records)} members reused from an earlier run in {args.out})" if reused else ""
-    print(f"members trained in {trained_min:.1f} min{again}; whole run {wall:.1f} min on {device}; "
-          f"best member top-1 {best1:.4f}")
-    rel = (lambda x: f"{x / best5:.1%}") if best5 > 0 else (lambda x: "n/a")  # no top-5 errors at all: no cut
-    print(f"ensemble top1 {ens['top1_err']:.4f} top5 {ens['top5_err']:.4f} best-member top5 {best5:.4f} "
-          f"cut {rel(best5 - ens['top5_err'])} [{rel(lo)}, {rel(hi)}]")
+    print(f"members trained in {trained_min:.1f} min{again}; whole run {wall:.1f} min on {device}")
+    print(figure_line(report))
 
+
+def best_of(report: dict, k: int) -> dict:
+    """The report's best member on top-k: chosen on the minival when the runs file has one
+    (ensemble/evaluate.py: choose_best), reported on val."""
+    return next(m for m in report["members"] if m["name"] == report["ensemble"][f"best_member_top{k}"])
+
+
+def final_lines(report: dict, records: list[dict], baseline: dict | None, twin) -> list[str]:
+    ens, chosen = report["ensemble"], report["best_member"]["chosen_on"]
+    b1, b5 = best_of(report, 1), best_of(report, 5)
+    lines = [f"best member (chosen on {chosen}): top-1 {b1['name']} {b1['top1_err']:.4f}, "
+             f"top-5 {b5['name']} {b5['top5_err']:.4f} on val",
+             f"top-1 gain over the best member {ens['gain_top1_over_best']:+.4f} "
+             f"[{ens['gain_top1_over_best_ci'][0]:+.4f}, {ens['gain_top1_over_best_ci'][1]:+.4f}]; "
+             f"top-5 gain {ens['gain_top5_over_best']:+.4f} [{ens['gain_top5_over_best_ci'][0]:+.4f}, "
+             f"{ens['gain_top5_over_best_ci'][1]:+.4f}] (95% paired bootstrap)"]
+    if baseline:
+        mine = next(r for r in records if r["name"] == twin.name)["metrics"]
+        lines.append(f"plain PyTorch {twin.arch}, like for like with member {twin.name} (its recipe, its "
+                     f"{baseline['train_images']} training images, the same {baseline['val_images']} val images, "
+                     f"ties as misses): top-1 {baseline['top1_err']:.4f}, top-5 {baseline['top5_err']:.4f}; "
+                     f"the member: top-1 {mine['top1_err']:.4f}, top-5 {mine['top5_err']:.4f}")
+    return lines
+
+
+def figure_line(report: dict) -> str:
+    """ensemble top1 T1 top5 T5 best-member top5 B cut X% [lo, hi]: B is the best member's
+    val top-5 error (chosen on the minival when there is one); the cut is B - T5 relative
+    to B, with the gain's 95% paired bootstrap interval relative to B."""
+    ens = report["ensemble"]
+    best5 = best_of(report, 5)["top5_err"]
+    lo, hi = ens["gain_top5_over_best_ci"]
+    rel = (lambda x: f"{x / best5:.1%}") if best5 > 0 else (lambda x: "n/a")  # no top-5 errors at all: no cut
+    return (f"ensemble top1 {ens['top1_err']:.4f} top5 {ens['top5_err']:.4f} best-member top5 {best5:.4f} "
+            f"cut {rel(ens['gain_top5_over_best'])} [{rel(lo)}, {rel(hi)}]")
 
 if __name__ == "__main__":
     main()

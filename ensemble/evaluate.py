@@ -113,6 +113,26 @@ def check_shapes(runs: RunsFile, preds: list[MemberPredictions], labels: np.ndar
             raise UserError(f"member {p.name}: {p.array.shape[0]} samples, but the {what + ' ' if what else ''}labels have {n}")
 
 
+CHOSEN_ON = {"minival": "the minival", "held-out": "held-out rows of val", "val": "val (optimistic)"}
+
+
+def choose_best(sel: Selection | None, proto: Protocol, m: int, reported_errors: list[dict]) -> dict:
+    """The best member per metric, chosen where every other choice is made: on the
+    minival, else on the held-out rows of val, else (nothing held out) on the reported
+    rows themselves, which flatters it (an oracle choice; the report says so).
+    Returns {"by": {k: member index}, "on": "minival" | "held-out" | "val", "errors": [...]}."""
+    if sel is None:
+        errors, on = [{k: r[f"top{k}_err"] for k in (1, 5)} for r in reported_errors], "val"
+    else:
+        errors = []
+        for i in range(m):
+            probs = sel.load(i)
+            errors.append({k: em.topk_error(probs, sel.labels, k) for k in (1, 5)})
+        on = "minival" if proto.on_minival else "held-out"
+    by = {k: int(np.argmin([e[k] for e in errors])) for k in (1, 5)}  # ties: the first listed
+    return {"by": by, "on": on, "samples": int(len(sel.labels)) if sel is not None else None, "errors": errors}
+
+
 def fit_on_selection(records, sel: Selection, args) -> tuple[list, np.ndarray | None, dict | None]:
     """Temperatures and/or greedy weights, from the selection rows only."""
     m = len(records)
@@ -141,15 +161,16 @@ def fit_on_selection(records, sel: Selection, args) -> tuple[list, np.ndarray | 
     return transforms, weights, selection
 
 
-def curve_orders(records, per_member, selection_order, m: int, n_random: int, seed: int):
+def curve_orders(chosen_errors, selection_order, m: int, n_random: int, seed: int):
     """The greedy order (first appearance in the selection) when selection ran, else members
-    sorted by their own top-5 error; plus `n_random` random orders."""
+    sorted by their own top-5 error where the best member is chosen (`choose_best`); plus
+    `n_random` random orders."""
     if selection_order:
         first = list(dict.fromkeys(selection_order))
-        rest = sorted(set(range(m)) - set(first), key=lambda i: per_member[i]["top5_err"])
+        rest = sorted(set(range(m)) - set(first), key=lambda i: chosen_errors[i][5])
         main, label = first + rest, "greedy"
     else:
-        main, label = sorted(range(m), key=lambda i: per_member[i]["top5_err"]), "sorted"
+        main, label = sorted(range(m), key=lambda i: chosen_errors[i][5]), "sorted"
     rng = np.random.default_rng(seed)
     return main, label, [list(rng.permutation(m)) for _ in range(n_random)]
 
@@ -160,13 +181,16 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
     needs_selection = args.select == "greedy" or args.calibrate
     proto = decide(runs, records, len(labels), needs_selection, args.selection_fraction, args.seed)
     rows = proto.reported
-    transforms, weights, selection = fit_on_selection(records, Selection(runs, records, preds, labels, proto, args),
-                                                      args) if needs_selection else ([None] * m, None, None)
+    sel = Selection(runs, records, preds, labels, proto, args) if proto.on_minival or proto.selection is not None \
+        else None
+    transforms, weights, selection = fit_on_selection(records, sel, args) if needs_selection else ([None] * m, None,
+                                                                                                  None)
     if weights is None:
         weights = np.array([r.weight for r in records]) if args.method == "weighted" else np.ones(m)
     scored = score(preds, transforms, labels, rows, weights, METHODS[args.method])
     per_member = [{"name": r.name, **t.summary()} for r, t in zip(records, scored["members"])]
-    main, label, randoms = curve_orders(records, per_member, selection and
+    best = choose_best(sel, proto, m, per_member)
+    main, label, randoms = curve_orders(best["errors"], selection and
                                         [[r.name for r in records].index(n) for n in selection["order"]],
                                         m, args.random_orders, args.seed)
     # The curve costs (1 + random orders) x M passes; a 10k-row subset pins each point
@@ -182,8 +206,7 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
             entry["random_top1_err"] = float(np.mean([c[k, 0] for c in curves[1:]]))
             entry["random_top5_err"] = float(np.mean([c[k, 1] for c in curves[1:]]))
         size_curve.append(entry)
-    best = min(per_member, key=lambda x: x["top5_err"])
-    best_by = {k: int(np.argmin([x[f"top{k}_err"] for x in per_member])) for k in (1, 5)}  # best member per metric
+    best_by = best["by"]
     used = [r.name for r, w in zip(records, weights) if w > 0]
     summary = scored["ensemble"].summary()
     ensemble = {"method": args.method, "members": used, **summary,
@@ -192,7 +215,8 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
                 else 0.0,
                 "gain_top5_over_best": per_member[best_by[5]]["top5_err"] - summary["top5_err"],
                 "gain_top1_over_best": per_member[best_by[1]]["top1_err"] - summary["top1_err"],
-                "best_member_top1": per_member[best_by[1]]["name"], "best_member_top5": per_member[best_by[5]]["name"]}
+                "best_member_top1": per_member[best_by[1]]["name"], "best_member_top5": per_member[best_by[5]]["name"],
+                "best_member_chosen_on": best["on"]}
     # 95% bootstrap intervals over the reported rows (ensemble/scoring.py: intervals)
     ci = intervals(scored["members"], scored["ensemble"], best_by, args.bootstrap, args.seed)
     for row, extra in zip(per_member, ci["members"]):
@@ -202,7 +226,8 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
     report = {"dataset": {"name": ds.name, "split": ds.split, "samples": int(len(rows)), "num_classes": ds.num_classes},
               "protocol": proto.describe(runs),
               "members": per_member, "ensemble": ensemble,
-              "best_member": {"name": best["name"], "top5_err": best["top5_err"]},
+              "best_member": {"name": per_member[best_by[5]]["name"], "top5_err": per_member[best_by[5]]["top5_err"],
+                              "chosen_on": CHOSEN_ON[best["on"]], "chosen_samples": best["samples"]},
               "size_curve": size_curve, "size_curve_samples": int(len(curve_rows)), "selection": selection,
               "tta": {"mode": args.tta, "inference_cost": float(TTA_VIEWS[args.tta])},
               "disagreement": {"members": [r.name for r in records], "matrix": scored["disagreement"].tolist()}}

@@ -27,18 +27,30 @@ def _err(row: dict, key: str) -> str:
     return f"{row[key]:.2%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "")
 
 
+def best_words(report: dict) -> tuple[str, str]:
+    """(who, where): "best member" and where it was chosen, or "best on val (optimistic)"
+    when it was chosen on the rows it is reported on (ensemble/evaluate.py: choose_best)."""
+    on = report["ensemble"].get("best_member_chosen_on", "val")
+    if on == "minival":
+        return "best member", " (chosen on the minival)"
+    if on == "held-out":
+        return "best member", f" (chosen on {report['best_member']['chosen_samples']} held-out rows)"
+    return f"best on {report['dataset']['split']} (optimistic)", ""
+
+
 def headline(report: dict) -> list[str]:
     """The ensemble against its best member, per metric, in points and relative, with the
-    gain's 95% bootstrap interval."""
+    gain's 95% bootstrap interval (paired: one resample of rows for both)."""
     e, members = report["ensemble"], {m["name"]: m for m in report["members"]}
+    who, where = best_words(report)
     lines = []
     for k in (1, 5):
         best = members[e.get(f"best_member_top{k}") or report["best_member"]["name"]]
         gain, ci = e[f"gain_top{k}_over_best"], e.get(f"gain_top{k}_over_best_ci")
         rel = gain / best[f"top{k}_err"] if best[f"top{k}_err"] else 0.0
         interval = f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else ""
-        lines.append(f"top-{k} error: ensemble {e[f'top{k}_err']:.2%} vs best member {best['name']} "
-                     f"{best[f'top{k}_err']:.2%}: {gain * 100:+.2f} points{interval} ({rel:+.1%} relative)")
+        lines.append(f"top-{k} error: ensemble {e[f'top{k}_err']:.2%} vs {who} {best['name']} "
+                     f"{best[f'top{k}_err']:.2%}{where}: {gain * 100:+.2f} points{interval} ({rel:+.1%} relative)")
     return lines
 
 

@@ -70,14 +70,22 @@ class NpyRows:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        idx = np.arange(self.shape[0])[index] if not isinstance(index, np.ndarray) else index
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        """numpy's rows for any index: an int, a slice, or an index array in any order,
+        with repeats and negatives. One read of the span from the lowest to the highest row
+        asked for; rows are then taken from it in the order asked."""
+        idx = np.arange(self.shape[0])[index]  # numpy's own rules: bounds, negatives, slices
+        if idx.ndim == 0:
+            return self[idx.reshape(1)][0]
+        if idx.size == 0:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        lo, hi = int(idx.min()), int(idx.max()) + 1
         row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         with open(self.path, "rb") as f:
             f.seek(self.offset + lo * row)
             block = np.fromfile(f, dtype=self.dtype, count=(hi - lo) * row // self.dtype.itemsize)
         block = block.reshape((hi - lo, *self.shape[1:]))
-        return block if hi - lo == len(idx) else block[idx - lo]
+        in_order = hi - lo == len(idx) and bool(np.all(np.diff(idx) == 1))
+        return block if in_order else block[idx - lo]
 
 
 def open_npy(uri: str, what: str, rows: bool = False):

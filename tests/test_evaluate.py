@@ -54,8 +54,9 @@ def test_json_report_has_the_documented_shape(tmp_path):
             assert isinstance(m[key], float) and (0 <= m[key] <= 1 or key == "nll")
     e = report["ensemble"]
     assert e["method"] == "mean_softmax" and e["members"] == ["m0", "m1", "m2"] and 0 <= e["ece"] <= 1
-    best = min(report["members"], key=lambda m: m["top5_err"])
-    assert report["best_member"] == {"name": best["name"], "top5_err": best["top5_err"]}
+    best = min(report["members"], key=lambda m: m["top5_err"])  # no minival, nothing held out: chosen on val
+    assert report["best_member"] == {"name": best["name"], "top5_err": best["top5_err"],
+                                     "chosen_on": "val (optimistic)", "chosen_samples": None}
     assert [p["k"] for p in report["size_curve"]] == [1, 2, 3]
     assert report["size_curve"][-1]["top5_err"] == pytest.approx(e["top5_err"])  # all members = the ensemble
     assert report["size_curve"][0]["top5_err"] == pytest.approx(best["top5_err"])  # sorted order starts at the best
@@ -162,3 +163,113 @@ def test_the_members_plot_legend_covers_no_bar_name_or_title(tmp_path, monkeypat
               + [ax.title.get_window_extent(r)])
     assert not any(legend.overlaps(box) for box in others)
     assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1 and legend.y1 <= fig.bbox.y1  # in the image
+
+
+def _probs(rng, n, c, labels, strength):
+    z = rng.standard_normal((n, c)) * 1.5
+    z[np.arange(n), labels] += strength
+    e = np.exp(z - z.max(1, keepdims=True))
+    return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+
+def runs_where_minival_and_val_disagree(folder, with_minival=True):
+    """m0 is the strongest member on the minival and the weakest on val; m1 the reverse."""
+    rng = np.random.default_rng(5)
+    n, n_mv, c = 600, 300, 10
+    y, y_mv = rng.integers(0, c, n), rng.integers(0, c, n_mv)
+    np.save(folder / "labels.npy", y)
+    np.save(folder / "mv_labels.npy", y_mv)
+    members = []
+    for i, (on_val, on_minival) in enumerate([(1.0, 3.5), (3.0, 0.5), (2.0, 2.0)]):
+        np.save(folder / f"m{i}.npy", _probs(rng, n, c, y, on_val))
+        np.save(folder / f"mv{i}.npy", _probs(rng, n_mv, c, y_mv, on_minival))
+        members.append({"name": f"m{i}", "key": f"m{i}-k", "arch": "resnet18", "predictions": str(folder / f"m{i}.npy"),
+                        "eval": EVAL, **({"minival_predictions": str(folder / f"mv{i}.npy")} if with_minival else {})})
+    ds = {"name": "t", "uri": str(folder), "split": "val", "num_classes": c, "samples": n,
+          "labels": str(folder / "labels.npy")}
+    runs = {"version": 1, "ensemble": "t", "dataset": ds, "members": members}
+    if with_minival:
+        runs["minival"] = {**ds, "split": "train@minival:30:0", "samples": n_mv, "labels": str(folder / "mv_labels.npy")}
+    (folder / "runs.yaml").write_text(yaml.safe_dump(runs))
+    return folder / "runs.yaml", y
+
+
+def test_the_best_member_is_the_minivals_choice_reported_on_val(tmp_path, capsys):
+    from ensemble import math as em
+
+    path, y = runs_where_minival_and_val_disagree(tmp_path)
+    report, _ = run(path, tmp_path)
+    vals = {m["name"]: m for m in report["members"]}
+    assert min(vals, key=lambda k: vals[k]["top1_err"]) == "m1"  # val would have named m1
+    e = report["ensemble"]
+    assert e["best_member_top1"] == e["best_member_top5"] == "m0" and e["best_member_chosen_on"] == "minival"
+    assert report["best_member"]["chosen_on"] == "the minival" and report["best_member"]["chosen_samples"] == 300
+    mean = em.combine([np.load(tmp_path / f"m{i}.npy") for i in range(3)])
+    for k in (1, 5):  # the gain is over m0's val error, not the lowest val error
+        assert e[f"gain_top{k}_over_best"] == pytest.approx(vals["m0"][f"top{k}_err"] - em.topk_error(mean, y, k))
+    assert report["size_curve"][0]["member"] == "m0"  # the sorted curve starts at the minival's best
+    out = capsys.readouterr().out
+    assert "vs best member m0 " in out and "(chosen on the minival):" in out
+
+
+def test_without_a_minival_the_line_says_best_on_val_is_optimistic(tmp_path, capsys):
+    path, _ = runs_where_minival_and_val_disagree(tmp_path, with_minival=False)
+    report, _ = run(path, tmp_path)
+    assert report["ensemble"]["best_member_top1"] == "m1" and report["ensemble"]["best_member_chosen_on"] == "val"
+    assert "vs best on val (optimistic) m1 " in capsys.readouterr().out
+    # with rows held out for --select, the best member is chosen on them, not on the reported rows
+    report, _ = run(path, tmp_path, "--select", "greedy")
+    assert report["ensemble"]["best_member_chosen_on"] == "held-out"
+    assert report["best_member"]["chosen_samples"] == 300 and report["dataset"]["samples"] == 300
+
+
+def test_the_gain_interval_is_paired(tmp_path):
+    """One resample of rows serves ensemble and best member (an independent float64
+    bootstrap with the same draws gives the same interval); resampling them apart gives a
+    much wider one on these correlated members (each a small blend away from the others)."""
+    shared = None
+
+    def blend(i, probs):  # every member mostly the first one: the ensemble misses where its best does
+        nonlocal shared
+        shared = probs if shared is None else shared
+        return (0.85 * shared + 0.15 * probs).astype(np.float32)
+
+    path, y = make_runs(tmp_path, n=800, edit=blend)
+    report, _ = run(path, tmp_path, "--bootstrap", "400", "--seed", "3")
+    from ensemble import math as em
+
+    mean = em.combine([np.load(tmp_path / f"m{i}.npy") for i in range(3)]).numpy().astype(np.float64)
+    best_name = report["ensemble"]["best_member_top1"]
+    assert report["ensemble"]["best_member_top5"] == best_name
+    best = np.load(tmp_path / f"{best_name}.npy").astype(np.float64)
+
+    def misses(p, k):
+        true = p[np.arange(len(y)), y][:, None]
+        return ((p >= true).sum(1) - 1 >= k).astype(np.float64)
+
+    n, rng = len(y), np.random.default_rng(3)
+    draws = [rng.integers(0, n, n) for _ in range(400)]
+    for k in (1, 5):
+        d_best, d_ens = misses(best, k), misses(mean, k)
+        paired = np.percentile([(d_best[i] - d_ens[i]).mean() for i in draws], [2.5, 97.5])
+        unpaired = np.percentile([d_best[i].mean() - d_ens[j].mean() for i, j in zip(draws, draws[1:] + draws[:1])],
+                                 [2.5, 97.5])
+        got = report["ensemble"][f"gain_top{k}_over_best_ci"]
+        assert got == pytest.approx(list(paired), abs=1e-12)
+        assert np.diff(got)[0] < 0.5 * np.diff(unpaired)[0]
+
+
+def test_rows_read_by_index_match_numpy_for_any_order_and_repeats(tmp_path):
+    from ensemble.stored import NpyRows
+
+    rng = np.random.default_rng(0)
+    array = rng.standard_normal((97, 6)).astype(np.float32)
+    np.save(tmp_path / "a.npy", array)
+    rows = NpyRows(str(tmp_path / "a.npy"))
+    cases = [np.array([0, 2, 1, 3]), np.array([3, 1]), np.array([5, 5, 5]), np.array([-1, 0]), np.array([], dtype=int)]
+    cases += [rng.integers(0, 97, int(rng.integers(1, 40))) for _ in range(50)]
+    cases += [np.sort(rng.choice(97, 30, replace=False)), np.arange(10, 20)]
+    for idx in cases:
+        np.testing.assert_array_equal(rows[idx], array[idx])
+    for index in (slice(3, 9), slice(None, None, 7), 4, -2):
+        np.testing.assert_array_equal(rows[index], array[index])

@@ -17,13 +17,18 @@ from orchestrator.train.member import assemble_predictions
 EVAL = {"input_size": 32, "resize": 32, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
 
 
-def reference_error(p, y, k) -> float:
+def reference_misses(p, y, k) -> int:
     """float64, a tie with the true class counted as a miss: hit iff fewer than k other
-    classes have probability >= the true class's."""
+    classes have probability >= the true class's. The number of misses."""
     p = np.asarray(p, dtype=np.float64)
     true = p[np.arange(len(y)), y][:, None]
     others_at_least = (p >= true).sum(1) - 1
-    return float((others_at_least >= k).mean())
+    return int((others_at_least >= k).sum())
+
+
+def assert_exact(err: float, misses: int, n: int) -> None:
+    """The reported error is that many misses out of n: the count, not an approximation."""
+    assert round(err * n) == misses and abs(err - misses / n) < 1e-12, (err * n, misses)
 
 
 def write_runs(folder, preds, labels):
@@ -64,8 +69,9 @@ def test_a_constant_class_member_hits_only_its_class(tmp_path):
     const = np.zeros((1000, 100), dtype=np.float32)
     const[:, 7] = 1.0
     m = evaluate_json(tmp_path, [const], y)["members"][0]
-    assert m["top1_err"] == pytest.approx(reference_error(const, y, 1)) == pytest.approx(float((y != 7).mean()))
-    assert m["top5_err"] == pytest.approx(float((y != 7).mean()))  # the 99 zeros tie: no free top-5 hits
+    assert reference_misses(const, y, 1) == reference_misses(const, y, 5) == int((y != 7).sum())
+    assert_exact(m["top1_err"], int((y != 7).sum()), 1000)
+    assert_exact(m["top5_err"], int((y != 7).sum()), 1000)  # the 99 zeros tie: no free top-5 hits
 
 
 def test_overconfident_members_and_their_saturated_mean_match_float64(tmp_path):
@@ -83,8 +89,8 @@ def test_overconfident_members_and_their_saturated_mean_match_float64(tmp_path):
     mean = np.mean(np.stack(preds).astype(np.float64), 0)
     for k in (1, 5):
         for i, p in enumerate(preds):
-            assert report["members"][i][f"top{k}_err"] == pytest.approx(reference_error(p, y, k), abs=1e-3)
-        assert report["ensemble"][f"top{k}_err"] == pytest.approx(reference_error(mean, y, k), abs=1e-3)
+            assert_exact(report["members"][i][f"top{k}_err"], reference_misses(p, y, k), n)
+        assert_exact(report["ensemble"][f"top{k}_err"], reference_misses(mean, y, k), n)
     # the float64 truth is far from the flattering figure float16 storage gave
     assert report["members"][0]["top5_err"] > 0.2
 

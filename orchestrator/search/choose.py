@@ -38,11 +38,13 @@ class LazyArrays(Sequence):
 
 
 def _ensemble_errors(preds: Sequence[np.ndarray], chosen: list[int], labels: np.ndarray, rows: np.ndarray,
-                     weights: list[float] | None = None) -> dict:
+                     own: list[float], weights: list[float] | None = None) -> dict:
+    """The choice's ensemble on the reported rows, and its best member: the one with the
+    lowest top-1 error on the rows that chose (`own`), reported on these rows."""
     probs = combine((preds[i][rows] for i in chosen), weights)  # one member at a time
-    best = min(topk_error(preds[i][rows], labels[rows], 1) for i in chosen)
+    best = min(chosen, key=lambda i: own[i])
     return {"top1_err": topk_error(probs, labels[rows], 1), "top5_err": topk_error(probs, labels[rows], 5),
-            "best_member_top1_err": best}
+            "best_member": best, "best_member_top1_err": topk_error(preds[best][rows], labels[rows], 1)}
 
 
 def compare(preds: Sequence[np.ndarray], labels: np.ndarray, size: int, metric: str, fraction: float,
@@ -68,7 +70,7 @@ def compare(preds: Sequence[np.ndarray], labels: np.ndarray, size: int, metric: 
     picks, curve = greedy_selection(chooser, len(preds), sel_labels, rounds=size - 1, init=1, metric=metric)
     greedy = list(dict.fromkeys(picks))  # distinct, in the order first picked
     weights = [float(picks.count(i)) for i in greedy]
-    return {"topk": {"chosen": topk, "weights": [1.0] * len(topk), **_ensemble_errors(preds, topk, labels, rows)},
+    return {"topk": {"chosen": topk, "weights": [1.0] * len(topk), **_ensemble_errors(preds, topk, labels, rows, own)},
             "greedy": {"chosen": greedy, "weights": weights, "picks": picks, "selection_curve": curve,
-                       **_ensemble_errors(preds, greedy, labels, rows, weights)},
+                       **_ensemble_errors(preds, greedy, labels, rows, own, weights)},
             "selection_rows": n_sel, "report_rows": len(rows)}

@@ -218,12 +218,13 @@ def print_choice(console, rows: list[dict], choice: dict, size: int) -> None:
     complete = [r for r in rows if r.get("predictions")]
     table = Table(title=f"choosing up to {size} members from {len(complete)} complete trials "
                         f"(held-out rows: {choice['report_rows']})")
-    for col in ("choice", "trials", "ensemble top-1 err", "ensemble top-5 err", "best member top-1 err"):
+    for col in ("choice", "trials", "ensemble top-1 err", "ensemble top-5 err",
+                f"best member (chosen on the {choice['selection_rows']} selection rows): top-1 err"):
         table.add_column(col)
     for kind, label in (("topk", "top-k by own error"), ("greedy", "Caruana selection")):
         c = choice[kind]
         table.add_row(label, ", ".join(complete[i]["trial_id"] for i in c["chosen"]), f"{c['top1_err']:.2%}",
-                      f"{c['top5_err']:.2%}", f"{c['best_member_top1_err']:.2%}")
+                      f"{c['top5_err']:.2%}", f"{complete[c['best_member']]['trial_id']} {c['best_member_top1_err']:.2%}")
     console.print(table)
 
 
