@@ -12,17 +12,22 @@ member with `gpus_per_worker: auto` is first probed alone on the GPU (a few step
 training core on a synthetic batch: peak memory and images/s), then
 `orchestrator.plan.apply_packing` gives it its share 1/K from those figures and the GPU's
 memory, as `plan --measured` does for a cluster, and members start as the running ones'
-shares leave room (`--pack K` overrides: K at once). Their predictions and `runs.yaml` go to `--out`;
-`ensemble.evaluate` then scores the ensemble on that runs file (bootstrap intervals, size
-curve), and a plain-PyTorch baseline (`bench/plain_baseline.py`, no platform code) trains
-on the same data in the same run for a side-by-side line. Neither Ray nor MLflow is needed.
+shares leave room (`--pack K` overrides: K at once). Their val and minival predictions and
+`runs.yaml` go to `--out`; `ensemble.evaluate` then scores the ensemble on that runs file
+(bootstrap intervals, size curve; the best member chosen on the minival, reported on val).
+A plain-PyTorch baseline (`bench/plain_baseline.py`, no platform code) trains in the same
+run like for like with one member, the first whose network it writes (ResNet-20 on the
+CPU config, ResNet-18 on the GPU one): that member's recipe and exact training images,
+the same val images and scoring rule; its line names the member and both figures.
+Neither Ray nor MLflow is needed.
 A member whose folder holds its `record.json` (written last) is reused by a later run of
 the same config, as the jobs reuse finished members; delete `--out` to train afresh.
 
 The last line is the figure:
     ensemble top1 T1 top5 T5 best-member top5 B cut X% [lo, hi]
-(errors as fractions; the cut is the ensemble's top-5 error below the best member's, relative
-to it, with the 95% paired bootstrap interval).
+(errors as fractions on val; B is the val top-5 error of the member the minival chose; the
+cut is the ensemble's top-5 error below B, relative to B, with the 95% paired bootstrap
+interval).
 """
 from __future__ import annotations
 

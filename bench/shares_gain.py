@@ -31,11 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def train(job: tuple) -> tuple:
-    """(design, draw, position, val top-1 error, val probabilities) of one member."""
+    """(design, draw, position, (val probabilities, minival probabilities, minival labels))
+    of one member (each design carves its minival from its own train subset)."""
     import torch
 
     from orchestrator.config import load_config, resolve_members
-    from orchestrator.train.member import assemble_predictions, open_member_data, predict, train_member
+    from orchestrator.train.member import assemble_predictions, open_member_data, predict, split_labels, train_member
 
     config, design, draw, i = job
     torch.set_num_threads(1)
@@ -45,8 +46,8 @@ def train(job: tuple) -> tuple:
     data = open_member_data(cfg.data, member.share)
     cpu = torch.device("cpu")
     model, _ = train_member(member, data, device=cpu)
-    probs = assemble_predictions([predict(model, data.val, member, cpu)], len(data.val))
-    return design, draw, i, probs
+    probs = [assemble_predictions([predict(model, split, member, cpu)], len(split)) for split in (data.val, data.minival)]
+    return design, draw, i, (*probs, split_labels(data.minival))
 
 
 def with_design(cfg, design: str):
@@ -66,10 +67,13 @@ def top1(probs: np.ndarray, labels: np.ndarray) -> float:
     return 100 * topk_error(probs, labels, 1)
 
 
-def gains(members: list[np.ndarray], labels: np.ndarray) -> tuple[list[float], float, float, float]:
-    errs = [top1(p, labels) for p in members]
-    ens = top1(np.mean(members, 0), labels)
-    return errs, ens, min(errs) - ens, float(np.mean(errs)) - ens
+def gains(members: list[tuple], labels: np.ndarray) -> tuple[list[float], int, float, float, float]:
+    """Members' val errors, the best member (chosen on the minival, as every report chooses
+    it), the ensemble's val error and its gain over that member and over the members' mean."""
+    errs = [top1(val, labels) for val, _, _ in members]
+    best = int(np.argmin([top1(held, held_labels) for _, held, held_labels in members]))
+    ens = top1(np.mean([val for val, _, _ in members], 0), labels)
+    return errs, best, ens, errs[best] - ens, float(np.mean(errs)) - ens
 
 
 def main() -> None:
@@ -86,6 +90,8 @@ def main() -> None:
     if not cfg.data.shares:
         sys.exit(f"{args.config} has no data.shares: nothing to compare")
     n = len(resolve_members(cfg))
+    if not cfg.data.minival:
+        sys.exit(f"{args.config} has no data.minival: the best member is chosen on it")
     labels = split_labels(open_member_data(cfg.data).val)
     jobs = [(args.config, design, draw, i) for draw in range(args.draws) for design in ("shares", "same")
             for i in range(n)]
@@ -93,16 +99,17 @@ def main() -> None:
     with ProcessPoolExecutor(args.processes, mp_context=mp.get_context("spawn")) as pool:
         for k, (design, draw, i, pr) in enumerate(pool.map(train, jobs), 1):
             probs[design, draw, i] = pr
-            print(f"[{k}/{len(jobs)}] {design} draw {draw} member {i}: val top-1 {top1(pr, labels):.1f}%", flush=True)
+            print(f"[{k}/{len(jobs)}] {design} draw {draw} member {i}: val top-1 {top1(pr[0], labels):.1f}%, "
+                  f"minival {top1(pr[1], pr[2]):.1f}%", flush=True)
     for design in ("shares", "same"):
         name = f"shares {cfg.data.shares}" if design == "shares" else "same data"
         per_draw = []
         for draw in range(args.draws):
-            errs, ens, over_best, over_mean = gains([probs[design, draw, i] for i in range(n)], labels)
+            errs, best, ens, over_best, over_mean = gains([probs[design, draw, i] for i in range(n)], labels)
             per_draw.append(over_best)
             print(f"{name:9s} draw {draw}: members {' '.join(f'{e:.1f}' for e in errs)}  ensemble {ens:.1f}  "
-                  f"gain over best {over_best:+.2f} over mean {over_mean:+.2f}")
-        combos = [gains([probs[design, d, i] for i, d in enumerate(pick)], labels)[2]
+                  f"gain over best (member {best}, chosen on the minival) {over_best:+.2f} over mean {over_mean:+.2f}")
+        combos = [gains([probs[design, d, i] for i, d in enumerate(pick)], labels)[3]
                   for pick in itertools.product(range(args.draws), repeat=n)]
         print(f"{name:9s} mean over {args.draws} draws {np.mean(per_draw):+.2f}; over {len(combos)} combinations "
               f"{np.mean(combos):+.2f}, >= 2 points in {np.mean(np.array(combos) >= 2):.0%}")

@@ -1,12 +1,14 @@
 """bench/reproduce.py at a size CI affords: members trained by the Ray-free core in
 parallel processes, a runs file `ensemble.evaluate` reads, the plain-PyTorch baseline
 beside them, and the final line with the figure."""
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from ensemble import evaluate
 from orchestrator.runs_file import load_runs
 from tests.conftest import ROOT, run_cli
 
@@ -26,7 +28,6 @@ def test_reproduce_trains_evaluates_and_prints_its_figure(tiny_root, tmp_path):
     m = re.fullmatch(r"ensemble top1 ([\d.]+) top5 ([\d.]+) best-member top5 ([\d.]+) cut (-?[\d.]+%) "
                      r"\[(-?[\d.]+%), (-?[\d.]+%)\]", last)
     assert m, last
-    assert "plain PyTorch ResNet-20 (same data and epochs): top-1 " in out.stdout
     assert "lowest top-1 at" in out.stdout
     runs = load_runs(str(tmp_path / "out" / "runs.yaml"))
     assert [r.name for r in runs.members] == [f"{x['arch']}-{x['recipe']}-s{x['seed']}" for x in raw["members"]]
@@ -34,8 +35,56 @@ def test_reproduce_trains_evaluates_and_prints_its_figure(tiny_root, tmp_path):
     for r in runs.members:
         probs = np.load(r.predictions)
         assert probs.shape == (64, 8) and abs(float((probs.argmax(1) != labels).mean()) - r.metrics["top1_err"]) < 1e-9
-    best5 = min(r.metrics["top5_err"] for r in runs.members)
-    assert float(m.group(3)) == round(best5, 4)
+        assert np.load(r.minival_predictions).shape == (40, 8)  # 5 per class held out of train: the runs file has them
+    assert runs.minival is not None and np.load(runs.minival.labels).shape == (40,)
+
+    # the final line, recomputed from the runs file it wrote: ensemble errors, the best member
+    # as the minival chose it, the cut and its interval relative to that member's top-5 error
+    assert evaluate.main(["--members", str(tmp_path / "out" / "runs.yaml"), "--out", str(tmp_path / "again"),
+                          "--json", str(tmp_path / "again.json"), "--no-mlflow", "--random-orders", "0"]) == 0
+    report = json.loads((tmp_path / "again.json").read_text())
+    e = report["ensemble"]
+    assert e["best_member_chosen_on"] == "minival"
+    best5 = next(x for x in report["members"] if x["name"] == e["best_member_top5"])["top5_err"]
+    assert (m.group(1), m.group(2), m.group(3)) == (f"{e['top1_err']:.4f}", f"{e['top5_err']:.4f}", f"{best5:.4f}")
+    if best5 > 0:
+        lo, hi = e["gain_top5_over_best_ci"]
+        assert m.group(4, 5, 6) == (f"{e['gain_top5_over_best'] / best5:.1%}", f"{lo / best5:.1%}", f"{hi / best5:.1%}")
+    assert f"best member (chosen on the minival): top-1 {e['best_member_top1']} " in out.stdout
+
+    # the plain baseline: like for like with the first ResNet-20, on exactly its training images
+    twin = "resnet20-adamw-flips-s9"
+    line = next(x for x in out.stdout.splitlines() if x.startswith("plain PyTorch"))
+    assert line.startswith(f"plain PyTorch resnet20, like for like with member {twin} (its recipe, its 88 training "
+                           f"images, the same 64 val images, ties as misses): top-1 ")
+    spec = json.loads((tmp_path / "out" / "baseline_member.json").read_text())
+    from orchestrator.config import load_config, resolve_members
+    from orchestrator.train.member import open_member_data
+
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    member = next(x for x in resolve_members(cfg) if x.name == twin)
+    data = open_member_data(cfg.data, member.share)
+    assert spec["train_keys"] == [s.key for s in data.train.iter_samples()]
+    assert not set(spec["train_keys"]) & {s.key for s in data.minival.iter_samples()}
+    assert spec["recipe"]["optimizer"] == member.recipe.optimizer.model_dump(mode="json")
+    assert spec["recipe"]["augment"]["hflip"] == 0.5 and spec["recipe"]["augment"]["crop_scale"] == [1.0, 1.0]
+    mine = next(r for r in runs.members if r.name == twin).metrics
+    assert f"the member: top-1 {mine['top1_err']:.4f}, top-5 {mine['top5_err']:.4f}" in line
+
+
+def test_the_plain_baseline_counts_a_tie_with_the_true_class_as_a_miss():
+    import torch
+
+    from bench.plain_baseline import errors
+
+    probs = torch.full((4, 10), 0.1)  # every class tied
+    probs[1] = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0])
+    labels = torch.tensor([0, 0, 3, 9])
+    # row 1: class 0 alone on top (a hit); rows 0, 2, 3: the true class ties with 9 others (misses,
+    # where topk would count some as hits)
+    assert errors(probs, labels) == (0.75, 0.75)
+    # row 1's class 3: below class 0 and tied with four others, five at least as likely: a top-5 miss
+    assert errors(probs, torch.tensor([0, 3, 0, 0])) == (1.0, 1.0)
 
 
 def test_members_start_only_as_the_running_shares_leave_room():
