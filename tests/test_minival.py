@@ -152,6 +152,22 @@ def test_search_choice_on_minival_reports_on_all_of_val():
     assert out["topk"]["chosen"][0] == 2  # the strongest on minival
 
 
+def test_the_search_names_the_best_member_the_minival_chose_and_reports_it_on_val():
+    from ensemble.math import topk_error
+
+    rng = np.random.default_rng(4)
+    y, y_mv = rng.integers(0, 5, 300), rng.integers(0, 5, 150)
+    preds = [_probs(rng, 300, 5, y, s) for s in (3.0, 1.0, 2.0)]  # trial 0 is the best on val
+    held = [_probs(rng, 150, 5, y_mv, s) for s in (0.5, 3.0, 2.0)]  # trial 1 is the best on the minival
+    out = compare(preds, y, 3, "nll", 0.5, selection=(held, y_mv))
+    for kind in ("topk", "greedy"):
+        c = out[kind]
+        chosen_best = min(c["chosen"], key=lambda i: topk_error(held[i], y_mv, 1))
+        assert c["best_member"] == chosen_best
+        assert c["best_member_top1_err"] == topk_error(preds[chosen_best], y, 1)
+    assert out["topk"]["best_member"] == 1
+
+
 def test_a_minival_as_large_as_train_is_refused_at_load():
     with pytest.raises(UserError, match=r"data.minival \(10 per class\) must be below data.train_per_class \(10\)"):
         config("/data/tiny", minival=10)
