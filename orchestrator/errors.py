@@ -18,7 +18,58 @@ class UserError(Exception):
 
 
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UserError:
-    return UserError(f"unknown {kind} {name!r}; valid choices: {', '.join(sorted(valid))}")
+    valid = sorted(valid)
+    return UserError(f"unknown {kind} {name!r}{did_you_mean(name, valid)}; valid choices: {', '.join(valid)}")
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions), one row at a time."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """" (did you mean 'epochs'?)" for the closest valid name, within a third of the name's
+    length in edits (at least one, fewer than its length; case ignored), else ''."""
+    name = str(name)
+    scored = sorted((edit_distance(name.lower(), str(v).lower()), str(v)) for v in valid)
+    if scored and scored[0][0] <= max(1, len(name) // 3) and scored[0][0] < len(name):
+        return f" (did you mean {scored[0][1]!r}?)"
+    return ""
+
+
+def keys_at(model, loc: tuple) -> list[str]:
+    """The keys a pydantic model tree accepts at `loc` (a validation error's location, the
+    unknown key last): walks fields, list items and dict values, Optional unwrapped."""
+    from typing import Union, get_args, get_origin
+
+    from pydantic import BaseModel
+
+    def unwrap(t):
+        while get_origin(t) is Union or type(t).__name__ == "UnionType":
+            t = next((a for a in get_args(t) if a is not type(None)), t)
+        return t
+
+    t = model
+    for part in loc[:-1]:
+        t = unwrap(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            field = t.model_fields.get(str(part))
+            if field is None:
+                return []
+            t = field.annotation
+        elif get_origin(t) in (list, tuple, set) and isinstance(part, int):
+            t = get_args(t)[0]
+        elif get_origin(t) is dict:
+            t = get_args(t)[1]
+        else:
+            return []
+    t = unwrap(t)
+    return list(t.model_fields) if isinstance(t, type) and issubclass(t, BaseModel) else []
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:

@@ -21,6 +21,34 @@ def test_unknown_keys_are_rejected_at_every_level():
         parse_config(base(recipes={"a": {"optimiser": {}}}))
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["recipes"]["a"].update(epoch=3), "unknown config key 'recipes.a.epoch' (did you mean 'epochs'?); "
+                                                  "valid keys there: epochs, batch_size,"),
+    (lambda c: c["recipes"]["a"].update(optimizer={"lrr": 0.1}), "'recipes.a.optimizer.lrr' (did you mean 'lr'?)"),
+    (lambda c: c["data"].update(clases=3), "'data.clases' (did you mean 'classes'?); valid keys there: root,"),
+    (lambda c: c["members"][0].update(sed=1), "'members.0.sed' (did you mean 'seed'?)"),
+    (lambda c: c.update(memebers=[]), "unknown config key 'memebers' (did you mean 'members'?)"),
+    (lambda c: c["recipes"]["a"].update(schedule={"policy": "cosin"}), "unknown LR policy 'cosin' (did you mean "
+                                                                        "'cosine'?); valid choices:"),
+    (lambda c: c["recipes"]["a"].update(schedule={"policy": "cosine", "params": {"finl": 0.1}}),
+     "LR policy 'cosine' has no parameter 'finl' (did you mean 'final'?); valid params: final"),
+])
+def test_an_unknown_key_or_name_suggests_the_closest_valid_one(edit, message):
+    cfg = base()
+    edit(cfg)
+    with pytest.raises(UserError) as caught:
+        parse_config(cfg)
+    assert message in str(caught.value)
+
+
+def test_no_suggestion_when_nothing_is_close():
+    from orchestrator.errors import did_you_mean
+
+    assert did_you_mean("zzzqqq", ["members", "data"]) == ""
+    assert did_you_mean("c", ["a", "b"]) == ""  # one letter off a one-letter name is no hint
+    assert did_you_mean("Epochs", ["epochs", "batch_size"]) == " (did you mean 'epochs'?)"
+
+
 def test_wrong_type_names_the_field():
     with pytest.raises(UserError, match="recipes.a.epochs"):
         parse_config(base(recipes={"a": {"epochs": "many"}}))

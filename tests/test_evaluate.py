@@ -134,7 +134,15 @@ def test_missing_artifact_and_unknown_key(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(SystemExit):
         evaluate.main(["--members", str(path), "--no-mlflow"])
-    assert capsys.readouterr().err.strip() == f"error: {path}: members.0.temperature: unknown key"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: members.0.temperature: unknown key; valid keys there: name, key, arch, ")
+    assert "did you mean" not in err and len(err.splitlines()) == 1
+    raw["members"][0] = {k: v for k, v in raw["members"][0].items() if k != "temperature"}
+    raw["members"][0]["wieght"] = raw["members"][0].pop("weight")  # misspelt: the closest valid key is named
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit):
+        evaluate.main(["--members", str(path), "--no-mlflow"])
+    assert f"{path}: members.0.wieght: unknown key (did you mean 'weight'?); valid keys there:" in capsys.readouterr().err
 
 
 def test_failed_members_are_skipped_with_a_warning(tmp_path, capsys):

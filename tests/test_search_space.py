@@ -34,7 +34,10 @@ def check(raw: dict, tmp_path):
 
 @pytest.mark.parametrize("field, dim, message", [
     ("recipe.augment.overrides.colour_jitter", {"uniform": [0, 0.4]}, "unknown augmentation field 'colour_jitter'"),
-    ("recipe.optimiser.lr", {"uniform": [0.1, 0.2]}, "recipe.optimiser: unknown field"),
+    ("recipe.optimiser.lr", {"uniform": [0.1, 0.2]}, "recipe.optimiser: unknown field (did you mean 'optimizer'?)"),
+    ("recipe.optimizer.lrr", {"uniform": [0.1, 0.2]}, "recipe.optimizer.lrr: unknown field (did you mean 'lr'?)"),
+    ("recipe.augment.overrides.colour_jitter", {"uniform": [0, 0.4]}, "(did you mean 'color_jitter'?)"),
+    ("recipe.schedule.params.finl", {"uniform": [0, 0.1]}, "takes 'finl' (did you mean 'final'?)"),
     ("recipe.optimizer.lr", {"choice": []}, "choice is empty"),
     ("recipe.optimizer.lr", {"uniform": [0.5, 0.1]}, "range [0.5, 0.1] is empty or reversed"),
     ("recipe.optimizer.lr", {"loguniform": [0.0, 0.1]}, "positive low bound"),

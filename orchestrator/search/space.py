@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.config import Dimension, ResolvedMember, check_dimension, member_key, parse_recipe
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, did_you_mean
 from orchestrator.train import lr
 
 MEMBER_FIELDS = ("seed", "input_size", "low_res")  # besides recipe.*
@@ -90,7 +90,8 @@ def check_space(space: dict[str, Dimension], base: ResolvedMember) -> None:
             candidates = policies.values if policies else [base.recipe.schedule.policy]
             if not any(name in _policy_params(p) for p in candidates):
                 valid = sorted(set().union(*(_policy_params(p) for p in candidates)))
-                raise UserError(f"unknown search field {path!r}: no searched LR policy takes {name!r}; "
+                raise UserError(f"unknown search field {path!r}: no searched LR policy takes {name!r}"
+                                f"{did_you_mean(name, valid)}; "
                                 f"valid params: {', '.join(valid) or 'none'}")
             continue
         for value in dim.values:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.errors import UserError, unknown_name
+from orchestrator.errors import UserError, did_you_mean, unknown_name
 
 
 class Params(BaseModel):
@@ -187,7 +187,8 @@ def parse_params(name: str, params: dict) -> Params:
         where = ".".join(str(p) for p in err["loc"])
         valid = ", ".join(model.model_fields) or "none"
         if err["type"] == "extra_forbidden":
-            raise UserError(f"LR policy {name!r} has no parameter {where!r}; valid params: {valid}") from None
+            raise UserError(f"LR policy {name!r} has no parameter {where!r}{did_you_mean(where, model.model_fields)}; "
+                            f"valid params: {valid}") from None
         raise UserError(f"LR policy {name!r} parameter {where!r}: {err['msg']}") from None
 
 
