@@ -50,6 +50,17 @@ def _gather(part: dict, world: int) -> list[dict]:
     return parts
 
 
+def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict]) -> None:
+    """The checkpointed epochs whose metrics never reached MLflow (a kill between the save
+    and the log), logged from the checkpoint's history: every step once, none skipped."""
+    if not history:
+        return
+    logged = {m.step for m in client.get_metric_history(run_id, "epoch")}  # fit() sets it every epoch
+    for epoch, metrics in enumerate(history, 1):
+        if epoch not in logged:
+            log_epoch(client, run_id, metrics, epoch)
+
+
 def run_member(config: dict, session: Session) -> None:
     """config: {"member", "data", "tracking_uri", "mlflow_run_id"} (plain dicts)."""
     started = time.perf_counter()
@@ -80,8 +91,6 @@ def run_member(config: dict, session: Session) -> None:
                                   rank, world)
             # the member's own work in this process: data, model, epochs, predictions
             metrics["member_s"] = time.perf_counter() - started
-        if client is not None:
-            log_epoch(client, run_id, metrics, state.epoch)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 net = model.module if hasattr(model, "module") else model
@@ -91,7 +100,13 @@ def run_member(config: dict, session: Session) -> None:
                 for name, array in (files or {}).items() if final else ():
                     np.save(os.path.join(tmp, name), array)
             session.report(metrics, tmp if rank == 0 else None)
+        # logged once the epoch's checkpoint is saved: a kill before this point retrains the
+        # epoch (nothing logged twice); a kill after the save leaves it for the resume to log
+        if client is not None:
+            log_epoch(client, run_id, metrics, state.epoch)
 
+    if client is not None and resume:
+        log_missing_epochs(client, run_id, resume.get("history", []))
     notes: dict = {}
     train_member(member, data, device=device, rank=rank, world=world, resume=resume,
                  prepare_model=session.prepare_model, on_epoch_end=on_epoch_end, notes=notes)

@@ -81,3 +81,53 @@ def test_a_diverging_member_is_not_retried(tiny_root, tmp_path, capsys):
     with pytest.raises(loop.NonFiniteLoss):
         in_trial.train(member, config, root, max_failures=3, progress=lambda m: None)
     assert "retrying" not in capsys.readouterr().out
+
+
+KILLED_MEMBER = """
+import os, sys
+from orchestrator import in_trial
+from orchestrator.member_worker import run_member
+from tests.test_in_trial import member_config
+
+tiny_root, tmp, uri, run_id, window = sys.argv[1:]
+member, config, root = member_config(tiny_root, __import__("pathlib").Path(tmp), epochs=3)
+config.update(tracking_uri=uri, mlflow_run_id=run_id)
+
+
+class Killed(in_trial.TrialSession):
+    def report(self, metrics, folder):
+        if metrics["epoch"] == 2 and window == "before the save":
+            os.kill(os.getpid(), 9)
+        super().report(metrics, folder)
+        if metrics["epoch"] == 2 and window == "after the save":
+            os.kill(os.getpid(), 9)
+
+
+run_member(config, Killed(member, root, progress=lambda metrics: None))
+"""
+
+
+@pytest.mark.parametrize("window", ["before the save", "after the save"])
+def test_a_member_killed_around_its_checkpoint_logs_every_epoch_once(tiny_root, tmp_path, window):
+    """SIGKILL in the epoch's checkpoint window, then a restart: the member run's metric
+    history holds each epoch exactly once (logged after the save; a saved epoch whose log
+    the kill cut off is logged on resume from the checkpoint's history)."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("kill")).info.run_id
+    args = [sys.executable, "-c", KILLED_MEMBER, tiny_root, str(tmp_path), uri, run_id]
+    first = subprocess.run(args + [window], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == -9, first.stderr[-2000:]
+    again = subprocess.run(args + ["no kill"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed_after = 2 if window == "after the save" else 1
+    assert f"resuming after epoch {resumed_after}" in again.stdout
+    for key in ("epoch", "train_loss", "val_top1_err"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
