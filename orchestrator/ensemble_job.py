@@ -6,8 +6,8 @@ before any member starts, each as one `UserError` line.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-
 import os
 import time
 
@@ -22,6 +22,7 @@ from orchestrator.data.dataset import open_split, select_classes
 from orchestrator.data.manifest import check_shards_exist, load_manifest
 from orchestrator.errors import UserError
 from orchestrator.job_runs import imported, runs_file
+from orchestrator.lease import Lease
 from orchestrator.runs_file import MlflowRef, RunsFile, write_runs
 from orchestrator.train.resident import resident_choice
 from orchestrator import tracking
@@ -113,60 +114,64 @@ def _result_table(records: list[dict]) -> Table:
     return table
 
 
+@contextlib.contextmanager
 def open_job(cfg: EnsembleConfig, config_path: str, kind: str, tags: dict):
-    """What every job driver does first: a writable storage root, the tracking store,
-    Ray, and the job's MLflow parent run (reused by a re-run) with the config logged.
-    Returns (storage root, tracking URI, client, experiment id, parent run id)."""
+    """What every job driver does first: a writable storage root whose bucket exists, the
+    job's lease on it (one job per ensemble and storage path), the tracking store, Ray, and
+    the job's MLflow parent run (reused by a re-run with the same storage) with the config
+    logged. Yields (storage root, tracking URI, client, experiment id, parent run id); the
+    lease is released when the job ends."""
     from mlflow.tracking import MlflowClient
 
     root = storage.absolute(cfg.storage.path)
-    storage.check_writable(root)
-    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    client = MlflowClient(tracking_uri)
-    experiment_id = tracking.get_experiment_id(client, cfg.mlflow.experiment)
-    _ray_init(cfg)
-    parent = tracking.get_or_create_parent(client, experiment_id, cfg.name, {
-        "mlflow.source.git.commit": tracking.git_commit(), "ray.job_id": _job_id(),
-        "ensemble.config": os.path.basename(config_path), **tags}, kind=kind)
-    _log_config(client, parent, cfg)
-    return root, tracking_uri, client, experiment_id, parent
+    storage.check_writable(root, cfg.storage.create_bucket)
+    with Lease(root, cfg.name, os.environ.get("RAY_JOB_SUBMISSION_ID", "")):
+        tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        client = MlflowClient(tracking_uri)
+        experiment_id = tracking.get_experiment_id(client, cfg.mlflow.experiment)
+        _ray_init(cfg)
+        parent = tracking.get_or_create_parent(client, experiment_id, cfg.name, {
+            "mlflow.source.git.commit": tracking.git_commit(), "ray.job_id": _job_id(),
+            "ensemble.config": os.path.basename(config_path), **tags}, kind=kind, storage=root)
+        _log_config(client, parent, cfg)
+        yield root, tracking_uri, client, experiment_id, parent
 
 
 def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
         runs_path: str) -> tuple[RunsFile, list[str]]:
     import ray
 
-    root, tracking_uri, client, experiment_id, parent = open_job(cfg, config_path, "parent",
-                                                                 {"ensemble.members": len(members)})
-    ctx = {"ensemble": cfg.name, "storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
-           "experiment_id": experiment_id, "parent_run_id": parent, "max_failures": cfg.ray.max_failures,
-           "members": {m.key: m.model_dump() for m in members}}
+    tags = {"ensemble.members": len(members)}
+    with open_job(cfg, config_path, "parent", tags) as (root, tracking_uri, client, experiment_id, parent):
+        ctx = {"ensemble": cfg.name, "storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
+               "experiment_id": experiment_id, "parent_run_id": parent, "max_failures": cfg.ray.max_failures,
+               "members": {m.key: m.model_dump() for m in members}}
 
-    done = {m.key for m in members if storage.read_json(launch.record_uri(ctx, m.key))}
-    pending = [m for m in members if m.key not in done]
-    console().print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(done)} already finished, "
-                  f"{len(pending)} to train; MLflow {tracking_uri} run {parent}")
-    if pending:
-        concurrency = launch.plan_concurrency(pending, ray.cluster_resources(), cfg.ray.max_concurrent_members)
-        console().print(f"running up to {concurrency} members at once on {ray.cluster_resources().get('CPU', 0):g} CPUs"
-                      f" / {ray.cluster_resources().get('GPU', 0):g} GPUs")
-        launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", console())
+        done = {m.key for m in members if storage.read_json(launch.record_uri(ctx, m.key))}
+        pending = [m for m in members if m.key not in done]
+        console().print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(done)} already finished, "
+                      f"{len(pending)} to train; MLflow {tracking_uri} run {parent}")
+        if pending:
+            concurrency = launch.plan_concurrency(pending, ray.cluster_resources(), cfg.ray.max_concurrent_members)
+            console().print(f"running up to {concurrency} members at once on {ray.cluster_resources().get('CPU', 0):g} CPUs"
+                          f" / {ray.cluster_resources().get('GPU', 0):g} GPUs")
+            launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", console())
 
-    records, failed = _collect(ctx, members)
-    extra = imported(cfg, members)
-    runs = runs_file(cfg, records, extra, MlflowRef(tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment,
-                                                    parent_run_id=parent))
-    write_runs(runs_path, runs)
-    # a copy beside the members' records: under `ray job submit` the driver's working
-    # directory is a temporary copy, so this is the one a user can always find
-    write_runs(storage.join(root, cfg.name, "runs.yaml"), runs)
-    _log_runs_file(client, parent, runs)
-    console().print(_result_table(records + [m.model_dump() for m in extra]))
-    client.set_terminated(parent, "FAILED" if failed else "FINISHED")
-    console().print(f"runs file: {storage.join(root, cfg.name, 'runs.yaml')}")
-    if failed:
-        console().print(f"[red]{len(failed)} member(s) failed: {', '.join(failed)}[/] (marked failed in {runs_path})")
-    return runs, failed
+        records, failed = _collect(ctx, members)
+        extra = imported(cfg, members)
+        runs = runs_file(cfg, records, extra, MlflowRef(tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment,
+                                                        parent_run_id=parent))
+        write_runs(runs_path, runs)
+        # a copy beside the members' records: under `ray job submit` the driver's working
+        # directory is a temporary copy, so this is the one a user can always find
+        write_runs(storage.join(root, cfg.name, "runs.yaml"), runs)
+        _log_runs_file(client, parent, runs)
+        console().print(_result_table(records + [m.model_dump() for m in extra]))
+        client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+        console().print(f"runs file: {storage.join(root, cfg.name, 'runs.yaml')}")
+        if failed:
+            console().print(f"[red]{len(failed)} member(s) failed: {', '.join(failed)}[/] (marked failed in {runs_path})")
+        return runs, failed
 
 
 def _log_runs_file(client, run_id: str, runs: RunsFile) -> None:

@@ -40,9 +40,38 @@ def join(*parts: str) -> str:
     return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])
 
 
-def check_writable(root: str) -> None:
+def check_bucket(root: str, create: bool = False) -> None:
+    """An s3:// root's bucket must exist before the job (a misspelt bucket is refused, not
+    created by the first write as some S3 servers do; on AWS that write would fail), unless
+    `create` (`storage.create_bucket`) asks for it."""
+    if urlparse(root).scheme != "s3":
+        return
+    bucket = urlparse(root).netloc
+    fs = fsspec.filesystem("s3")
+
+    def exists() -> bool:
+        fs.invalidate_cache()
+        return bool(fs.exists(bucket))
+
+    try:
+        found = retry(exists, f"looking up bucket {bucket}", seconds=20)
+    except Exception as exc:
+        raise UserError(f"storage {root}: cannot reach the object store at "
+                        f"{os.environ.get('AWS_ENDPOINT_URL', 'AWS S3')} ({type(exc).__name__}: {exc})") from None
+    if found:
+        return
+    if not create:
+        raise UserError(f"storage {root}: bucket {bucket!r} does not exist at "
+                        f"{os.environ.get('AWS_ENDPOINT_URL', 'AWS S3')}; create it, fix the name, or set "
+                        f"storage.create_bucket: true")
+    retry(lambda: fs.mkdir(bucket), f"creating bucket {bucket}")
+    print(f"storage: created bucket {bucket} (storage.create_bucket)", flush=True)
+
+
+def check_writable(root: str, create_bucket: bool = False) -> None:
     """Write and delete a probe object, so a read-only or unreachable storage path fails
     before any member trains rather than at the first checkpoint."""
+    check_bucket(root, create_bucket)
     probe = join(root, f".write-probe-{uuid.uuid4().hex[:8]}")
 
     def write_probe():

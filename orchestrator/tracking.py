@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import flatten
 
-PARENT_TAG, MEMBER_TAG, TRIAL_TAG = "ensemble.name", "member.key", "trial.id"
+PARENT_TAG, MEMBER_TAG, TRIAL_TAG, STORAGE_TAG = "ensemble.name", "member.key", "trial.id", "ensemble.storage"
 
 
 def resolve_tracking_uri(configured: str | None, local_root: str = "./mlruns") -> str:
@@ -98,19 +98,31 @@ def git_commit() -> str:
 
 
 def get_or_create_parent(client: MlflowClient, experiment_id: str, ensemble: str, tags: dict,
-                         kind: str = "parent") -> str:
-    """The parent run of this ensemble (kind "parent") or search (kind "search"): the
-    existing one (a re-run resumes it) or a new one."""
+                         kind: str = "parent", storage: str = "") -> str:
+    """The parent run of this ensemble (kind "parent") or search (kind "search") under this
+    storage root: the existing one (a re-run resumes it) or a new one. The storage root is
+    part of a run's identity (tag `ensemble.storage`): the same config run under another
+    storage path is another run, with its own members. A parent from an earlier version,
+    without the tag, is resumed when its `storage.path` param names the same root."""
     found = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{ensemble}' and tags.`ensemble.kind` = '{kind}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
-    if found:
-        run_id = found[0].info.run_id
+                               max_results=200, order_by=["attributes.start_time DESC"])
+    ours = [r for r in found if r.data.tags.get(STORAGE_TAG) == storage] or [
+        r for r in found if STORAGE_TAG not in r.data.tags and _same_root(r.data.params.get("storage.path"), storage)]
+    if ours:
+        run_id = ours[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=ensemble,
                                    tags={PARENT_TAG: ensemble, "ensemble.kind": kind}).info.run_id
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in {**tags, STORAGE_TAG: storage}.items()])
     return run_id
+
+
+def _same_root(logged: str | None, root: str) -> bool:
+    """An earlier version's `storage.path` param (as configured) against this job's root."""
+    from orchestrator.storage import absolute
+
+    return logged is None or absolute(logged) == root
 
 
 def get_or_create_child(client: MlflowClient, experiment_id: str, parent_id: str, member) -> str:

@@ -224,6 +224,7 @@ class Data(Strict):
 
 class Storage(Strict):
     path: str = "./outputs"  # checkpoints, predictions, member records: local or s3://
+    create_bucket: bool = False  # an s3:// bucket missing at the start is created (else refused)
 
 
 class Mlflow(Strict):

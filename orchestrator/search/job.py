@@ -230,44 +230,44 @@ def print_choice(console, rows: list[dict], choice: dict, size: int) -> None:
 
 def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs_path: str) -> dict:
     console = make_console()
-    root, tracking_uri, client, experiment_id, parent = open_job(cfg, config_path, "search",
-                                                                 {"search.scheduler": cfg.search.scheduler})
-    ctx = {"storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
-           "experiment_id": experiment_id, "parent_run_id": parent, "bases": {b.key: b.model_dump() for b in bases}}
-    console.print(f"search [bold]{cfg.name}[/]: {cfg.search.scheduler}, {cfg.search.num_samples} samples x "
-                  f"{len(bases)} base member(s); MLflow {tracking_uri} run {parent}")
-    results = run_search(cfg, bases, ctx, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    rows = collect(results, {b.key: b for b in bases}, root, cfg.data.heldout)
-    if not rows:
-        client.set_terminated(parent, "FAILED")
-        raise RuntimeError("no search trial reported a result")
-    complete = [r for r in rows if r.get("predictions")]
-    run_ids = trial_run_ids(client, experiment_id, parent)
-    for r in rows:  # trials the scheduler stopped end their MLflow run too, marked as such
-        if not r["complete"] and r["trial_id"] in run_ids:
-            client.set_tag(run_ids[r["trial_id"]], "search.stopped_after_epoch", str(r["epochs"]))
-            client.set_terminated(run_ids[r["trial_id"]], "KILLED")
-    choice = None
-    if complete:
-        labels = storage.read_npy(complete[0]["labels"])
-        preds = LazyArrays([r["predictions"] for r in complete], storage.read_npy)  # streamed
-        sel = cfg.search.select
-        held = None
-        if cfg.data.minival:  # choose on the minival, report on all of val
-            held = (LazyArrays([r["minival_predictions"] for r in complete], storage.read_npy),
-                    storage.read_npy(complete[0]["minival_labels"]))
-        choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction, selection=held)
-        files = runs_files(cfg, rows, choice, ctx, run_ids)
-        write_runs(runs_path, files["greedy"])
-        write_runs(storage.join(root, cfg.name, "runs.yaml"), files["greedy"])
-        write_runs(storage.join(root, cfg.name, "runs-topk.yaml"), files["topk"])
-        print_choice(console, rows, choice, sel.size)
-    log_search(client, parent, cfg, rows, choice)
-    client.set_terminated(parent, "FINISHED")
-    stopped = sum(not r["complete"] for r in rows)
-    cloned = sum(bool(r["cloned_from"]) for r in rows)
-    console.print(f"{len(rows)} trials: {len(complete)} complete, {stopped} stopped early, {cloned} cloned by PBT")
-    if complete:
-        console.print(f"runs file (Caruana selection): {storage.join(root, cfg.name, 'runs.yaml')}; top-k choice: "
-                      f"{storage.join(root, cfg.name, 'runs-topk.yaml')}")
-    return {"rows": rows, "choice": choice, "parent_run_id": parent}
+    tags = {"search.scheduler": cfg.search.scheduler}
+    with open_job(cfg, config_path, "search", tags) as (root, tracking_uri, client, experiment_id, parent):
+        ctx = {"storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
+               "experiment_id": experiment_id, "parent_run_id": parent, "bases": {b.key: b.model_dump() for b in bases}}
+        console.print(f"search [bold]{cfg.name}[/]: {cfg.search.scheduler}, {cfg.search.num_samples} samples x "
+                      f"{len(bases)} base member(s); MLflow {tracking_uri} run {parent}")
+        results = run_search(cfg, bases, ctx, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        rows = collect(results, {b.key: b for b in bases}, root, cfg.data.heldout)
+        if not rows:
+            client.set_terminated(parent, "FAILED")
+            raise RuntimeError("no search trial reported a result")
+        complete = [r for r in rows if r.get("predictions")]
+        run_ids = trial_run_ids(client, experiment_id, parent)
+        for r in rows:  # trials the scheduler stopped end their MLflow run too, marked as such
+            if not r["complete"] and r["trial_id"] in run_ids:
+                client.set_tag(run_ids[r["trial_id"]], "search.stopped_after_epoch", str(r["epochs"]))
+                client.set_terminated(run_ids[r["trial_id"]], "KILLED")
+        choice = None
+        if complete:
+            labels = storage.read_npy(complete[0]["labels"])
+            preds = LazyArrays([r["predictions"] for r in complete], storage.read_npy)  # streamed
+            sel = cfg.search.select
+            held = None
+            if cfg.data.minival:  # choose on the minival, report on all of val
+                held = (LazyArrays([r["minival_predictions"] for r in complete], storage.read_npy),
+                        storage.read_npy(complete[0]["minival_labels"]))
+            choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction, selection=held)
+            files = runs_files(cfg, rows, choice, ctx, run_ids)
+            write_runs(runs_path, files["greedy"])
+            write_runs(storage.join(root, cfg.name, "runs.yaml"), files["greedy"])
+            write_runs(storage.join(root, cfg.name, "runs-topk.yaml"), files["topk"])
+            print_choice(console, rows, choice, sel.size)
+        log_search(client, parent, cfg, rows, choice)
+        client.set_terminated(parent, "FINISHED")
+        stopped = sum(not r["complete"] for r in rows)
+        cloned = sum(bool(r["cloned_from"]) for r in rows)
+        console.print(f"{len(rows)} trials: {len(complete)} complete, {stopped} stopped early, {cloned} cloned by PBT")
+        if complete:
+            console.print(f"runs file (Caruana selection): {storage.join(root, cfg.name, 'runs.yaml')}; top-k choice: "
+                          f"{storage.join(root, cfg.name, 'runs-topk.yaml')}")
+        return {"rows": rows, "choice": choice, "parent_run_id": parent}
