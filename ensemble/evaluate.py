@@ -27,6 +27,7 @@ from ensemble.serve import log_ensemble_model
 from ensemble.stored import MemberPredictions, open_npy
 from ensemble.tta import TTA_VIEWS
 from orchestrator.errors import UserError, exit_on_user_error
+from orchestrator.outages import check_tracking, exit_on_outage
 from orchestrator.runs_file import RunsFile, load_runs
 
 METHODS = {"mean_softmax": "mean", "weighted": "mean", "geometric": "geometric"}
@@ -245,9 +246,12 @@ def summarize(runs_path: str) -> dict:
 
 
 @exit_on_user_error
+@exit_on_outage(lambda: "Kept: the report folder (--out), written before logging.")
 def main(argv=None) -> int:
     args = parse_args(argv)
     runs = load_runs(args.members)
+    if not args.no_mlflow:
+        check_tracking(mlflow_target(runs)[0])
     labels = np.asarray(open_npy(runs.dataset.labels, "dataset labels"), dtype=np.int64)
     records, preds = load_members(runs, args)
     report, reliability = build_report(runs, records, preds, labels, args)

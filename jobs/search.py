@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python jobs/search.py` from a bare checkout
 
 from orchestrator.errors import exit_on_user_error  # noqa: E402
+from orchestrator.outages import exit_on_outage  # noqa: E402
 from orchestrator.search import job
 
 
@@ -33,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @exit_on_user_error
+@exit_on_outage(lambda: "Kept: every trial's latest checkpoint in the job's storage.")
 def main(argv=None) -> int:
     args = parse_args(argv)
 

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python jobs/train_ensemble.py` from a bare checkout
 
 from orchestrator.errors import exit_on_user_error  # noqa: E402
+from orchestrator.outages import exit_on_outage  # noqa: E402
 from ensemble import evaluate
 from ensemble.logged import log_job_result
 from ensemble.report import headline
@@ -66,6 +67,8 @@ def ui_link(uri: str, parent: str) -> str:
 
 
 @exit_on_user_error
+@exit_on_outage(lambda: "Kept: every finished member and the latest checkpoint of each running one, in the job's "
+                        "storage; the same command resumes them.")
 def main(argv=None) -> int:
     args = parse_args(argv)
 

@@ -23,6 +23,7 @@ from orchestrator.data.manifest import check_shards_exist, load_manifest
 from orchestrator.errors import UserError
 from orchestrator.job_runs import imported, runs_file
 from orchestrator.lease import Lease
+from orchestrator.outages import check_tracking
 from orchestrator.runs_file import MlflowRef, RunsFile, write_runs
 from orchestrator.train.resident import resident_choice
 from orchestrator import tracking
@@ -123,10 +124,11 @@ def open_job(cfg: EnsembleConfig, config_path: str, kind: str, tags: dict):
     lease is released when the job ends."""
     from mlflow.tracking import MlflowClient
 
+    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking(tracking_uri)
     root = storage.absolute(cfg.storage.path)
     storage.check_writable(root, cfg.storage.create_bucket)
     with Lease(root, cfg.name, os.environ.get("RAY_JOB_SUBMISSION_ID", "")):
-        tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
         client = MlflowClient(tracking_uri)
         experiment_id = tracking.get_experiment_id(client, cfg.mlflow.experiment)
         _ray_init(cfg)

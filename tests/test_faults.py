@@ -207,3 +207,47 @@ def test_the_local_stack_listens_on_loopback_only(stack):
                  if c.status == psutil.CONN_LISTEN and c.laddr.port in ports}
     assert {port for _, port in listening} == ports
     assert {ip for ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+@pytest.mark.stack
+def test_the_mlflow_server_down_past_its_retry_budget_ends_the_job_in_one_line(stack, s3_data):  # noqa: F811
+    """A tracking server that does not come back: the job ends with one line naming it, its
+    retry budget (a short one here) and what was kept, exit 1; the traceback is in a file."""
+    env = {**drill_env(stack, s3_data, "mlflow-gone"), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MAX_FAILURES": "0"}
+    job = start(stack, env)
+    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1)
+    subprocess.run(["bash", "infra/local/down.sh", "mlflow"], cwd=ROOT, check=True, capture_output=True)
+    try:
+        status, logs = wait(stack, job, timeout=300)
+    finally:
+        subprocess.run(["bash", "infra/local/up.sh", "mlflow"], cwd=ROOT, check=True, capture_output=True)
+    assert status == "FAILED", logs[-3000:]
+    errors = [line for line in logs.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, logs[-3000:]
+    assert errors[0].startswith(f"error: the MLflow tracking server at {stack['mlflow']} stayed down past its retry "
+                                f"budget, about 1 s (MLFLOW_HTTP_REQUEST_MAX_RETRIES, "
+                                f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); stopped. Kept: ")
+    log = errors[0].rsplit("Traceback: ", 1)[1]
+    assert os.path.exists(log) and "MlflowException" in open(log).read()
+    assert logs.strip().splitlines()[-1] == errors[0]  # the job's last word, not a traceback
+
+
+@pytest.mark.stack
+def test_a_tracking_server_down_at_the_start_is_one_line_and_exit_2(stack, tmp_path, tiny_root):
+    from pathlib import Path
+
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "ENSEMBLE_STORAGE": str(tmp_path / "store"),
+           "DATA_ROOT": str(Path(tiny_root).parent)}
+    out = run_cli("jobs/train_ensemble.py", "--config", DRILL, env=env, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: the MLflow tracking server at http://127.0.0.1:9 does not answer (connection refused); start it, or "
+        "point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a running one"]
+    assert not (tmp_path / "store").exists()  # nothing started
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(yaml.safe_dump({"version": 1, "ensemble": "e", "members": [], "mlflow": {
+        "tracking_uri": "http://127.0.0.1:9", "experiment": "e", "parent_run_id": "p"},
+        "dataset": {"name": "t", "uri": str(tmp_path), "split": "val", "num_classes": 2, "labels": "l.npy"}}))
+    out = run_cli("-m", "ensemble.evaluate", "--members", str(runs), env=env, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: the MLflow tracking server at "
+                                                                 "http://127.0.0.1:9 does not answer")
