@@ -27,7 +27,7 @@ from ensemble import evaluate
 from ensemble.logged import log_job_result
 from ensemble.report import headline
 from orchestrator import ensemble_job
-from orchestrator.tracking import runs_view_url
+from orchestrator.tracking import run_page_url, runs_view_url
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
@@ -52,18 +52,22 @@ def show_result(runs, runs_path: str) -> None:
     if parent:
         print(f"  logged to the parent run as job_ensemble_top1_err = {e['top1_err']:.4f}, "
               f"job_ensemble_top5_err = {e['top5_err']:.4f}")
-        print(f"  the members and the ensemble, ranked, in the MLflow UI: {ui_link(runs.mlflow.tracking_uri, parent)}")
+        runs_link, parent_link, serve = ui_links(runs.mlflow.tracking_uri, parent)
+        print(f"  the members and the ensemble, ranked, in the MLflow UI: {runs_link}{serve}")
+        print(f"  the ensemble's result table (the parent run): {parent_link}")
 
 
-def ui_link(uri: str, parent: str) -> str:
-    """The experiment's runs page on the job's saved view (orchestrator/tracking.py); for
-    the embedded store, where `mlflow ui` serves it by default."""
+def ui_links(uri: str, parent: str) -> tuple[str, str, str]:
+    """(the experiment's runs page on the job's saved view, the parent run's page, how to
+    serve them): both in the model-training layout (orchestrator/tracking.py); for the
+    embedded store, where `mlflow ui` serves them by default."""
     from mlflow.tracking import MlflowClient
 
     experiment = MlflowClient(uri).get_run(parent).info.experiment_id
-    if uri.startswith(("http://", "https://")):
-        return runs_view_url(uri, experiment)
-    return f"{runs_view_url('http://127.0.0.1:5000', experiment)} (after `mlflow ui --backend-store-uri {uri}`)"
+    remote = uri.startswith(("http://", "https://"))
+    ui = uri if remote else "http://127.0.0.1:5000"
+    serve = "" if remote else f" (after `mlflow ui --backend-store-uri {uri}`)"
+    return runs_view_url(ui, experiment), run_page_url(ui, experiment, parent), serve
 
 
 @exit_on_user_error

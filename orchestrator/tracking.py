@@ -67,6 +67,12 @@ def runs_view_url(ui: str, experiment_id: str) -> str:
             f"&workflowType=machine_learning")
 
 
+def run_page_url(ui: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI at `ui`, in the model-training layout (MLflow 3's UI
+    opens a run in its GenAI layout unless the URL or the browser's stored choice says otherwise)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def get_experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:

@@ -276,6 +276,12 @@ def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert json.loads(tags["mlflow.sharedViewState.ensembles"])["orderByKey"] == "metrics.`val_top5_err`"
     assert f"#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey=ensembles" in out.stdout
+    # every link printed opens the model-training layout; MLflow's own links (GenAI overview) are off
+    links = re.findall(r"http://\S+#/experiments/\S+", out.stdout)
+    assert len(links) >= 2 and all("workflowType=machine_learning" in link for link in links), links
+    assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning" \
+        in out.stdout
+    assert "View run" not in out.stdout and "View experiment" not in out.stdout
     assert parent.data.metrics["val_top5_err"] == parent.data.metrics["job_ensemble_top5_err"]
     assert len(children_of(client, parent)) == 2
     assert (tmp_path / "outputs" / "smoke" / "runs.yaml").exists()

@@ -70,6 +70,13 @@ def test_the_experiment_carries_a_saved_runs_view_the_ui_can_open(tmp_path):
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert runs_view_url("http://127.0.0.1:5000/", exp) == (
         f"http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey=ensembles&workflowType=machine_learning")
+    from orchestrator.tracking import run_page_url
+
+    assert run_page_url("http://127.0.0.1:5000/", exp, "abc") == (
+        f"http://127.0.0.1:5000/#/experiments/{exp}/runs/abc?workflowType=machine_learning")
+    import os
+
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"  # MLflow's GenAI-view links are off
 
 
 def test_errors_and_images_per_s_are_logged_as_the_digits_that_mean_something():
