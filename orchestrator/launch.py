@@ -269,9 +269,10 @@ def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | No
 def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str, console=None):
     """Run every member as a Tune trial, shown live on `console` (orchestrator/progress.py);
     returns Tune's ResultGrid."""
-    log_path = os.path.join("logs", f"{run_name}.log")
+    log_path = os.path.abspath(os.path.join("logs", f"{run_name}.log"))
+    log_uri = storage.join(member_dir(ctx), "logs", f"{run_name}.log")
     board = MemberBoard(members, "minival" if ctx["data"].get("minival") else "val", console,
-                        concurrency=concurrency, log_path=log_path)
+                        concurrency=concurrency, log_path=log_path, log_uri=log_uri)
     by_key = {m.key: m for m in members}
 
     def resources(config: dict) -> PlacementGroupFactory:
@@ -293,3 +294,4 @@ def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_
             return tuner.fit()
     finally:
         board.stop()
+        board.sync_log()

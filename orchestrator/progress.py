@@ -87,11 +87,13 @@ def quiet_tune(path: str):
 
 class MemberBoard(Callback):
     def __init__(self, members, heldout: str = "val", console: Console | None = None, live: bool | None = None,
-                 concurrency: int = 1, log_path: str | None = None):
+                 concurrency: int = 1, log_path: str | None = None, log_uri: str | None = None):
         self.rows = {m.key: Row(m.name, m.arch, m.recipe.epochs) for m in members}
         self.heldout, self.concurrency = heldout, max(1, concurrency)
         self.console = console or Console()
-        self.log_path = log_path
+        # Tune's log is written at `log_path` (a local file) and copied to `log_uri` (the job's
+        # storage: under `ray job submit` the driver's folder is a temporary copy) on a restart
+        self.log_path, self.log_uri = log_path, log_uri or log_path
         self.live_mode = self.console.is_terminal if live is None else live
         self.live: Live | None = None
 
@@ -140,10 +142,23 @@ class MemberBoard(Callback):
         row.restarts += 1
         row.status = "restarting"
         cause = (getattr(trial, "error_msg", None) or "its trial process died").strip().splitlines()[-1][:160]
-        where = f" (traceback in {self.log_path})" if self.log_path else ""
+        where = f" (traceback in {self.log_uri})" if self.log_uri else ""
+        self.sync_log()
         self.console.print(f"member {row.name}: restarted ({cause}); resumes after epoch {row.epoch} "
                            f"from its latest checkpoint{where}", highlight=False, soft_wrap=True)
         self._show()
+
+    def sync_log(self) -> None:
+        """The local log file, as written so far, copied to `log_uri`."""
+        if self.log_path and self.log_uri != self.log_path and os.path.exists(self.log_path):
+            from orchestrator import storage
+
+            try:
+                for handler in logging.getLogger(TUNE_CONTROLLER_LOGGER).handlers:
+                    handler.flush()
+                storage.put_file(self.log_path, self.log_uri)
+            except Exception as exc:  # the log is a convenience; never fail the job for it
+                self.console.print(f"could not copy {self.log_path} to {self.log_uri} ({type(exc).__name__})")
 
     def on_experiment_end(self, trials, **info):
         self.stop()

@@ -221,6 +221,18 @@ def put_dir(folder: str, uri: str) -> None:
     retry(put, f"uploading {uri}")
 
 
+def put_file(local: str, uri: str) -> None:
+    """Copy one local file to `uri` (a log file into the job's storage), retried."""
+    if absolute(uri) == os.path.abspath(local):
+        return
+
+    def put():
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(local, path)
+    retry(put, f"uploading {uri}")
+
+
 def get_dir(uri: str, folder: str) -> str:
     """Download the files under `uri`/ into the local `folder`; returns `folder`."""
     def get():

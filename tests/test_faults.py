@@ -124,7 +124,13 @@ def test_a_killed_training_process_resumes_from_its_last_checkpoint(stack, s3_da
     assert "resuming after epoch 1" in logs or "resuming after epoch 2" in logs  # at most one epoch redone
     # the terminal gets one line naming the cause; Tune's traceback is in the job's log file
     restart = [line for line in logs.splitlines() if "restarted (" in line]
-    assert len(restart) == 1 and "traceback in logs/" in restart[0], logs[-3000:]
+    # ... a file in the job's storage (the driver's own folder is Ray's temporary copy)
+    where = f"traceback in {env['ENSEMBLE_STORAGE']}/fault-drill/logs/"
+    assert len(restart) == 1 and where in restart[0], logs[-3000:]
+    import s3fs
+
+    log_uri = restart[0].split("traceback in ", 1)[1].rstrip(")")
+    assert "Traceback (most recent call last)" in s3fs.S3FileSystem().cat_file(log_uri).decode()
     assert "Trial task failed" not in logs, logs[-3000:]
     metrics, _ = final_member(stack, env)
     # the same seed, restarted once: the same model within noise (80 val images)

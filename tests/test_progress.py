@@ -116,3 +116,10 @@ def test_tunes_traceback_of_a_failed_trial_goes_to_the_log_file(tmp_path, capsys
     a = trial(ms[0])
     board.on_trial_recover(0, [], a)
     assert out.getvalue().strip().endswith(f"from its latest checkpoint (traceback in {path})")
+    # with the job's storage named, the restart line names the copy there, made as it is printed
+    kept = os.path.join(os.path.dirname(path), "storage", "ens", "logs", "run.log")
+    out = io.StringIO()
+    board = MemberBoard(ms, "val", Console(file=out, width=300), live=False, log_path=path, log_uri=kept)
+    board.on_trial_recover(0, [], trial(ms[0]))
+    assert out.getvalue().strip().endswith(f"(traceback in {kept})")
+    assert open(kept).read() == open(path).read() and "RuntimeError: worker died" in open(kept).read()
