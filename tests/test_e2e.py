@@ -32,6 +32,24 @@ from tests.conftest import ROOT, TINY
 RUNTIME_EXCLUDES = [".venv", ".stack", "outputs", "mlruns", ".git", "runs.yaml"]
 
 
+def readme_submit(stack, storage: str, extra_env: dict) -> list[str]:
+    """The README's local-stack `ray job submit` line, as a user copies it, with this test's
+    storage and experiment put in its runtime env."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("ray job submit --address $RAY_DASHBOARD_ADDRESS")
+    line = text[start:text.index("\n", text.index("-- python", start))].replace("\\\n", " ")
+    args = shlex.split(line.replace("$RAY_DASHBOARD_ADDRESS", stack["dashboard"]))
+    i = args.index("--runtime-env-json") + 1
+    runtime = json.loads(args[i])
+    assert runtime["excludes"] == RUNTIME_EXCLUDES and runtime["env_vars"]["DATA_ROOT"] == f"s3://{stack['bucket']}/data"
+    readme_storage = runtime["env_vars"]["ENSEMBLE_STORAGE"]
+    runtime["env_vars"].update(ENSEMBLE_STORAGE=storage, **extra_env)
+    args[i] = json.dumps(runtime)
+    return [a.replace(readme_storage, storage) for a in args]
+
+
 def submit(stack, config: str, env: dict, runs: str, timeout: int) -> subprocess.CompletedProcess:
     runtime_env = {"env_vars": env, "excludes": RUNTIME_EXCLUDES}
     return subprocess.run(
@@ -81,7 +99,9 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
     env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"smoke-{run_id}",
            "GIT_COMMIT": "0123abcd"}
     runs_uri = f"{storage}/runs.yaml"
-    first = submit(stack, "configs/smoke.yaml", env, runs_uri, timeout=900)
+    command = readme_submit(stack, storage, {k: v for k, v in env.items() if k not in ("DATA_ROOT", "ENSEMBLE_STORAGE")})
+    assert command[-6:] == ["python", "jobs/train_ensemble.py", "--config", "configs/smoke.yaml", "--runs", runs_uri]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)  # the README's line
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "succeeded" in first.stdout + first.stderr
 
