@@ -15,11 +15,14 @@ parent run's page for the ensemble's result table; the last lines say what was f
 from __future__ import annotations
 
 import argparse
+import html
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +30,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.tracking import runs_view_url  # noqa: E402
+from orchestrator.tracking import run_page_url, runs_view_url  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -56,6 +59,41 @@ def chromium(*args: str, timeout: int = 120) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout
 
 
+# Words only the MLflow UI's GenAI layout shows in its side bar (MLflow 3.17); the
+# model-training layout shows Runs, Models, Traces instead
+GENAI_LAYOUT = ("Observability", "Judges", "Evaluation runs")
+
+
+def page_text(url: str, profile: str) -> str:
+    """The text a user sees at `url` in a fresh browser profile (nothing remembered, no
+    click), as rendered by headless Chromium: the DOM without tags, scripts and styles."""
+    dom = chromium(f"--user-data-dir={profile}", "--dump-dom", url)
+    text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
+
+
+def check_link(url: str, profile: str, ensemble: str, members: list[str], method_row: str) -> list[str]:
+    """What is wrong with a link the job printed, as a user opening it would find it: it
+    must open the model-training layout; a runs view must list the ensemble (its parent
+    run) and the `val_top5_err` column; a run page must show the ensemble's row of the
+    result table before any member's (the UI folds the description after its first lines)."""
+    text = page_text(url, profile)
+    problems = [f"{url}: opens the GenAI layout ({w!r} shown)" for w in GENAI_LAYOUT if w in text][:1]
+    if "/runs/" in url.split("#", 1)[-1]:
+        row = text.find(method_row)
+        first_member = min((i for i in (text.find(m, text.find("Description")) for m in members) if i >= 0),
+                           default=-1)
+        if row < 0:
+            problems.append(f"{url}: the result table's ensemble row ({method_row!r}) is not on the page")
+        elif 0 <= first_member < row:
+            problems.append(f"{url}: the ensemble row comes after the members (folded away)")
+    else:
+        problems += [f"{url}: no {what} on the runs page" for what, found in
+                     (("val_top5_err column", "val_top5_err" in text), (f"ensemble row {ensemble!r}", ensemble in text))
+                     if not found]
+    return problems
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = p.add_mutually_exclusive_group(required=True)
@@ -79,10 +117,8 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         # the job's saved view: members and ensemble in one list ranked by val top-5 error
-        pages = {"experiment": runs_view_url(uri, exp_id),
-                 "parent_run": f"{uri}/#/experiments/{exp_id}/runs/{parent.info.run_id}?workflowType=machine_learning",
-                 "member_run": f"{uri}/#/experiments/{exp_id}/runs/{children[0].info.run_id}"
-                               "?workflowType=machine_learning"}
+        pages = {"experiment": runs_view_url(uri, exp_id), "parent_run": run_page_url(uri, exp_id, parent.info.run_id),
+                 "member_run": run_page_url(uri, exp_id, children[0].info.run_id)}
         for name, url in pages.items():
             chromium(f"--screenshot={out / (name + '.png')}", url)
         listed = chromium("--dump-dom", pages["experiment"])
@@ -98,7 +134,16 @@ def main() -> None:
               f"({'found' if ranked_shown else 'NOT found'})")
         has_result = top5 is not None and f"{top5:.2%}" in shown
         print(f"parent run page shows the ensemble's top-5 error ({'found' if has_result else 'NOT found'})")
-        if missing or not has_result or not ranked_shown:
+        # the links the job prints, each opened in a fresh browser profile, without a click
+        names = [c.info.run_name for c in children]
+        row = f"ensemble (mean_softmax, {len(children)} members)"
+        problems = [p for name in ("experiment", "parent_run") for p in
+                    check_link(pages[name], tempfile.mkdtemp(prefix="chromium-"), parent.info.run_name, names, row)]
+        for p in problems:
+            print(f"link problem: {p}")
+        print(f"the job's links open the model-training layout with the ensemble first: "
+              f"{'yes' if not problems else 'NO'}")
+        if missing or not has_result or not ranked_shown or problems:
             raise SystemExit(1)
     finally:
         if server is not None:

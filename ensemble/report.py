@@ -55,14 +55,16 @@ def headline(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    """The result as Markdown: a table of members and the ensemble, then the headline."""
+    """The result as Markdown (the parent run's description): the table with the ensemble's
+    row first, then its members, then the headline. The MLflow UI folds a long description
+    behind "Show more" after its first lines, so what the run is for comes first."""
     ds, e = report["dataset"], report["ensemble"]
     lines = [f"**{ds['name']} {ds['split']}**: {ds['samples']} samples, {ds['num_classes']} classes "
-             f"(95% bootstrap intervals)", "", "| model | top-1 err | top-5 err | NLL |", "|---|---|---|---|"]
+             f"(95% bootstrap intervals)", "", "| model | top-1 err | top-5 err | NLL |", "|---|---|---|---|",
+             f"| **ensemble** ({e['method']}, {len(set(e['members']))} members) | **{_err(e, 'top1_err')}** | "
+             f"**{_err(e, 'top5_err')}** | {e['nll']:.3f} |"]
     for m in report["members"]:
         lines.append(f"| {m['name']} | {_err(m, 'top1_err')} | {_err(m, 'top5_err')} | {m['nll']:.3f} |")
-    lines.append(f"| **ensemble** ({e['method']}, {len(set(e['members']))} members) | **{_err(e, 'top1_err')}** | "
-                 f"**{_err(e, 'top5_err')}** | {e['nll']:.3f} |")
     return "\n".join(lines + [""] + [f"- {line}" for line in headline(report)])
 
 

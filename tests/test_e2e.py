@@ -167,6 +167,20 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
     assert_no_credentials(client, [parent, *children], [first.stdout + first.stderr, second.stdout,
                                                         fs.cat(runs_uri).decode(), out.stdout + out.stderr])
 
+    # every link the job printed, opened as a user opens it (a fresh headless Chromium, no
+    # click): the model-training layout, the runs table with its val_top5_err column and the
+    # ensemble's row, the parent's result table with the ensemble's row first
+    import tempfile
+
+    from bench.ui_screenshots import check_link
+
+    links = re.findall(r"https?://\S+#/experiments/[^\s)]+", first.stdout)
+    assert len(links) >= 2 and any("/runs/" in link.split("#")[1] for link in links), links
+    names = [c.info.run_name for c in children]
+    problems = [p for link in links for p in check_link(link, tempfile.mkdtemp(prefix="chromium-"), parent.info.run_name,
+                                                        names, "ensemble (mean_softmax, 2 members)")]
+    assert not problems, problems
+
 
 def assert_no_credentials(client: MlflowClient, runs, texts: list[str]) -> None:
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
@@ -289,7 +303,9 @@ def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
     client = MlflowClient(runs.mlflow.tracking_uri)
     parent = client.get_run(runs.mlflow.parent_run_id)
     assert {"job_ensemble_top1_err", "job_ensemble_top5_err", "job_gain_top1_points"} <= set(parent.data.metrics)
-    assert "| **ensemble** (mean_softmax, 2 members)" in parent.data.tags["mlflow.note.content"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| **ensemble** (mean_softmax, 2 members)" in note
+    assert note.index("**ensemble**") < min(note.index(m.name) for m in runs.members)  # first: the UI folds the rest
     # the UI opens the experiment in its model-training view, and the link the job prints opens
     # its saved view, where the parent's val errors (the ensemble's) rank it among the members
     tags = client.get_experiment(parent.info.experiment_id).tags

@@ -9,4 +9,4 @@ cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" STACK_REQUIRED=1
 trap 'bash infra/local/down.sh' EXIT
 bash infra/local/up.sh
-python -m pytest -p no:cacheprovider --timeout=2400 -q "$@"
+python -m pytest -p no:cacheprovider --timeout=2400 -q --durations=40 "$@"
