@@ -9,9 +9,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
-# headless Chromium for the tests that open the MLflow UI as a user does (bench/ui_screenshots.py)
-if ! command -v chromium >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get install -y -q chromium >/dev/null || $SUDO sh -c 'apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null'
-fi
 echo "environment ready: .venv ($(.venv/bin/python --version))"

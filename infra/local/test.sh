@@ -7,6 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . infra/local/env.sh
 export PATH="$PWD/.venv/bin:$PATH" STACK_REQUIRED=1
+# headless Chromium for the tests that open the MLflow UI as a user does (bench/ui_screenshots.py)
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get install -y -q chromium >/dev/null || $SUDO sh -c 'apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null'
+fi
 trap 'bash infra/local/down.sh' EXIT
 bash infra/local/up.sh
 python -m pytest -p no:cacheprovider --timeout=2400 -q --durations=40 "$@"
