@@ -173,15 +173,10 @@ def test_the_members_plot_legend_covers_no_bar_name_or_title(tmp_path, monkeypat
     assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1 and legend.y1 <= fig.bbox.y1  # in the image
 
 
-def _probs(rng, n, c, labels, strength):
-    z = rng.standard_normal((n, c)) * 1.5
-    z[np.arange(n), labels] += strength
-    e = np.exp(z - z.max(1, keepdims=True))
-    return (e / e.sum(1, keepdims=True)).astype(np.float32)
-
-
 def runs_where_minival_and_val_disagree(folder, with_minival=True):
     """m0 is the strongest member on the minival and the weakest on val; m1 the reverse."""
+    from tests.test_minival import _probs
+
     rng = np.random.default_rng(5)
     n, n_mv, c = 600, 300, 10
     y, y_mv = rng.integers(0, c, n), rng.integers(0, c, n_mv)
