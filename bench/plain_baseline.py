@@ -18,7 +18,7 @@ member.json: {"name", "arch", "low_res", "input_size", "seed", "classes": [origi
 indices, in label order], "train_keys": [...], "val_keys": [...], "recipe": {"epochs",
 "batch_size", "optimizer": {"name", "lr", "momentum", "nesterov", "weight_decay", "betas"},
 "schedule": {"policy", "warmup_epochs", "params"}, "augment": {"crop_scale",
-"crop_ratio", "hflip", "label_smoothing"}, "plain_last_epochs"}, "eval": {"resize",
+"crop_ratio", "hflip", "label_smoothing"}, "plain_last_epochs", "bf16"}, "eval": {"resize",
 "crop", "mean", "std"}}. Anything else in a recipe has no plain counterpart here and is
 refused by `bench/reproduce.py` before this runs.
 """
@@ -205,6 +205,7 @@ def main() -> None:
     warmup = round(recipe["schedule"].get("warmup_epochs", 0.0) * per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(recipe["schedule"], epochs * per_epoch, warmup))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe["augment"]["label_smoothing"])
+    bf16 = bool(recipe.get("bf16")) and device.type == "cuda"  # the platform's autocast is GPU-only
     for epoch in range(epochs):
         tf = plain_tf if epoch >= epochs - recipe["plain_last_epochs"] else train_tf
         model.train()
@@ -212,7 +213,8 @@ def main() -> None:
         for k in range(per_epoch):
             idx = order[k * batch:(k + 1) * batch]
             xb = torch.stack([tf(x_train[i]) for i in idx]).to(device)
-            loss = loss_fn(model(xb), y_train[idx].to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as the member trains on a GPU
+                loss = loss_fn(model(xb), y_train[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -254,6 +254,7 @@ def baseline_spec(cfg, member) -> dict:
             "train_keys": [s.key for s in data.train.iter_samples()], "val_keys": [s.key for s in data.val.iter_samples()],
             "recipe": {"epochs": r.epochs, "batch_size": r.batch_size, "optimizer": r.optimizer.model_dump(mode="json"),
                        "schedule": r.schedule.model_dump(mode="json"), "plain_last_epochs": r.plain_last_epochs,
+                       "bf16": r.bf16,
                        "augment": {k: getattr(f, k) for k in PLAIN_AUGMENT}},
             "eval": {"resize": ev.resize, "crop": ev.crop, "mean": list(ev.mean), "std": list(ev.std)}}
 

@@ -195,3 +195,30 @@ def test_the_baseline_and_the_estimate_count_the_images_members_train_on(tiny_ro
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "root": str(root)}}))
     counts = trained_per_class(load_config(str(tmp_path / "c.yaml")))
     assert counts == [int((labels == c).sum()) - 5 for c in range(7)] + [0] * 3
+
+
+def test_the_gpu_size_compares_the_plain_baseline_with_its_first_resnet18():
+    """`--gpu`: the baseline's twin is the config's first ResNet-18, whose whole recipe
+    (SGD, cosine with warm-up, label smoothing, plain last epochs, bf16) the plain script
+    applies; its ResNet-18 has the small-image stem the platform's low-res form has."""
+    import torch
+
+    from bench.plain_baseline import build, lr_factor
+    from bench.reproduce import baseline_member, unplain
+    from models import build_model
+    from orchestrator.config import load_config, resolve_members
+
+    members = resolve_members(load_config(str(ROOT / "configs" / "reproduce" / "gpu.yaml")))
+    twin = baseline_member(members)
+    assert twin.name == "resnet18-cosine-s0" and unplain(twin) == []
+    plain, ours = build("resnet18", 200, True), build_model("resnet18", num_classes=200, low_res=True)
+    assert plain.conv1.kernel_size == ours.conv1.kernel_size == (3, 3) and isinstance(plain.maxpool, torch.nn.Identity)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in ours.parameters())
+    # the same LR factor at every step as the platform's policy (orchestrator/train/lr.py)
+    from orchestrator.train.lr import schedule
+
+    cpu = resolve_members(load_config(str(ROOT / "configs" / "reproduce" / "cpu.yaml")))
+    for r in (twin.recipe, baseline_member(cpu).recipe):  # cosine with warm-up; one-cycle
+        ours_at = schedule(r.schedule.policy, 800, 100, r.schedule.params)
+        plain_at = lr_factor(r.schedule.model_dump(mode="json"), 800, 100)
+        assert all(abs(ours_at(s) - plain_at(s)) < 1e-12 for s in range(0, 800, 7)), r.schedule
