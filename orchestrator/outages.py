@@ -66,7 +66,7 @@ def _short(exc: BaseException | None) -> str:
 def which_server(exc: BaseException) -> str | None:
     """'the MLflow tracking server at URL' / 'the object store at URL' when `exc` (or its
     cause) is a connection that outlived its retries, else None."""
-    from orchestrator.storage import transient  # noqa: F401 (the one rule for what is worth retrying)
+    from orchestrator.storage import transient  # the one rule for what is worth retrying
 
     seen = 0
     while exc is not None and seen < 10:
