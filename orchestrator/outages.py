@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from orchestrator.errors import UserError
+from orchestrator.storage import transient  # the one rule for what is worth retrying
 
 T = TypeVar("T")
 # what the S3 clients (botocore, aiobotocore/aiohttp) raise when the store does not answer
@@ -66,8 +67,6 @@ def _short(exc: BaseException | None) -> str:
 def which_server(exc: BaseException) -> str | None:
     """'the MLflow tracking server at URL' / 'the object store at URL' when `exc` (or its
     cause) is a connection that outlived its retries, else None."""
-    from orchestrator.storage import transient  # the one rule for what is worth retrying
-
     seen = 0
     while exc is not None and seen < 10:
         name, text = type(exc).__name__, str(exc)

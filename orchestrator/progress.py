@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from orchestrator import storage
+
 
 @dataclass
 class Row:
@@ -151,8 +153,6 @@ class MemberBoard(Callback):
     def sync_log(self) -> None:
         """The local log file, as written so far, copied to `log_uri`."""
         if self.log_path and self.log_uri != self.log_path and os.path.exists(self.log_path):
-            from orchestrator import storage
-
             try:
                 for handler in logging.getLogger(TUNE_CONTROLLER_LOGGER).handlers:
                     handler.flush()

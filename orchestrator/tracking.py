@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import flatten
+from orchestrator.storage import absolute
 
 PARENT_TAG, MEMBER_TAG, TRIAL_TAG, STORAGE_TAG = "ensemble.name", "member.key", "trial.id", "ensemble.storage"
 
@@ -126,8 +127,6 @@ def get_or_create_parent(client: MlflowClient, experiment_id: str, ensemble: str
 
 def _same_root(logged: str | None, root: str) -> bool:
     """An earlier version's `storage.path` param (as configured) against this job's root."""
-    from orchestrator.storage import absolute
-
     return logged is None or absolute(logged) == root
 
 

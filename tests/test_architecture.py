@@ -12,7 +12,8 @@ PACKAGES = ("models", "orchestrator", "ensemble", "jobs")
 # Lowest first; a module belongs to the layer of its longest matching prefix.
 LAYERS = [
     ("foundations: models, data, storage, scoring math",
-     ["models", "orchestrator.errors", "orchestrator.storage", "orchestrator.data", "ensemble.math"]),
+     ["models", "orchestrator.errors", "orchestrator.storage", "orchestrator.lease", "orchestrator.outages",
+      "orchestrator.data", "ensemble.math"]),
     ("the Ray-free core: config, training, runs files",
      ["orchestrator.train", "orchestrator.config", "orchestrator.runs_file", "orchestrator.job_runs",
       "orchestrator.packing", "orchestrator.search.space", "ensemble.protocol"]),
