@@ -59,7 +59,7 @@ def test_cosine_restarts_with_equal_integer_cycles_restarts_every_cycle():
 
 
 @pytest.mark.parametrize("policy,params,match", [
-    ("cosine", {"finall": 0.1}, "no parameter 'finall'; valid params: final"),
+    ("cosine", {"finall": 0.1}, r"no parameter 'finall' \(did you mean 'final'\?\); valid params: final"),
     ("step", {"gamma": 2.0}, "'gamma'.*less than or equal to 1"),
     ("multistep", {"milestones": [0.8, 0.2]}, "increasing fractions"),
     ("cosine_restarts", {"cycles": 0}, "'cycles'.*greater than or equal to 1"),
