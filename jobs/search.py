@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     start = time.time()
     out = job.run(cfg, bases, args.config, args.runs)
     if out["choice"]:
-        print(f"\nwrote {os.path.abspath(args.runs)} in {(time.time() - start) / 60:.1f} min")
+        where = args.runs if "://" in args.runs else os.path.abspath(args.runs)  # an s3:// URL stays one
+        print(f"\nwrote {where} in {(time.time() - start) / 60:.1f} min")
     return 0 if out["choice"] else 1
 
 

@@ -99,9 +99,12 @@ def test_pbt_on_the_cluster_path_clones_the_donors_weights(stack, s3_data):  # n
     out = subprocess.run(
         ["ray", "job", "submit", "--address", stack["dashboard"], "--working-dir", ".", "--runtime-env-json",
          json.dumps({"env_vars": env, "excludes": RUNTIME_EXCLUDES}), "--", "python", "jobs/search.py",
-         "--config", "configs/search/pbt-smoke.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+         "--config", "configs/search/pbt-smoke.yaml", "--runs", f"{storage}/search-runs.yaml"], cwd=ROOT,
+        capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-4000:]
     assert summary(out.stdout)["cloned"] >= 1 and "cloned the weights of trial" in out.stdout
+    assert f"wrote {storage}/search-runs.yaml in " in out.stdout  # the URL it wrote, not a local copy's path
+    assert load_runs(f"{storage}/search-runs.yaml").members
 
     client = MlflowClient(stack["mlflow"])
     exp = client.get_experiment_by_name(f"pbt-{run_id}")
