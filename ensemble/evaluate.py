@@ -250,8 +250,9 @@ def summarize(runs_path: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     runs = load_runs(args.members)
-    if not args.no_mlflow:
-        check_tracking(mlflow_target(runs)[0])
+    tracking_uri, parent = mlflow_target(runs)
+    if not args.no_mlflow and parent:  # it will log: the server must answer before any work
+        check_tracking(tracking_uri)
     labels = np.asarray(open_npy(runs.dataset.labels, "dataset labels"), dtype=np.int64)
     records, preds = load_members(runs, args)
     report, reliability = build_report(runs, records, preds, labels, args)
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
             weights = [report["selection"]["weights"][r.name] for r in records] if report["selection"] and \
                 report["selection"].get("weights") else [r.weight if args.method == "weighted" else 1.0 for r in records]
             sel = report["selection"] or {}
-            uri = log_ensemble_model(runs, records, weights, run, mlflow_target(runs)[0], method=METHODS[args.method],
+            uri = log_ensemble_model(runs, records, weights, run, tracking_uri, method=METHODS[args.method],
                                      temperatures=sel.get("temperatures"), tta=args.tta)
             print(f"ensemble model: {uri}  (mlflow.pyfunc.load_model(uri).predict(images))")
     return 0

@@ -42,6 +42,13 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
     return ""
 
 
+def key_hint(model, loc: tuple, noun: str = "keys") -> str:
+    """What follows "unknown key" in a validation error at `loc` of a pydantic model tree:
+    the closest valid key, then the valid keys at that place."""
+    valid = keys_at(model, loc)
+    return f"{did_you_mean(loc[-1], valid)}; valid {noun} there: {', '.join(valid)}"
+
+
 def keys_at(model, loc: tuple) -> list[str]:
     """The keys a pydantic model tree accepts at `loc` (a validation error's location, the
     unknown key last): walks fields, list items and dict values, Optional unwrapped."""

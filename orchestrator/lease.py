@@ -4,8 +4,9 @@ A job driver writes `<root>/<ensemble>/job.lease` before it trains and renews it
 RENEW seconds from a thread; a second submission of the same config (same ensemble name,
 same storage) that finds a lease renewed within TTL seconds is refused with one line. A
 driver that dies without releasing its lease holds it for TTL at most: none at all when it
-ran on this host (its pid is checked), up to TTL when its node was lost. Object stores have no compare-and-set, so two submissions in the same second can
-both write; each reads the lease back and the one that finds another's gives way.
+ran on this host (its pid is checked), up to TTL when its node was lost. Object stores have
+no compare-and-set, so two submissions in the same second can both write; each reads the
+lease back and the one that finds another's gives way.
 """
 from __future__ import annotations
 

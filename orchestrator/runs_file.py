@@ -23,7 +23,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.errors import UserError, did_you_mean, keys_at
+from orchestrator.errors import UserError, key_hint
 from orchestrator.storage import retry
 
 
@@ -112,11 +112,7 @@ def load_runs(path: str) -> RunsFile:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            valid = keys_at(RunsFile, err["loc"])
-            what = f"unknown key{did_you_mean(err['loc'][-1], valid)}; valid keys there: {', '.join(valid)}"
-        else:
-            what = err["msg"]
+        what = f"unknown key{key_hint(RunsFile, err['loc'])}" if err["type"] == "extra_forbidden" else err["msg"]
         raise UserError(f"{path}: {where}: {what}") from None
 
 

@@ -276,3 +276,11 @@ def test_rows_read_by_index_match_numpy_for_any_order_and_repeats(tmp_path):
         np.testing.assert_array_equal(rows[idx], array[idx])
     for index in (slice(3, 9), slice(None, None, 7), 4, -2):
         np.testing.assert_array_equal(rows[index], array[index])
+
+
+def test_a_runs_file_with_no_parent_run_is_evaluated_whatever_tracking_server_is_set(tmp_path, monkeypatch):
+    """Nothing will be logged (no parent run named), so a down server named by
+    MLFLOW_TRACKING_URI does not stop the evaluation."""
+    path, _ = make_runs(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert evaluate.main(["--members", str(path), "--out", str(tmp_path / "o")]) == 0

@@ -20,7 +20,7 @@ from models import get_spec
 from orchestrator.config.schema import (Data, Grid, Member, Mlflow, PackingOpts, RayOpts, Recipe, ResolvedMember,
                                         Resources, Storage, Strict)
 from orchestrator.config.search import Search
-from orchestrator.errors import UserError, did_you_mean, keys_at, unknown_name
+from orchestrator.errors import UserError, key_hint, unknown_name
 from orchestrator.packing import resolve_auto
 from orchestrator.runs_file import yaml_problem
 from orchestrator.train.batch_augment import unsupported
@@ -66,8 +66,7 @@ def _format_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "config"
     if err["type"] == "extra_forbidden":
-        valid = keys_at(EnsembleConfig, err["loc"])
-        return f"unknown config key {where!r}{did_you_mean(err['loc'][-1], valid)}; valid keys there: {', '.join(valid)}"
+        return f"unknown config key {where!r}{key_hint(EnsembleConfig, err['loc'])}"
     return f"config {where}: {err['msg']}"
 
 
@@ -84,11 +83,8 @@ def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
     except ValidationError as exc:
         err = exc.errors()[0]
         path = ".".join(["recipe", *(str(p) for p in err["loc"])])
-        if err["type"] == "extra_forbidden":
-            valid = keys_at(Recipe, err["loc"])
-            what = f"unknown field{did_you_mean(err['loc'][-1], valid)}; valid fields there: {', '.join(valid)}"
-        else:
-            what = err["msg"]
+        what = f"unknown field{key_hint(Recipe, err['loc'], 'fields')}" if err["type"] == "extra_forbidden" \
+            else err["msg"]
         raise UserError(f"{where}: {path}: {what}") from None
 
 
