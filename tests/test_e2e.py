@@ -289,7 +289,7 @@ def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
                      out.stdout)
     assert "Trial status" not in out.stdout
     # each member says, as it starts, which share of train it trains on (configs/smoke.yaml: shares 2)
-    for name, share in (("resnet18-tiny-s0", 1), ("googlenet-tiny-s1", 2)):
+    for name, share in (("resnet18-tiny-s0", 1), ("vgg11-tiny-s1", 2)):
         assert f"member {name}: trains on share {share} of 2 of train: 80 images" in out.stdout
     assert "repeated" not in out.stdout
     # ... and it ends with the ensemble against its best member on both metrics, in points; this
