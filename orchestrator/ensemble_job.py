@@ -89,9 +89,15 @@ def _ray_init(cfg: EnsembleConfig) -> None:
                  configure_logging=False) if cfg.ray.address else ray.init(configure_logging=False)
 
 
+def start_ray_for(cfg: EnsembleConfig, client, parent: str) -> None:
+    """Ray, started (or joined) once there is work, and its job id on the parent run."""
+    _ray_init(cfg)
+    client.set_tag(parent, "ray.job_id", _job_id())
+
+
 def _job_id() -> str:
-    """The `ray job submit` submission id (raysubmit_...) when submitted, else Ray's job id.
-    The job supervisor hands the driver its metadata in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    """The `ray job submit` submission id (raysubmit_...) when submitted, else Ray's job id
+    ("" before Ray has started). The job supervisor hands the driver its metadata in RAY_JOB_CONFIG_JSON_ENV_VAR."""
     import json
 
     import ray
@@ -100,7 +106,7 @@ def _job_id() -> str:
         meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {})
     except json.JSONDecodeError:
         meta = {}
-    return meta.get("job_submission_id") or ray.get_runtime_context().get_job_id()
+    return meta.get("job_submission_id") or (ray.get_runtime_context().get_job_id() if ray.is_initialized() else "")
 
 
 def _result_table(records: list[dict]) -> Table:
@@ -116,10 +122,11 @@ def _result_table(records: list[dict]) -> Table:
 
 
 @contextlib.contextmanager
-def open_job(cfg: EnsembleConfig, config_path: str, kind: str, tags: dict):
+def open_job(cfg: EnsembleConfig, config_path: str, kind: str, tags: dict, start_ray: bool = True):
     """What every job driver does first: a writable storage root whose bucket exists, the
-    job's lease on it (one job per ensemble and storage path), the tracking store, Ray, and
-    the job's MLflow parent run (reused by a re-run with the same storage) with the config
+    job's lease on it (one job per ensemble and storage path), the tracking store, Ray
+    (unless `start_ray` is off: `start_ray_for` starts it when there is work), and the
+    job's MLflow parent run (reused by a re-run with the same storage) with the config
     logged. Yields (storage root, tracking URI, client, experiment id, parent run id); the
     lease is released when the job ends."""
     from mlflow.tracking import MlflowClient
@@ -131,9 +138,11 @@ def open_job(cfg: EnsembleConfig, config_path: str, kind: str, tags: dict):
     with Lease(root, cfg.name, os.environ.get("RAY_JOB_SUBMISSION_ID", "")):
         client = MlflowClient(tracking_uri)
         experiment_id = tracking.get_experiment_id(client, cfg.mlflow.experiment)
-        _ray_init(cfg)
+        if start_ray:
+            _ray_init(cfg)
+        job = {"ray.job_id": _job_id()} if _job_id() else {}
         parent = tracking.get_or_create_parent(client, experiment_id, cfg.name, {
-            "mlflow.source.git.commit": tracking.git_commit(), "ray.job_id": _job_id(),
+            "mlflow.source.git.commit": tracking.git_commit(), **job,
             "ensemble.config": os.path.basename(config_path), **tags}, kind=kind, storage=root)
         _log_config(client, parent, cfg)
         yield root, tracking_uri, client, experiment_id, parent
@@ -144,7 +153,10 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
     import ray
 
     tags = {"ensemble.members": len(members)}
-    with open_job(cfg, config_path, "parent", tags) as (root, tracking_uri, client, experiment_id, parent):
+    # Ray starts only when a member is left to train: a re-run of a finished job, or an
+    # ensemble of imported runs, writes its runs file in seconds
+    with open_job(cfg, config_path, "parent", tags, start_ray=False) as (root, tracking_uri, client, experiment_id,
+                                                                         parent):
         ctx = {"ensemble": cfg.name, "storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
                "experiment_id": experiment_id, "parent_run_id": parent, "max_failures": cfg.ray.max_failures,
                "members": {m.key: m.model_dump() for m in members}}
@@ -154,6 +166,7 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
         console().print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(done)} already finished, "
                       f"{len(pending)} to train; MLflow {tracking_uri} run {parent}")
         if pending:
+            start_ray_for(cfg, client, parent)
             concurrency = launch.plan_concurrency(pending, ray.cluster_resources(), cfg.ray.max_concurrent_members)
             console().print(f"running up to {concurrency} members at once on {ray.cluster_resources().get('CPU', 0):g} CPUs"
                           f" / {ray.cluster_resources().get('GPU', 0):g} GPUs")
