@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the project with every version pinned, in one
-# pip step (constraints.txt): a loose install makes pip backtrack for minutes.
+# step (constraints.txt): a loose install makes the resolver backtrack for minutes.
+# The install is uv's `pip install` (same resolution, same pins): a fresh .venv in about
+# 20 s where pip takes over 2 minutes, most of CI's set-up time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3.11}
@@ -8,5 +10,6 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check uv==0.13.9
+.venv/bin/python -m uv pip install -q --python .venv/bin/python -c constraints.txt -e ".[test]"
 echo "environment ready: .venv ($(.venv/bin/python --version))"
