@@ -139,13 +139,14 @@ def test_the_shipped_tiny_imagenet_search_trains_label_shuffled_on_the_streamed_
     """configs/search/tiny-imagenet-resnet.yaml as shipped (all of Tiny-ImageNet train,
     streamed, its minival carved out, label shuffling searched), with the overrides a CPU
     test needs: no GPU, one trial with label shuffling on, one epoch capped to a few steps,
-    32 px, val scored on 2 images per class."""
+    32 px, val and minival 2 images per class."""
     raw = yaml.safe_load(expand_env((ROOT / "configs" / "search" / "tiny-imagenet-resnet.yaml").read_text()
                                     .replace("${DATA_ROOT:-s3://ensembles/data}/tiny-imagenet-200", tiny_root)))
     assert raw["data"]["root"] == tiny_root and "classes" not in raw["data"] and "train_per_class" not in raw["data"]
     raw["storage"]["path"] = str(tmp_path / "out")
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "shipped-search"}
     raw["data"]["val_per_class"] = 2  # scored once at the end: 400 images, not 10,000
+    raw["data"]["minival"] = 2  # scored each epoch: 400 images held out of train, not 2,000
     raw["defaults"].update(input_size=32, resources={"use_gpu": False, "cpus_per_worker": 2, "loader_workers": 1})
     raw["recipes"]["base"].update(epochs=1, batch_size=32, max_steps_per_epoch=4, plain_last_epochs=0)
     raw["search"].update(num_samples=1)
@@ -161,8 +162,8 @@ def test_the_shipped_tiny_imagenet_search_trains_label_shuffled_on_the_streamed_
     exp = client.get_experiment_by_name("shipped-search")
     parent = client.search_runs([exp.experiment_id], "tags.`ensemble.kind` = 'search'")[0]
     (trial,) = children_of(client, parent)
-    # Hikvision's rule on the streamed rest of train: 200 classes x N = 490 (500 less 10 of minival)
-    assert trial.data.tags["hikvision.label_shuffling"].startswith("label-shuffled epoch: 200 classes x 490 = 98000")
+    # Hikvision's rule on the streamed rest of train: 200 classes x N = 498 (500 less 2 of minival)
+    assert trial.data.tags["hikvision.label_shuffling"].startswith("label-shuffled epoch: 200 classes x 498 = 99600")
     assert client.get_metric_history(trial.info.run_id, "minival_top1_err")
     runs = load_runs(str(tmp_path / "runs.yaml"))
     assert np.load(runs.members[0].predictions).shape == (400, 200)
