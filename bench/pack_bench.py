@@ -69,7 +69,7 @@ def plain_trainer(rank: int, args, barrier, results, threads: int) -> None:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    results[rank] = (seen / seconds, torch.cuda.max_memory_allocated(device) / 1e9 if cuda else 0.0)
+    results.put((seen / seconds, torch.cuda.max_memory_allocated(device) / 1e9 if cuda else 0.0))
 
 
 def trainer(rank: int, args, barrier, results, threads: int) -> None:
@@ -102,23 +102,29 @@ def trainer(rank: int, args, barrier, results, threads: int) -> None:
         seen += CHUNK * args.batch
     seconds = time.perf_counter() - start
     memory = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else 0.0
-    results[rank] = (seen / seconds, memory)
+    results.put((seen / seconds, memory))
+
+
+# Trainers are forked from one server process that has imported torch and the platform
+# once (no CUDA in it), not spawned: a spawned process re-imports everything, seconds each.
+CONTEXT = mp.get_context("forkserver")
+CONTEXT.set_forkserver_preload(["__main__", "torch", "torchvision", "models", "orchestrator.train.loop"])
 
 
 def run(k: int, args, target=trainer) -> tuple[float, float]:
-    ctx = mp.get_context("spawn")
-    barrier, manager = ctx.Barrier(k), ctx.Manager()
-    results = manager.dict()
+    barrier, queue = CONTEXT.Barrier(k), CONTEXT.Queue()
     threads = max(1, (os.cpu_count() or 1) // k) if not torch.cuda.is_available() else 2
-    procs = [ctx.Process(target=target, args=(r, args, barrier, results, threads)) for r in range(k)]
+    procs = [CONTEXT.Process(target=target, args=(r, args, barrier, queue, threads)) for r in range(k)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
+    results = []
+    while not queue.empty():
+        results.append(queue.get())
     if len(results) != k:
         raise SystemExit(f"{k - len(results)} of {k} trainers failed (out of memory?)")
-    total = sum(r for r, _ in results.values())
-    return total, max(m for _, m in results.values())
+    return sum(r for r, _ in results), max(m for _, m in results)
 
 
 def main() -> None:
