@@ -200,23 +200,37 @@ def greedy_selection(load, n_members: int, labels, rounds: int, init: int = 1,
     the combination `method` (the one that will be reported). Returns the **best prefix**
     of the chosen sequence (the paper's rule: the ensemble is the step with the lowest
     selection loss, not the last one; the first such step on ties) and the loss after
-    every step (the whole curve, for plotting). `load(i)` returns member i's
-    probabilities on the selection split (streamed: the running combination and one
-    member are in memory)."""
-    own = [selection_loss(load(i), labels, metric) for i in range(n_members)]
+    every step (the whole curve, for plotting).
+
+    `load(i)` returns member i's probabilities on the selection rows and is called once per
+    member: what the rounds need is held, at most one float32 copy of the rows (M x N x C x
+    4 bytes), and for the mean's NLL (the default) only each member's true-class column
+    (M x N x 4 bytes), from which that loss is computed exactly as from the whole rows."""
+    held, labels = _held_for(load, n_members, labels, metric, method)
+    own = [selection_loss(h, labels, metric) for h in held]
     chosen = sorted(range(n_members), key=own.__getitem__)[:init]
     comb = Combiner(method)
     for i in chosen:
-        comb.add(load(i))
+        comb.add(held[i])
     curve = [selection_loss(comb.result(), labels, metric)]
     for _ in range(rounds):
-        losses = [selection_loss(comb.result_with(load(i)), labels, metric) for i in range(n_members)]
+        losses = [selection_loss(comb.result_with(h), labels, metric) for h in held]
         best = int(np.argmin(losses))
         chosen.append(best)
-        comb.add(load(best))
+        comb.add(held[best])
         curve.append(losses[best])
     best_step = int(np.argmin(curve))
     return chosen[:init + best_step], curve
+
+
+def _held_for(load, n_members: int, labels, metric: str, method: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each member loaded once. The mean's NLL reads only the true class's probability, and
+    a mean is taken column by column, so each member's true-class column (with label 0 for
+    every row) gives the same floats, in the same order, as the whole rows."""
+    y = torch.as_tensor(labels, dtype=torch.long)
+    if metric == "nll" and method == "mean":
+        return [as_tensor(load(i)).gather(1, y.view(-1, 1)) for i in range(n_members)], torch.zeros_like(y)
+    return [as_tensor(load(i)).contiguous() for i in range(n_members)], y
 
 
 def weights_from_selection(chosen: list[int], n_members: int) -> np.ndarray:

@@ -116,6 +116,41 @@ def test_greedy_selection_returns_its_best_prefix(seed):
     assert all(returned <= c_ + 1e-6 for c_ in curve)
 
 
+def per_round_selection(members, labels, rounds, metric, method):
+    """The selection as it was written before: every candidate's rows loaded again in
+    every round (the reference the held version must equal, float for float)."""
+    own = [em.selection_loss(p, labels, metric) for p in members]
+    chosen = sorted(range(len(members)), key=own.__getitem__)[:1]
+    comb = em.Combiner(method)
+    comb.add(members[chosen[0]])
+    curve = [em.selection_loss(comb.result(), labels, metric)]
+    for _ in range(rounds):
+        losses = [em.selection_loss(comb.result_with(p), labels, metric) for p in members]
+        best = int(np.argmin(losses))
+        chosen.append(best)
+        comb.add(members[best])
+        curve.append(losses[best])
+    return chosen[:1 + int(np.argmin(curve))], curve
+
+
+@pytest.mark.parametrize("metric,method", [("nll", "mean"), ("top1", "mean"), ("top5", "mean"),
+                                           ("nll", "geometric")])
+def test_greedy_selection_loads_each_member_once_and_chooses_as_before(metric, method):
+    rng = np.random.default_rng(7)
+    n, c, m = 300, 20, 9
+    y = rng.integers(0, c, n)
+    members = [torch.from_numpy(rng.dirichlet(np.ones(c) * 0.4, size=n)).float() for _ in range(m)]
+    loads = []
+
+    def load(i):
+        loads.append(i)
+        return members[i].numpy()  # as a reader returns it
+
+    chosen, curve = em.greedy_selection(load, m, y, rounds=2 * m, init=1, metric=metric, method=method)
+    assert sorted(loads) == list(range(m))  # M loads, not M x (rounds + 1)
+    assert (chosen, curve) == per_round_selection(members, y, 2 * m, metric, method)  # exactly, not approximately
+
+
 def test_greedy_selection_optimises_the_combination_in_use():
     rng = np.random.default_rng(5)
     n, c, m = 80, 4, 5
