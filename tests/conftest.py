@@ -26,6 +26,10 @@ TINY = DATA / "tiny-imagenet-200"
 _EVAL_CACHE = tempfile.mkdtemp(prefix="ensemble-eval-")
 os.environ["ENSEMBLE_CACHE"] = _EVAL_CACHE
 atexit.register(shutil.rmtree, _EVAL_CACHE, True)
+# ... and so is its data cache (minivals carved from streamed splits)
+_DATA_CACHE = tempfile.mkdtemp(prefix="ensemble-data-")
+os.environ["ENSEMBLE_DATA_CACHE"] = _DATA_CACHE
+atexit.register(shutil.rmtree, _DATA_CACHE, True)
 
 
 def port_open(port: int) -> bool:

@@ -117,6 +117,43 @@ def test_streamed_copies_balance_ranks_and_drop_only_the_remainder():
     assert len(set(np.bincount(np.array([0] * 10 + [1] * 9), weights=copies).tolist())) == 1
 
 
+def test_a_streamed_minival_is_carved_once_then_read_from_its_own_file(shaped, tmp_path, monkeypatch):
+    """The first carve reads train's shards; a second member start, a resume or a rank
+    (a new process: a new Split) reads only the stored minival; a changed manifest carves
+    again."""
+    import dataclasses
+    import shutil
+
+    from orchestrator.data import dataset, minival_store
+    from orchestrator.data.dataset import carve_minival
+
+    monkeypatch.setenv("ENSEMBLE_DATA_CACHE", str(tmp_path / "cache"))
+    reads = []
+    real = dataset.iter_shard
+    monkeypatch.setattr(dataset, "iter_shard", lambda url, *a: reads.append(url) or real(url, *a))
+    _, first = carve_minival(open_split(shaped, "train"), 2, 0)
+    assert len(set(reads)) == len(open_split(shaped, "train").urls())  # the one pass
+    reads.clear()
+    rest, again = carve_minival(open_split(shaped, "train"), 2, 0)
+    assert reads == [] and [(s.key, s.data, s.label) for s in again.records] == \
+        [(s.key, s.data, s.label) for s in first.records]
+    stored = list((tmp_path / "cache" / "minival").glob("*.tar"))
+    assert len(stored) == 1 and stored[0].stat().st_size <= 1.05 * sum(len(s.data) for s in first.records) + 2e6
+    # another seed or size is another minival; so is the same data under a changed manifest
+    carve_minival(open_split(shaped, "train"), 2, 1)
+    assert reads and len(list((tmp_path / "cache" / "minival").glob("*.tar"))) == 2
+    copy = tmp_path / "copy"  # the same data at another root
+    shutil.copytree(shaped, copy)
+    reads.clear()
+    carve_minival(open_split(str(copy), "train"), 2, 0)
+    assert reads
+    whole = open_split(shaped, "train")
+    shards = whole.manifest.shards("train")
+    key = minival_store.key_of(shaped, "train", 2, 0, whole.kept, shards)
+    regenerated = [dataclasses.replace(shards[0], sha256="0" * 64), *shards[1:]]
+    assert minival_store.key_of(shaped, "train", 2, 0, whole.kept, regenerated) != key
+
+
 def test_a_minival_carved_from_a_streamed_split_holds_only_its_own_samples(shaped):
     """At ImageNet scale train cannot be read into memory to carve a minival: it is carved
     by the labels file, only the minival's samples are held, and the rest streams with

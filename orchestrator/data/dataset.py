@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from orchestrator.data import minival, shares as shares_of
+from orchestrator.data import minival, minival_store, shares as shares_of
 from orchestrator.data.manifest import FOLDER_PREFIX, Manifest, check_shards_exist, load_manifest
 from orchestrator.data.sources import Sample, iter_shard, list_folder_split
 from orchestrator.errors import UserError
@@ -238,10 +238,12 @@ def carve_minival(whole: Split, per_class: int, seed: int) -> tuple[Split, Split
     """(the rest of train, its minival) from one read of the train split, each named as
     `open_split` opens it again (orchestrator/data/minival.py)."""
     held_name, rest_name = minival.split_names(whole.split, per_class, seed)
-    if whole.records is None:  # streamed: carve by the labels, hold only the minival's samples
+    if whole.records is None:  # streamed: carve by the labels; the minival's samples, read once
         rest, chosen = minival.carve(whole.all_labels(), whole.num_classes, per_class, seed)
-        wanted = frozenset(chosen)
-        held = [s for i, s in enumerate(whole.iter_samples()) if i in wanted]
+        wanted = frozenset(chosen)  # per machine, are kept by minival_store
+        key = minival_store.key_of(whole.manifest.root, whole.split, per_class, seed, whole.kept,
+                                   whole.manifest.shards(whole.split))
+        held = minival_store.load_or_carve(key, lambda: whole.iter_samples(keep=wanted.__contains__))
         return (Split(whole.manifest, rest_name, whole.kept, whole.per_class, None, source=whole.split,
                       exclude=np.asarray(chosen, dtype=np.int64)),
                 Split(whole.manifest, held_name, whole.kept, whole.per_class, held))
