@@ -6,8 +6,10 @@ the first member process on a machine reads them once and writes them here; ever
 member, data-parallel rank, restart and job with the same key reads this one file (the
 minival's own bytes, nothing else).
 
-- Where: `$ENSEMBLE_DATA_CACHE/minival/<key>.tar` (default ~/.cache/ensemble-data), one
-  uncompressed tar per key: each sample's bytes, then `index.json` (keys and labels).
+- Where: `$ENSEMBLE_DATA_CACHE/minival/<key>.bin` (default ~/.cache/ensemble-data): the
+  samples' bytes end to end, and `<key>.json`, their keys, labels and lengths (written
+  last: a key with no index is not there). No per-sample headers: a start reads the
+  minival's own bytes and an index of about 50 bytes a sample.
 - Key: the data root, the split, the minival's size and seed, the kept classes, and the
   split's shards as the manifest lists them (files, counts, checksums): a changed manifest
   is a new key, so the minival is carved again.
@@ -18,10 +20,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,37 +42,36 @@ def key_of(root: str, split: str, per_class: int, seed: int, kept: list[int], sh
 def load_or_carve(key: str, carve: Callable[[], Iterator[Sample]]) -> list[Sample]:
     """The stored minival for `key`; else `carve()` (one pass over the split) is stored
     first. Samples in dataset order."""
-    path = cache_root() / "minival" / f"{key}.tar"
-    if path.exists():
-        return read(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.with_suffix(".lock")):
-        if not path.exists():  # another process may have carved it while this one waited
-            _write(path, carve())
-    return read(path)
+    index = cache_root() / "minival" / f"{key}.json"
+    if index.exists():
+        return read(index)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(index.with_suffix(".lock")):
+        if not index.exists():  # another process may have carved it while this one waited
+            _write(index, carve())
+    return read(index)
 
 
-def read(path: Path) -> list[Sample]:
-    with tarfile.open(path) as tar:
-        index = json.loads(tar.extractfile("index.json").read())
-        return [Sample(key, tar.extractfile(f"{i:08d}").read(), label) for i, (key, label) in enumerate(index)]
+def read(index: Path) -> list[Sample]:
+    entries = json.loads(index.read_text())
+    blob, at, out = index.with_suffix(".bin").read_bytes(), 0, []
+    for key, label, size in entries:
+        out.append(Sample(key, blob[at:at + size], label))
+        at += size
+    return out
 
 
-def _write(path: Path, samples: Iterator[Sample]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    index = []
-    with tarfile.open(tmp, "w") as tar:
-        for i, s in enumerate(samples):
-            _add(tar, f"{i:08d}", s.data)
-            index.append((s.key, s.label))
-        _add(tar, "index.json", json.dumps(index).encode())
-    os.replace(tmp, path)
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+def _write(index: Path, samples: Iterator[Sample]) -> None:
+    entries, blob = [], index.with_suffix(".bin")
+    tmp = blob.with_name(f"{blob.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        for s in samples:
+            f.write(s.data)
+            entries.append((s.key, s.label, len(s.data)))
+    os.replace(tmp, blob)
+    tmp = index.with_name(f"{index.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries))
+    os.replace(tmp, index)
 
 
 @contextmanager
