@@ -18,6 +18,10 @@ slots (default 8 x 4), one run measures:
 - one label-shuffled training pass of the streamed train split over `--ranks` ranks x
   `--loaders` loaders (Hikvision's rule: N draws of every class, N its largest): draws per
   class and per rank, and the bytes read, as a multiple of the train split's size;
+- what a member start reads for its minival (`--minival` per class), in fresh processes
+  sharing one data cache: the first carves it from train (`orchestrator/data/minival_store.py`),
+  a later one reads the stored minival only; bytes as a multiple of the minival's own
+  size, and each process's peak RSS;
 - peak memory of a bounded training run (`--steps` steps of a ResNet-20 at 32 px through
   the training core, `train_member`, label-shuffled on the streamed split, 2 loader
   processes), in a fresh process: the trainer's peak RSS and its loaders' (VmHWM), on the
@@ -176,6 +180,40 @@ def bounded_run(root: str, steps: int) -> dict:
             "loader_mb": max(seen.values(), default=0) / 1024, "loaders": len(seen)}
 
 
+def member_start(root: str, minival_per_class: int) -> dict:
+    """What one member start reads for its minival (a member opening its data with
+    `data.minival`): bytes of train shards, bytes of the stored minival, the minival's own
+    bytes, and this process's peak RSS (MB)."""
+    from orchestrator.config import parse_config
+    from orchestrator.data import minival_store
+    from orchestrator.train.member import open_member_data
+
+    cfg = parse_config({"name": "drill", "data": {"root": root, "val_per_class": 1, "minival": minival_per_class},
+                        "recipes": {"r": {"epochs": 1}}, "members": [{"arch": "resnet20", "recipe": "r"}]})
+    train = {s.file for s in load_manifest(root).shards("train")}
+    stored = sum(f.stat().st_size for f in (minival_store.cache_root() / "minival").glob("*.[bj]*"))
+    shard_bytes, real = [0], dataset.iter_shard
+
+    def counting(url, sha256=None):
+        if os.path.basename(url) in train:
+            shard_bytes[0] += os.path.getsize(url)
+        return real(url, sha256)
+
+    dataset.iter_shard = counting
+    start = time.time()
+    data = open_member_data(cfg.data)
+    return {"train_shard_bytes": shard_bytes[0], "stored_bytes": stored, "seconds": time.time() - start,
+            "minival_bytes": sum(len(s.data) for s in data.minival.records), "samples": len(data.minival.records),
+            "rss_mb": peak_rss_mb()}
+
+
+def measured_start(root: str, minival_per_class: int, cache: str) -> dict:
+    """member_start in a fresh interpreter (a member process) with its own data cache."""
+    out = subprocess.run([sys.executable, __file__, "--member-start", root, "--minival", str(minival_per_class)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "ENSEMBLE_DATA_CACHE": cache})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measured_run(root: str, steps: int) -> dict:
     """bounded_run in a fresh interpreter, so its peak RSS is its own."""
     out = subprocess.run([sys.executable, __file__, "--bounded-run", root, "--steps", str(steps)],
@@ -191,10 +229,15 @@ def main() -> None:
     p.add_argument("--loaders", type=int, default=4)
     p.add_argument("--cam-images", type=int, default=2000, help="train images to build CAM maps of (default 2000)")
     p.add_argument("--steps", type=int, default=200, help="steps of the bounded training run (default 200)")
+    p.add_argument("--minival", type=int, default=10, help="minival samples per class of a member start (default 10)")
     p.add_argument("--bounded-run", metavar="ROOT", help=argparse.SUPPRESS)
+    p.add_argument("--member-start", metavar="ROOT", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.bounded_run:
         print(json.dumps(bounded_run(args.bounded_run, args.steps)))
+        return
+    if args.member_start:
+        print(json.dumps(member_start(args.member_start, args.minival)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data
@@ -245,6 +288,15 @@ def main() -> None:
               f"{cam_rate:.0f} images/s, {cam_bytes:,} bytes each; for all {len(train):,}: "
               f"{len(train) * cam_bytes / 1e9:.2f} GB float16, {len(train) / cam_rate / 3600:.1f} h on this machine")
         print(f"peak RSS of this process over the drill: {peak_rss_mb():.0f} MB")
+        with tempfile.TemporaryDirectory() as cache:
+            first, later = (measured_start(root, args.minival, cache) for _ in range(2))
+        own = later["minival_bytes"]
+        print(f"member start with a minival of {args.minival} per class ({later['samples']:,} samples, "
+              f"{own / 1e6:.1f} MB): the first on a machine carves it, reading {first['train_shard_bytes'] / own:.1f} x "
+              f"its size in {first['seconds']:.0f} s (peak RSS {first['rss_mb']:.0f} MB); every later start reads "
+              f"{(later['train_shard_bytes'] + later['stored_bytes']) / own:.3f} x its size "
+              f"({later['train_shard_bytes']:,} bytes of train shards) in {later['seconds']:.1f} s "
+              f"(peak RSS {later['rss_mb']:.0f} MB)")
         full = measured_run(root, args.steps)
         with tempfile.TemporaryDirectory() as small_root:
             generate(small_root, args.scale / 100)

@@ -228,3 +228,14 @@ def test_cam_maps_are_built_in_one_pass_by_the_loaders_each_reading_its_own_shar
     with pytest.raises(RuntimeError, match="expected"):  # a miscount is refused, not half-written
         write_cam_maps(str(tmp_path / "c"), teacher, cam_batches(split, 32, mean, std, 0, 100), 999, cpu)
     assert not (tmp_path / "c" / "maps.npy").exists()
+
+
+def test_a_later_member_start_reads_only_its_stored_minival(shaped, tmp_path):
+    """Two member processes on one machine: the first carves the minival from train, the
+    second reads no train shard, only the stored minival (the drill's figure at 1%)."""
+    from bench.scale_drill import measured_start
+
+    first, later = (measured_start(shaped, 2, str(tmp_path)) for _ in range(2))
+    assert first["train_shard_bytes"] > 0 and first["stored_bytes"] == 0
+    assert later["train_shard_bytes"] == 0 and later["samples"] == first["samples"] == 2000
+    assert later["minival_bytes"] <= later["stored_bytes"] <= 1.05 * later["minival_bytes"]
