@@ -49,6 +49,42 @@ def test_a_resident_pass_holds_the_samples_of_a_streamed_pass(tiny_root):
     assert Counter(labels[order].tolist()) == streamed
 
 
+STAGING = """
+import sys, threading, time, torch
+from orchestrator.data import resident
+from orchestrator.data.dataset import open_split
+
+resident.CHUNK_BYTES = 4 * 2**20
+split = open_split(sys.argv[1], "train", classes=80, per_class=100)  # 8,000 images of 64 px: 94 MiB as uint8
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+before, peak, done = rss(), [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+threading.Thread(target=watch, daemon=True).start()
+held = resident.load(split, torch.device("meta"))  # a device whose memory is not the host's
+done.set()
+print(len(held), peak[0] - before)
+"""
+
+
+def test_a_resident_split_is_staged_on_the_host_one_chunk_at_a_time(tiny_root):
+    """Building the array for a device (here `meta`, which keeps nothing) holds one chunk
+    of decoded images in host memory, not the whole split."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", STAGING, tiny_root], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    images, grown = map(int, out.stdout.split())
+    whole = images * 3 * 64 * 64
+    assert images == 8000 and grown < whole / 3, f"host grew {grown / 2**20:.0f} MiB for a {whole / 2**20:.0f} MiB split"
+
+
 def test_with_augmentation_off_a_batch_is_the_per_image_tensor(tiny_root):
     split = open_split(tiny_root, "train", classes=3, per_class=8)
     held = resident.load(split, CPU)

@@ -9,7 +9,8 @@ processes, no per-step host copies. This is how the fastest small-image trainers
 `data.resident`: `true` holds the split (an error if it cannot), `false` streams it,
 `auto` holds it when its images share one size, the recipe's augmentations have a batch
 form, and the array fits `budget_bytes` (a quarter of the device's free memory, of RAM
-on a CPU). A split whose images differ in size (ImageNet) is streamed.
+on a CPU), and, for a GPU, the host has room to stage one chunk. A split whose images
+differ in size (ImageNet) is streamed.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from orchestrator.data.dataset import BadImages, Split, try_decode
 from orchestrator.errors import UserError
 
 BUDGET_SHARE = 0.25  # of free device memory (or RAM): the rest is the model's and the loop's
+CHUNK_BYTES = 64 * 2**20  # decoded images staged on the host per copy to the device
 
 
 class MixedSizes(UserError):
@@ -81,16 +83,28 @@ def decide(mode: bool | str, split: Split, device: torch.device, batch_form: boo
         return True, f"resident on cuda if within {BUDGET_SHARE:.0%} of its free memory ({size})"
     if need > budget:
         return False, f"streamed ({size} > budget {budget / 2**20:,.0f} MiB)"
+    host = host_available_bytes()
+    if device.type != "cpu" and host < 2 * CHUNK_BYTES:
+        return False, f"streamed (host memory {host / 2**20:,.0f} MiB free, staging needs {CHUNK_BYTES / 2**20:.0f})"
     return True, f"resident on {device.type} ({size})"
 
 
+def host_available_bytes() -> int:
+    """RAM free for staging now (a GPU split is built through one chunk of it)."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
 def load(split: Split, device: torch.device) -> Resident:
-    """Decode every image of `split` once, in dataset order, into one uint8 array."""
+    """Decode every image of `split` once, in dataset order, into one uint8 array made on
+    `device`, filled a chunk at a time: the host holds one chunk (CHUNK_BYTES), never the
+    whole array, so members packed on one GPU do not each stage their split in RAM."""
     shape = first_image_shape(split)
-    n = len(split)
-    images = torch.empty((n, 3, *shape), dtype=torch.uint8)
-    labels = np.empty(n, dtype=np.int64)
-    bad, kept = BadImages(), 0
+    n, per = len(split), max(1, CHUNK_BYTES // (3 * shape[0] * shape[1]))
+    images = torch.empty((n, 3, *shape), dtype=torch.uint8, device=device)
+    labels = torch.empty(n, dtype=torch.int64, device=device)
+    stage, stage_labels = torch.empty((min(per, n), 3, *shape), dtype=torch.uint8), torch.empty(min(per, n),
+                                                                                               dtype=torch.int64)
+    bad, kept, filled = BadImages(), 0, 0
     for s in split.iter_samples():
         img = try_decode(s.data, bad)
         if img is None:
@@ -98,6 +112,16 @@ def load(split: Split, device: torch.device) -> Resident:
         if tuple(img.shape[-2:]) != shape:
             raise MixedSizes(f"data.resident holds images of one size: {s.key} is {img.shape[-2]}x{img.shape[-1]}, "
                             f"the first {shape[0]}x{shape[1]} (valid choices: resident: auto or false)")
-        images[kept], labels[kept] = img, s.label
-        kept += 1
-    return Resident(images[:kept].to(device), torch.from_numpy(labels[:kept]).to(device), bad)
+        stage[filled], stage_labels[filled] = img, s.label
+        filled += 1
+        if filled == len(stage):
+            kept = _flush(stage, stage_labels, filled, images, labels, kept)
+            filled = 0
+    kept = _flush(stage, stage_labels, filled, images, labels, kept)
+    return Resident(images[:kept], labels[:kept], bad)
+
+
+def _flush(stage, stage_labels, filled: int, images, labels, kept: int) -> int:
+    images[kept:kept + filled].copy_(stage[:filled])
+    labels[kept:kept + filled].copy_(stage_labels[:filled])
+    return kept + filled
