@@ -199,3 +199,25 @@ def test_one_huge_image_does_not_size_the_batch(monkeypatch):
     assert torch.allclose(grouped, one, atol=1e-3)
     x, labels = aug(batch, torch.arange(6))
     assert tuple(x.shape) == (6, 3, 64, 64) and labels.tolist() == list(range(6))
+
+
+def test_batch_colour_jitter_draws_as_torchvisions_colorjitter():
+    """Jittered pixel statistics of one fixed image over 10,000 draws: the batch form and
+    torchvision's ColorJitter (a random order of brightness, contrast and saturation per
+    call) cannot be told apart by a two-sample test at the 1% level."""
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import v2
+
+    gen = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 8, 8, generator=gen)
+    img[0, :4] = 0.95  # saturated reds next to dark pixels: clamping makes the order matter
+    img[1:, :4] = 0.1
+    n, s = 10_000, 0.4
+    torch.manual_seed(1)
+    jitter = v2.ColorJitter(brightness=s, contrast=s, saturation=s)
+    theirs = torch.stack([jitter(img) for _ in range(n)])
+    ours = batch_augment.BatchAugment(augment.resolve("none", {"color_jitter": s}), 8, (0, 0, 0), (1, 1, 1),
+                                      CPU).color(img.expand(n, -1, -1, -1).clone())
+    for stat in (lambda x: x[:, 0].mean(dim=(1, 2)), lambda x: x[:, 1:].mean(dim=(1, 2, 3)),
+                 lambda x: x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))):
+        assert ks_2samp(stat(ours).numpy(), stat(theirs).numpy()).pvalue > 0.01

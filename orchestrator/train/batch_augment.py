@@ -11,7 +11,7 @@ stream while the current step computes, from a background thread.
 
 The fields are those of the per-image pipeline (`augment.py`) with the same meaning:
 crop_scale/crop_ratio (Inception crop), hflip, color_jitter (brightness, contrast,
-saturation, applied in that order), pca_lighting, random_interpolation. AutoAugment-style
+saturation, in a random order per image), pca_lighting, random_interpolation. AutoAugment-style
 policies, random erasing and CAM-guided crops are per-image CPU operations:
 `unsupported()` names them, and a member that asks for `decode: gpu` with them is refused.
 Everything here also runs on a CPU device (that is how the tests exercise it).
@@ -226,17 +226,17 @@ class BatchAugment:
         return out.clamp_(0, 255)
 
     def color(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image brightness, contrast and saturation factors in [1 - s, 1 + s] (x in 0..1)."""
+        """Per-image brightness, contrast and saturation factors in [1 - s, 1 + s] (x in 0..1),
+        applied in a random order per image, as torchvision's ColorJitter draws its order
+        (`torch.randperm`) per call: each step computes the three and keeps each image's."""
         s, b = self.f.color_jitter, x.shape[0]
-
-        def factors():
-            return torch.empty(b, 1, 1, 1, device=x.device).uniform_(max(0.0, 1 - s), 1 + s)
-
-        x = (x * factors()).clamp(0, 1)
-        c = factors()
-        x = (c * x + (1 - c) * _grey(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
-        sat = factors()
-        return (sat * x + (1 - sat) * _grey(x)).clamp(0, 1)
+        factors = [torch.empty(b, 1, 1, 1, device=x.device).uniform_(max(0.0, 1 - s), 1 + s) for _ in range(3)]
+        order = torch.rand(b, 3, device=x.device).argsort(1)  # image i's k-th step is op order[i, k]
+        for k in range(3):
+            step = order[:, k].view(-1, 1, 1, 1)
+            x = torch.where(step == 0, _brightness(x, factors[0]),
+                            torch.where(step == 1, _contrast(x, factors[1]), _saturation(x, factors[2])))
+        return x
 
     def lighting(self, x: torch.Tensor) -> torch.Tensor:
         """AlexNet PCA lighting noise per image (see augment.PCALighting)."""
@@ -262,6 +262,19 @@ class BatchAugment:
         if self.f.pca_lighting > 0:
             x = self.lighting(x)
         return x.sub_(self.mean).div_(self.std)
+
+
+# torchvision.transforms.v2.functional's adjust_brightness / _contrast / _saturation, per image
+def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f).clamp(0, 1)
+
+
+def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (f * x + (1 - f) * _grey(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (f * x + (1 - f) * _grey(x)).clamp(0, 1)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
