@@ -64,10 +64,13 @@ def epochs_logged(stack, experiment: str) -> int:
     return max((len(client.get_metric_history(r.info.run_id, "val_top1_err")) for r in runs), default=0)
 
 
-def wait_for_epoch(stack, experiment: str, epoch: int, timeout: float = 600) -> None:
+def wait_for_epoch(stack, experiment: str, epoch: int, job: str, timeout: float = 600) -> None:
+    """Until a member of `experiment` has logged `epoch`; a job that ended first fails at once."""
     deadline = time.time() + timeout
     while epochs_logged(stack, experiment) < epoch:
         assert time.time() < deadline, f"epoch {epoch} not logged within {timeout} s"
+        status = str(jobs(stack).get_job_status(job)).split(".")[-1]
+        assert status not in ("FAILED", "STOPPED"), jobs(stack).get_job_logs(job)[-3000:]
         time.sleep(0.5)
 
 
@@ -115,7 +118,7 @@ def test_a_killed_training_process_resumes_from_its_last_checkpoint(stack, s3_da
     env = drill_env(stack, s3_data, "kill-worker")
     begin = time.time()
     job = start(stack, env)
-    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1)
+    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1, job)
     time.sleep(2)  # into epoch 2
     ray_job = jobs(stack).get_job_info(job).job_id
     workers = [a for a in list_actors(filters=[("class_name", "=", TRAINING_PROCESS), ("state", "=", "ALIVE")])
@@ -144,12 +147,13 @@ def test_a_killed_training_process_resumes_from_its_last_checkpoint(stack, s3_da
 
 @pytest.mark.stack
 def test_the_mlflow_server_stopped_for_15_s(stack, s3_data, undisturbed):  # noqa: F811
-    # MLflow's client retries at 0.5, 1, 2, ... s (about 64 s in all, well past the outage), so
-    # the member's next call lands soon after the server is back, not up to 16 s later
-    env = {**drill_env(stack, s3_data, "mlflow-down"), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5"}
+    # MLflow's client waits 1, 2, 4, ... s between retries (its factor is a whole number; about
+    # 2 minutes in all, well past the outage), not 2, 4, 8, ...: the member's next call lands
+    # sooner after the server is back
+    env = {**drill_env(stack, s3_data, "mlflow-down"), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
     begin = time.time()
     job = start(stack, env)
-    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1)
+    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1, job)
     outage("mlflow", OUTAGE_S)
     status, logs = wait(stack, job)
     assert status == "SUCCEEDED", logs[-3000:]
@@ -164,7 +168,7 @@ def test_the_s3_server_stopped_for_15_s(stack, s3_data, undisturbed):  # noqa: F
     env = drill_env(stack, s3_data, "s3-down")
     begin = time.time()
     job = start(stack, env)
-    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1)
+    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1, job)
     outage("s3", OUTAGE_S)
     status, logs = wait(stack, job)
     assert status == "SUCCEEDED", logs[-3000:]
@@ -227,7 +231,7 @@ def test_the_mlflow_server_down_past_its_retry_budget_ends_the_job_in_one_line(s
     env = {**drill_env(stack, s3_data, "mlflow-gone"), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MAX_FAILURES": "0"}
     job = start(stack, env)
-    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1)
+    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1, job)
     subprocess.run(["bash", "infra/local/down.sh", "mlflow"], cwd=ROOT, check=True, capture_output=True)
     try:
         status, logs = wait(stack, job, timeout=300)
