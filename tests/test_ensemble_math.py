@@ -187,3 +187,20 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_rows():
     # binomial s.e. sqrt(.21 / n): the 95% width is about 3.9 s.e.
     assert hi_l - lo_l == pytest.approx(3.92 * np.sqrt(0.21 / 10000), rel=0.2)
     assert hi_s - lo_s > 4 * (hi_l - lo_l)
+
+
+def test_select_bench_times_both_selections_and_prints_the_ratio(tmp_path):
+    """bench/select_bench.py at toy size: both selections run, agree, and the figure prints."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "bench/select_bench.py", "--members", "6", "--rows", "300", "--classes",
+                          "10", "--old-rounds", "2", "--dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "each member loaded once: " in out.stdout and "(6 loads)" in out.stdout
+    assert re.search(r"per-round loading / loading once: [\d.]+x", out.stdout)
+    assert not list(tmp_path.iterdir())  # its member files are removed
