@@ -4,8 +4,9 @@
   (a local Ray instance, an embedded MLflow store, a local folder);
 - the cluster path on the real local stack: `ray job submit ... -- python
   jobs/train_ensemble.py` against the Ray head, data streamed from S3, checkpoints on
-  S3, an MLflow server whose artifacts live on S3; then a second submission, which must
-  train nothing;
+  S3, an MLflow server whose artifacts live on S3; its driver killed and the job
+  submitted again, which resumes it (one job, trained once, read by two tests); then a
+  further submission, which must train nothing;
 - 20+ tiny members from every family through the same path, one data-parallel.
 """
 from __future__ import annotations
@@ -92,8 +93,14 @@ def check_runs_file(runs, expected_members: int, num_classes: int):
         assert m.eval.input_size == get_spec(m.arch).eval_transform(True, m.eval.input_size).input_size
 
 
-@pytest.mark.stack
-def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
+@pytest.fixture(scope="module")
+def resumed_smoke(stack, s3_data):
+    """The README's local-stack `ray job submit` of configs/smoke.yaml, its driver killed
+    (SIGKILL, by its pid) once a member has its first checkpoint, then the README's line
+    again, which resumes and completes it: one trained ensemble that the cluster-path and
+    the killed-driver tests both read."""
+    from ray.job_submission import JobSubmissionClient
+
     run_id = uuid.uuid4().hex[:8]
     storage = f"s3://{stack['bucket']}/e2e-{run_id}"
     env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"smoke-{run_id}",
@@ -101,7 +108,49 @@ def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, s3_data):
     runs_uri = f"{storage}/runs.yaml"
     command = readme_submit(stack, storage, {k: v for k, v in env.items() if k not in ("DATA_ROOT", "ENSEMBLE_STORAGE")})
     assert command[-6:] == ["python", "jobs/train_ensemble.py", "--config", "configs/smoke.yaml", "--runs", runs_uri]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)  # the README's line
+    job = f"killed-{run_id}"
+    at = command.index("--")
+    subprocess.run(command[:at] + ["--no-wait", "--submission-id", job] + command[at:], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    fs = s3fs.S3FileSystem()
+    deadline = time.time() + 600
+    while not registered_checkpoints(fs, f"{storage}/smoke/train"):
+        assert time.time() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.5)
+        fs.invalidate_cache()
+    jobs = JobSubmissionClient(stack["dashboard"])
+    killed_at = time.time()
+    os.kill(int(jobs.get_job_info(job).driver_info.pid), 9)  # the driver dies without warning, its trials with it
+    while str(jobs.get_job_status(job)).split(".")[-1] not in ("FAILED", "STOPPED"):
+        assert time.time() < killed_at + 120, "the job outlived its driver"
+        time.sleep(0.5)
+    runs_before = fs.exists(runs_uri) or fs.exists(f"{storage}/smoke/runs.yaml")
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)  # the README's line
+    return {"storage": storage, "env": env, "runs_uri": runs_uri, "first": again, "runs_before": runs_before}
+
+
+@pytest.mark.stack
+def test_a_killed_driver_resubmitted_resumes_its_members(stack, resumed_smoke):
+    """After the kill there is no runs file; the same submission again resumes from the
+    checkpoint, keeps each member's MLflow child run, and completes runs.yaml."""
+    again = resumed_smoke["first"]
+    assert not resumed_smoke["runs_before"]
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming after epoch" in again.stdout
+    runs = load_runs(resumed_smoke["runs_uri"])
+    check_runs_file(runs, 2, 10)
+    client = MlflowClient(stack["mlflow"])
+    children = children_of(client, client.get_run(runs.mlflow.parent_run_id))
+    assert len(children) == 2  # the resumed member continued its own child run
+    for child in children:
+        steps = [h.step for h in client.get_metric_history(child.info.run_id, "val_top1_err")]
+        assert sorted(steps) == [1, 2]  # each epoch logged once, the killed one included
+
+
+@pytest.mark.stack
+def test_cluster_path_smoke_job_on_s3_and_mlflow_server(stack, resumed_smoke):
+    storage, env, runs_uri, first = (resumed_smoke[k] for k in ("storage", "env", "runs_uri", "first"))
+    run_id = storage.rsplit("-", 1)[1]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "succeeded" in first.stdout + first.stderr
 
@@ -213,51 +262,6 @@ def registered_checkpoints(fs, train_dir: str) -> list[str]:
         if latest:
             found.append(path)
     return found
-
-
-@pytest.mark.stack
-def test_a_killed_driver_resubmitted_resumes_its_members(stack, s3_data):
-    """The job's driver is killed (SIGKILL, by its pid) once a member has its first
-    checkpoint; the same submission again resumes from that checkpoint, keeps each
-    member's MLflow child run, and completes runs.yaml."""
-    run_id = uuid.uuid4().hex[:8]
-    storage = f"s3://{stack['bucket']}/resume-{run_id}"
-    env = {"DATA_ROOT": s3_data, "ENSEMBLE_STORAGE": storage, "MLFLOW_EXPERIMENT": f"resume-{run_id}"}
-    job = f"resume-{run_id}"
-    runtime_env = json.dumps({"env_vars": env, "excludes": RUNTIME_EXCLUDES})
-    subprocess.run(["ray", "job", "submit", "--address", stack["dashboard"], "--working-dir", ".", "--no-wait",
-                    "--submission-id", job, "--runtime-env-json", runtime_env, "--", "python",
-                    "jobs/train_ensemble.py", "--config", "configs/smoke.yaml"], cwd=ROOT, check=True,
-                   capture_output=True, timeout=120)
-    fs = s3fs.S3FileSystem()
-    deadline = time.time() + 600
-    while not registered_checkpoints(fs, f"{storage}/smoke/train"):
-        assert time.time() < deadline, "no checkpoint within 10 minutes"
-        time.sleep(0.5)
-        fs.invalidate_cache()
-    from ray.job_submission import JobSubmissionClient
-
-    jobs = JobSubmissionClient(stack["dashboard"])
-    driver = int(jobs.get_job_info(job).driver_info.pid)
-    killed_at = time.time()
-    os.kill(driver, 9)  # the driver dies without warning; its trials and workers go with it
-    while str(jobs.get_job_status(job)).split(".")[-1] not in ("FAILED", "STOPPED"):
-        assert time.time() < killed_at + 120, "the job outlived its driver"
-        time.sleep(0.5)
-    assert not fs.exists(f"{storage}/smoke/runs.yaml")
-
-    again = submit(stack, "configs/smoke.yaml", env, f"{storage}/runs.yaml", timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:]
-    assert "resuming after epoch" in again.stdout
-    runs = load_runs(f"{storage}/runs.yaml")
-    check_runs_file(runs, 2, 10)
-    client = MlflowClient(stack["mlflow"])
-    parent = client.get_run(runs.mlflow.parent_run_id)
-    children = children_of(client, parent)
-    assert len(children) == 2  # the resumed member continued its own child run
-    for child in children:
-        steps = [h.step for h in client.get_metric_history(child.info.run_id, "val_top1_err")]
-        assert sorted(steps) == [1, 2]  # each epoch logged once, the killed one included
 
 
 @pytest.mark.stack
