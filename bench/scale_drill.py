@@ -68,9 +68,11 @@ class ReadCounter:
 
 
 def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak RSS: VmHWM, which starts afresh at exec (getrusage's ru_maxrss
+    carries the parent's peak into a child started by fork + exec, so a fresh interpreter
+    would report the drill's own peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB
 
 
 def val_pass(split, slots: int) -> tuple[int, np.ndarray]:
