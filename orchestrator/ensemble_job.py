@@ -140,7 +140,7 @@ def open_job(cfg: EnsembleConfig, config_path: str, kind: str, tags: dict, start
         experiment_id = tracking.get_experiment_id(client, cfg.mlflow.experiment)
         if start_ray:
             _ray_init(cfg)
-        job = {"ray.job_id": _job_id()} if _job_id() else {}
+        job = {"ray.job_id": job_id} if (job_id := _job_id()) else {}
         parent = tracking.get_or_create_parent(client, experiment_id, cfg.name, {
             "mlflow.source.git.commit": tracking.git_commit(), **job,
             "ensemble.config": os.path.basename(config_path), **tags}, kind=kind, storage=root)
