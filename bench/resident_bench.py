@@ -62,8 +62,8 @@ def main() -> None:
     held = resident.load(split, device)
     fields = augment.resolve("light", {})
     aug = batch_augment.BatchAugment(fields, args.size, MEAN, STD, device)
-    steps = len(held) // args.batch
-    real = iter(ResidentBatches(held, aug, batch_size=args.batch, steps=steps, seed=0))
+    real = iter(ResidentBatches(held, split, aug, batch_size=args.batch, seed=0,
+                                max_steps=len(held) // args.batch))  # full batches only
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, args.classes, (args.batch,), device=device)
     synthetic = iter(lambda: (x, y), None)

@@ -14,7 +14,8 @@ from models import build_model, save_checkpoint
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.data.dataset import Split
 from orchestrator.data.streams import TrainStream
-from orchestrator.data.sampling import epoch_length, label_shuffled_order, rank_part
+from orchestrator.data.passes import plan_pass
+from orchestrator.data.sampling import batch_sizes, pass_copies, pass_draws, rank_targets, steps_per_pass
 from orchestrator.data.sources import Sample
 from orchestrator.errors import UserError
 from orchestrator.runs_file import DatasetRef, EvalRef, MemberRecord, RunsFile, write_runs
@@ -34,24 +35,25 @@ def imbalanced_labels() -> list[int]:
 
 # --- label shuffling --------------------------------------------------------------------
 def test_label_shuffling_gives_every_class_the_largest_class_count():
+    labels = np.asarray(imbalanced_labels())
+    one = np.zeros(len(labels), dtype=np.int64)
+    copies = pass_copies(labels, one, 1, seed=1, label_shuffling=True)
+    assert np.bincount(labels, weights=copies).tolist() == [10, 10, 10] and pass_draws(labels, True) == 30
+    for c, n in SIZES.items():  # each sample floor(N / n) or ceil(N / n) times
+        assert set(copies[labels == c].tolist()) <= {10 // n, -(-10 // n)}
+    assert not np.array_equal(pass_copies(labels, one, 1, seed=2, label_shuffling=True), copies)  # drawn anew
+    assert np.array_equal(pass_copies(labels, one, 1, seed=1, label_shuffling=True), copies)
+
+
+def test_label_shuffled_draws_are_split_across_ranks_without_dropping_any():
     labels = imbalanced_labels()
-    order = label_shuffled_order(labels, seed=1)
-    per_class = Counter(labels[i] for i in order)
-    assert per_class == {0: 10, 1: 10, 2: 10} and len(order) == epoch_length(labels, True) == 30
-    uses = Counter(order)
-    for c, n in SIZES.items():  # a permutation of range(N) modulo n: each sample floor or ceil(N / n) times
-        counts = [uses[i] for i, y in enumerate(labels) if y == c]
-        assert set(counts) <= {10 // n, -(-10 // n)} and sum(counts) == 10
-    assert label_shuffled_order(labels, seed=2) != order  # regenerated each epoch
-    assert label_shuffled_order(labels, seed=1) == order
-
-
-def test_label_shuffled_epoch_is_split_across_workers_without_overlap():
-    order = label_shuffled_order(imbalanced_labels(), seed=3)
-    parts = [rank_part(list(enumerate(order)), r, 4) for r in range(4)]
-    positions = [p for part in parts for p, _ in part]
-    assert len(set(positions)) == len(positions)  # no position read twice
-    assert {len(p) for p in parts} == {len(order) // 4}
+    split = Split(manifest=None, split="train", kept=[0, 1, 2], per_class=None, records=records(labels))
+    plan = plan_pass(split, np.asarray(labels), 4, seed=3, p=0, label_shuffling=True)
+    parts = [plan.draws(r) for r in range(4)]
+    assert [len(part) for part in parts] == rank_targets(30, 4).tolist() == [8, 8, 7, 7]
+    assert Counter(np.asarray(labels)[np.concatenate(parts)].tolist()) == {0: 10, 1: 10, 2: 10}
+    assert steps_per_pass(30, 4, 3) == 3 and batch_sizes(7, 3, 3) == [3, 2, 2] and batch_sizes(8, 3, 3) == [3, 3, 2]
+    assert batch_sizes(10, 3, 4) == [3, 3, 2, 2]  # a batch and one: never a batch of one
 
 
 def records(labels) -> list[Sample]:

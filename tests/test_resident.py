@@ -3,6 +3,7 @@ once and trained from by index. It visits the samples the streaming path visits,
 the same tensor per index with augmentation off, balances classes under label shuffling,
 and makes training reproducible bit for bit on CPU, across a kill and resume too."""
 import copy
+import json
 from collections import Counter
 
 import numpy as np
@@ -12,11 +13,13 @@ import torch
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.data import resident
 from orchestrator.data.dataset import decode_rgb, open_split
+from orchestrator.data.prepare import _write_shard
 from orchestrator.data.streams import TrainStream
 from orchestrator.errors import UserError
 from orchestrator.train import augment, batch_augment
 from orchestrator.train.member import open_member_data, predict, train_member
-from orchestrator.train.resident import ResidentBatches, pass_indices
+from orchestrator.train.pass_batches import loader_batches
+from orchestrator.train.resident import ResidentBatches, pass_rows
 
 CPU = torch.device("cpu")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -33,20 +36,76 @@ def test_a_resident_pass_is_the_streaming_pass_of_a_split_in_memory(tiny_root):
     for shuffled in (False, True):
         stream = TrainStream(split, None, 0, 1, seed=7, label_shuffling=shuffled)
         for p in (0, 3):
-            order = pass_indices(held, 7, p, 0, 1, shuffled)
-            assert [split.records[i].key for i in order] == keys_of_pass(stream, p)
+            rows = pass_rows(held, split, 7, p, 0, 1, shuffled)
+            assert [split.records[held.positions[i]].key for i in rows] == keys_of_pass(stream, p)
 
 
-def test_a_resident_pass_holds_the_samples_of_a_streamed_pass(tiny_root):
-    split = open_split(tiny_root, "val")  # streamed: 10,000 samples in 2 shards
-    stream = TrainStream(split, None, 0, 1, seed=1, shuffle_buffer=64)
-    streamed = Counter(s.label for s in stream._one_pass(0, 0, 1))
-    labels = split.all_labels()
-    held = resident.Resident(torch.zeros(len(labels), 3, 1, 1, dtype=torch.uint8), torch.from_numpy(labels),
-                             resident.BadImages())
-    order = pass_indices(held, 1, 0, 0, 1, False)
-    assert sorted(order) == list(range(len(labels)))  # every sample once, as the streamed pass
-    assert Counter(labels[order].tolist()) == streamed
+def sharded(tmp_path, tiny_root) -> str:
+    """33 real images of 4 classes (12, 9, 7 and 5 of them) in 5 shards of 7 or fewer."""
+    src = open_split(tiny_root, "val", classes=4, per_class=12)
+    want, items = [12, 9, 7, 5], []
+    for s in src.records:
+        if want[s.label]:
+            want[s.label] -= 1
+            items.append((s.key, s.data, s.label))
+    order = np.random.default_rng(0).permutation(len(items))
+    items = [items[i] for i in order]
+    manifest = {"name": "uneven", "num_classes": 4, "splits": {},
+                "classes": [{"index": i, "wnid": w, "name": w} for i, w in enumerate(src.class_names)]}
+    shards = []
+    for k in range(5):
+        info = _write_shard(str(tmp_path / f"train-{k:04d}.tar.gz"), items[7 * k:7 * k + 7])
+        shards.append({"file": f"train-{k:04d}.tar.gz", **info})
+    manifest["splits"]["train"] = {"samples": len(items), "shards": shards}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return str(tmp_path)
+
+
+class Unchanged:
+    """A batch pipeline that leaves the uint8 images as they are, so a test sees which they are."""
+
+    def augment(self, images):
+        return images
+
+
+def epochs_of(batches, steps: int, epochs: int, position_of: dict) -> list[list[int]]:
+    """The positions each epoch of `steps` batches trains on."""
+    it = iter(batches)
+    return [[position_of[img.numpy().tobytes()] for _ in range(steps) for img in next(it)[0]] for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_a_resident_pass_and_a_streamed_pass_visit_the_same_samples_every_epoch(tmp_path, tiny_root, shuffled):
+    """Streamed through two loader processes per rank, or held decoded: every epoch is one
+    whole pass and both modes train on the same samples in it, over one rank or two; label
+    shuffling draws every class exactly N times a pass at a batch (5) that divides
+    neither C x N (48) nor n (33), over either world size."""
+    split = open_split(sharded(tmp_path, tiny_root), "train")
+    assert split.records is None and len(split.urls()) == 5
+    held = resident.load(split, CPU)
+    position_of = {held.images[i].numpy().tobytes(): int(held.positions[i]) for i in range(len(held))}
+    labels = held.position_labels
+    total = 48 if shuffled else 33
+    for world in (1, 2):
+        streamed, kept = [[] for _ in range(3)], [[] for _ in range(3)]
+        for rank in range(world):
+            stream = TrainStream(split, lambda img: img, rank, world, seed=3, label_shuffling=shuffled, batch_size=5)
+            batches = ResidentBatches(held, split, Unchanged(), batch_size=5, seed=3, rank=rank, world=world,
+                                      label_shuffling=shuffled)
+            assert stream.steps == batches.steps == -(-total // world // 5)  # a whole pass, every rank alike
+            for e, got in enumerate(epochs_of(loader_batches(stream, 2, CPU), stream.steps, 3, position_of)):
+                streamed[e] += got
+            for e, got in enumerate(epochs_of(batches, batches.steps, 3, position_of)):
+                kept[e] += got
+        for e in range(3):
+            assert Counter(streamed[e]) == Counter(kept[e]) and len(kept[e]) == total, (world, e)
+            if shuffled:
+                assert np.bincount(labels[kept[e]], minlength=4).tolist() == [12] * 4, (world, e)
+            elif world == 1:
+                assert sorted(kept[e]) == list(range(33))
+            else:  # shards of 19 and 14 samples make parts of 17 and 16: a rank drops or repeats a few
+                assert max(Counter(kept[e]).values()) <= 2
+        assert Counter(kept[0]) != Counter(kept[1]) or not shuffled  # drawn anew each pass
 
 
 STAGING = """
@@ -89,9 +148,10 @@ def test_with_augmentation_off_a_batch_is_the_per_image_tensor(tiny_root):
     split = open_split(tiny_root, "train", classes=3, per_class=8)
     held = resident.load(split, CPU)
     fields = augment.resolve("none", {})  # whole-image crop, no flip, no colour
-    batches = ResidentBatches(held, batch_augment.BatchAugment(fields, 64, MEAN, STD, CPU), batch_size=6, steps=4,
+    batches = ResidentBatches(held, split, batch_augment.BatchAugment(fields, 64, MEAN, STD, CPU), batch_size=6,
                               seed=0)
-    order = pass_indices(held, 0, 0, 0, 1, False)
+    order = pass_rows(held, split, 0, 0, 0, 1, False)
+    assert batches.steps == 4
     per_image = augment.build_eval_transform(64, 64, MEAN, STD)
     it = iter(batches)
     for k in range(4):
@@ -110,10 +170,10 @@ def test_label_shuffled_resident_passes_draw_every_class_n_times_over_the_ranks(
     counts = np.bincount(held.labels.numpy())
     n = counts.max()
     for p in (0, 1):
-        parts = [pass_indices(held, 4, p, r, 2, True) for r in range(2)]
-        assert len(parts[0]) == len(parts[1]) == 5 * n // 2
-        drawn = np.bincount(held.labels.numpy()[parts[0] + parts[1]], minlength=5)
-        assert drawn.sum() == 5 * n - (5 * n) % 2 and drawn.max() == n and drawn.min() >= n - 1
+        parts = [pass_rows(held, split, 4, p, r, 2, True) for r in range(2)]
+        assert abs(len(parts[0]) - len(parts[1])) <= 1 and len(parts[0]) + len(parts[1]) == 5 * n
+        drawn = np.bincount(held.labels.numpy()[np.concatenate(parts)], minlength=5)
+        assert (drawn == n).all()  # exactly N per class over the ranks: no draw dropped
 
 
 def config(tiny_root, resident_mode="auto", epochs=3, **recipe):
@@ -176,3 +236,24 @@ def test_resident_true_is_refused_for_augmentations_without_a_batch_form(tiny_ro
     auto, notes = trained(config(tiny_root, epochs=1, augment={"preset": "light",
                                                                 "overrides": {"random_erasing": 0.2}}))
     assert notes["data.placement"] == "streamed (an augmentation has no batch form)"
+
+
+def test_a_capped_epoch_opens_only_the_shards_its_draws_are_in(tmp_path, tiny_root, monkeypatch):
+    """`max_steps_per_epoch` below a pass: each epoch is the first k x batch draws of its
+    pass in reading order, the same in both modes, and a streamed rank reads no other shard."""
+    from orchestrator.data import dataset
+
+    split = open_split(sharded(tmp_path, tiny_root), "train")
+    held = resident.load(split, CPU)
+    position_of = {held.images[i].numpy().tobytes(): int(held.positions[i]) for i in range(len(held))}
+    opened = []
+    real = dataset.iter_shard
+    monkeypatch.setattr(dataset, "iter_shard", lambda url, *a: opened.append(url) or real(url, *a))
+    stream = TrainStream(split, lambda img: img, 0, 1, seed=3, batch_size=4, max_steps=2)
+    batches = ResidentBatches(held, split, Unchanged(), batch_size=4, seed=3, max_steps=2)
+    assert stream.steps == batches.steps == 2
+    for p in range(3):
+        opened.clear()
+        streamed = [position_of[img.numpy().tobytes()] for img, _ in stream.items(p, 0, 1)]
+        assert len(streamed) == 8 and len(opened) == 2  # 8 draws: the first shard of 7 and one of the next
+        assert Counter(streamed) == Counter(held.positions[batches.rows(p)].tolist())

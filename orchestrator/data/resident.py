@@ -36,6 +36,8 @@ class Resident:
     images: torch.Tensor  # uint8 [N, 3, H, W], on the training device
     labels: torch.Tensor  # int64 [N], same device
     bad: BadImages  # undecodable images left out (counted as the streaming path counts them)
+    positions: np.ndarray  # each row's position in the split (passes.py); undecodable ones have no row
+    position_labels: np.ndarray  # the label of every position, undecodable ones too
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -105,10 +107,13 @@ def load(split: Split, device: torch.device) -> Resident:
     stage, stage_labels = torch.empty((min(per, n), 3, *shape), dtype=torch.uint8), torch.empty(min(per, n),
                                                                                                dtype=torch.int64)
     bad, kept, filled = BadImages(), 0, 0
-    for s in split.iter_samples():
+    positions, position_labels = [], []
+    for pos, s in enumerate(split.iter_samples()):
+        position_labels.append(s.label)
         img = try_decode(s.data, bad)
         if img is None:
             continue
+        positions.append(pos)
         if tuple(img.shape[-2:]) != shape:
             raise MixedSizes(f"data.resident holds images of one size: {s.key} is {img.shape[-2]}x{img.shape[-1]}, "
                             f"the first {shape[0]}x{shape[1]} (valid choices: resident: auto or false)")
@@ -118,7 +123,8 @@ def load(split: Split, device: torch.device) -> Resident:
             kept = _flush(stage, stage_labels, filled, images, labels, kept)
             filled = 0
     kept = _flush(stage, stage_labels, filled, images, labels, kept)
-    return Resident(images[:kept], labels[:kept], bad)
+    return Resident(images[:kept], labels[:kept], bad, np.asarray(positions, dtype=np.int64),
+                    np.asarray(position_labels, dtype=np.int64))
 
 
 def _flush(stage, stage_labels, filled: int, images, labels, kept: int) -> int:

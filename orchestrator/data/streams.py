@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from orchestrator.data.dataset import BadImages, Split, _read, try_decode
-from orchestrator.data.sampling import epoch_length, epoch_order, pass_seed, rank_part, streamed_copies
+from orchestrator.data.passes import PassPlan, plan_pass
+from orchestrator.data.sampling import pass_draws, pass_seed, steps_per_pass
 from orchestrator.data.sources import Sample
 
 
@@ -30,92 +31,80 @@ def decoded_or_grey(data: bytes, bad: BadImages) -> torch.Tensor:
 
 
 class TrainStream(IterableDataset):
-    """Endless training stream for one rank: pass after pass, reshuffled per pass
-    (seed + pass), each pass this rank's disjoint part. The loop takes a fixed number of
-    steps per epoch, so every DDP rank steps equally even when shard sizes differ.
+    """Endless training samples for one rank: pass after pass, each pass this rank's part
+    of the pass planned by `passes.plan_pass` (seed + pass: its own draws, shard order and
+    shuffle), plain or label-shuffled, in memory or streamed by shard. A streamed rank
+    reads only its own shards, each sample yielded as many times as the plan draws it,
+    through a shuffle buffer. With `batch_size`, `steps` is the steps of a pass (every
+    rank the same); `max_steps` caps it, each rank then keeping the first draws of its part.
 
-    `label_shuffling` balances classes per pass: in memory from the labels; streamed, from
-    the manifest's labels file, each sample yielded as many times as `streamed_copies`
-    draws it while this rank reads its own shards. From pass `plain_from_pass` on, `plain_transform` replaces
-    `transform` (strong augmentation off for the last epochs). A transform with
-    `keyed = True` is called with the sample's key too (CAM-guided crops look up its map).
-    With `transform=None` nothing is decoded here: samples come out as (encoded bytes as a
-    uint8 tensor, label, pass), for a pipeline that decodes whole batches on the GPU.
+    From pass `plain_from_pass` on, `plain_transform` replaces `transform` (strong
+    augmentation off for the last epochs). A transform with `keyed = True` is called with
+    the sample's key too (CAM-guided crops look up its map). With `transform=None` nothing
+    is decoded here: samples come out as (encoded bytes as a uint8 tensor, label, pass),
+    for a pipeline that decodes whole batches on the GPU.
     """
 
     def __init__(self, split: Split, transform, rank: int, world: int, seed: int, start_pass: int = 0,
                  shuffle_buffer: int = 2000, label_shuffling: bool = False, plain_transform=None,
-                 plain_from_pass: int | None = None):
+                 plain_from_pass: int | None = None, batch_size: int = 1, max_steps: int | None = None):
         self.split, self.transform, self.rank, self.world = split, transform, rank, world
         self.seed, self.start_pass, self.shuffle_buffer = seed, start_pass, shuffle_buffer
         self.label_shuffling = label_shuffling
         self.plain_transform, self.plain_from_pass = plain_transform, plain_from_pass
-        self.bad = BadImages()
+        self.batch_size, self.bad = batch_size, BadImages()
+        self.steps = steps_per_pass(self.samples_per_pass(), world, batch_size)
+        self.limit = None
+        if max_steps and max_steps < self.steps:
+            self.steps, self.limit = max_steps, max_steps * batch_size
 
     def samples_per_pass(self) -> int:
-        if self.split.records is None and not self.label_shuffling:
-            return len(self.split)
-        return epoch_length(self._labels(), self.label_shuffling)
+        """Draws of one pass over all ranks (n, or C x N label-shuffled)."""
+        return pass_draws(self._labels(), self.label_shuffling)
 
     def _labels(self) -> np.ndarray:
-        """The split's labels, read once per process (int64 per sample, no image bytes)."""
+        """The split's labels by position, read once per process (no image bytes)."""
         if getattr(self, "_labels_cache", None) is None:
             self._labels_cache = self.split.all_labels()
         return self._labels_cache
 
-    def _streamed_shuffled(self, urls: list[str], rng, p_seed: int, slot: int, nslots: int) -> Iterator[Sample]:
-        """A label-shuffled pass of a streamed split: this rank's shards, each sample as
-        many times as it is drawn (sampling.streamed_copies)."""
-        if self.split.exclude is None:
-            labels = self._labels()
-        else:  # the rest of train: indices of the whole split, its minival never drawn
-            if getattr(self, "_source_cache", None) is None:
-                self._source_cache = self.split.source_labels()
-            labels = self._source_cache
-        shards = self.split.manifest.shards(self.split.shard_split)
-        start = dict(zip((self.split.manifest.url(s) for s in shards), self.split.manifest.offsets(self.split.shard_split)))
-        size = {self.split.manifest.url(s): s.samples for s in shards}
-        owner = np.empty(len(labels), dtype=np.int64)
-        by_shard = len(urls) >= self.world
-        held = [0] * self.world
-        mine = []
-        for url in urls:  # in this pass's shuffled order, each shard to the rank holding fewest samples
-            r = held.index(min(held))  # (even totals: no rank holds more samples than its share of draws)
-            held[r] += size[url]
-            owner[start[url]:start[url] + size[url]] = r
-            if r == self.rank:
-                mine.append(url)
-        if not by_shard:  # fewer shards than ranks: every rank reads all, keeps every world-th sample
-            owner, mine = np.arange(len(labels)) % self.world, urls
-        copies = streamed_copies(labels, owner, self.world, p_seed, skip=self.split.exclude)
-        for url in mine[slot::nslots] if by_shard else mine:
-            for n, s in enumerate(self.split.iter_raw(url)):
-                i = start[url] + n
-                if owner[i] == self.rank and (by_shard or i % nslots == slot) and copies[i]:
-                    data = s.data or _read(s.key)  # a folder layout is read per file
-                    for _ in range(copies[i]):
-                        yield Sample(s.key, data, s.label)
+    def plan(self, p: int) -> PassPlan:
+        return plan_pass(self.split, self._labels(), self.world, self.seed, p, self.label_shuffling, self.limit)
+
+    def _streamed(self, plan: PassPlan, slot: int, nslots: int) -> Iterator[Sample]:
+        """This slot's samples of the rank's shards, each as many times as it is drawn."""
+        shards = plan.shards_of(self.rank)
+        for shard in shards[slot::nslots] if plan.by_shard else shards:
+            positions = self._positions(shard)
+            for n, s in enumerate(self.split.iter_raw(shard.url)):
+                pos = positions[n]
+                if pos < 0 or not plan.copies[pos]:
+                    continue
+                if not plan.by_shard and (plan.owner[pos] != self.rank or pos // self.world % nslots != slot):
+                    continue
+                data = s.data or _read(s.key)  # a folder layout is read per file
+                for _ in range(plan.copies[pos]):
+                    yield Sample(s.key, data, s.label)
+
+    def _positions(self, shard) -> np.ndarray:
+        """Position of each of a shard's samples (-1: held out of this split)."""
+        src = np.arange(shard.source_start, shard.source_start + shard.source_size)
+        kept = np.ones(len(src), dtype=bool) if self.split.exclude is None else ~np.isin(src, self.split.exclude)
+        return np.where(kept, shard.start + np.cumsum(kept) - 1, -1)
 
     def _one_pass(self, p: int, slot: int, nslots: int) -> Iterator[Sample]:
+        """Loader slot `slot` of `nslots`'s samples of pass p, in order."""
+        plan = self.plan(p)
         seed = pass_seed(self.seed, p)
         if self.split.records is not None:
-            mine = rank_part(epoch_order(self.split.labels, seed, self.label_shuffling), self.rank, self.world)
+            mine = plan.draws(self.rank)
+            np.random.default_rng(seed).shuffle(mine)
             for i in mine[slot::nslots]:
                 yield self.split.records[i]
             return
         rng = random.Random(seed)
-        urls = self.split.urls()
-        rng.shuffle(urls)
-        total = self.world * nslots
-        me = self.rank * nslots + slot
-        if self.label_shuffling:
-            stream = self._streamed_shuffled(urls, rng, seed, slot, nslots)
-        elif len(urls) >= total:  # shard-level split: each shard read by one slot only
-            stream = self.split.iter_samples(urls[me::total])
-        else:  # fewer shards than readers: sample-level split
-            stream = self.split.iter_samples(urls, keep=lambda i: i % total == me)
         buffer: list[Sample] = []
-        for s in stream:
+        for s in self._streamed(plan, slot, nslots):
             buffer.append(s)
             if len(buffer) >= self.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
@@ -126,22 +115,26 @@ class TrainStream(IterableDataset):
         plain = self.plain_transform is not None and self.plain_from_pass is not None and p >= self.plain_from_pass
         return self.plain_transform if plain else self.transform
 
+    def items(self, p: int, slot: int, nslots: int) -> Iterator[tuple]:
+        """Pass p of this slot as training items: (image, label), or (encoded bytes, label,
+        pass) without a transform; an undecodable image is skipped and counted (the loop
+        fails the run past data.max_bad_images)."""
+        if self.transform is None:
+            for s in self._one_pass(p, slot, nslots):
+                yield torch.frombuffer(bytearray(s.data), dtype=torch.uint8), s.label, p
+            return
+        tf = self.transform_for(p)
+        keyed = getattr(tf, "keyed", False)
+        for s in self._one_pass(p, slot, nslots):
+            img = try_decode(s.data, self.bad)
+            if img is not None:
+                yield (tf(img, s.key) if keyed else tf(img)), s.label
+
     def __iter__(self):
         slot, nslots = _slots()
         p = self.start_pass
         while True:
-            if self.transform is None:
-                for s in self._one_pass(p, slot, nslots):
-                    yield torch.frombuffer(bytearray(s.data), dtype=torch.uint8), s.label, p
-                p += 1
-                continue
-            tf = self.transform_for(p)
-            keyed = getattr(tf, "keyed", False)
-            for s in self._one_pass(p, slot, nslots):
-                img = try_decode(s.data, self.bad)
-                if img is None:
-                    continue  # skipped and counted; the loop fails the run past data.max_bad_images
-                yield (tf(img, s.key) if keyed else tf(img)), s.label
+            yield from self.items(p, slot, nslots)
             p += 1
 
 

@@ -294,4 +294,7 @@ class PassAugment:
         return self.plain if plain else self.main
 
     def __call__(self, data, lengths, labels, passes):
-        return self.for_pass(int(passes[0]))(split_encoded(data, lengths), labels)
+        return self.apply(split_encoded(data, lengths), labels, int(passes[0]))
+
+    def apply(self, images: list, labels, p: int):
+        return self.for_pass(p)(images, labels)

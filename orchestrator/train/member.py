@@ -24,6 +24,7 @@ from orchestrator.data.streams import EvalStream, TrainStream
 from orchestrator.train import augment, batch_augment, confusion, loop, lr, teacher
 from orchestrator.train.resident import hold_resident, resident_batches
 from orchestrator.train.optim import build_optimizer
+from orchestrator.train.pass_batches import loader_batches
 from orchestrator.train.prefetch import Prefetcher
 
 
@@ -117,11 +118,12 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     plain_from = recipe.epochs - recipe.plain_last_epochs if recipe.plain_last_epochs else None
     held = hold_resident(member, data.resident, data.train, device, said)
     if held is not None:
-        stream = resident_batches(member, fields, ev, held, device, rank, world, state.epoch, plain_from)
+        stream = resident_batches(member, fields, ev, held, data.train, device, rank, world, state.epoch, plain_from)
         train_batches = iter(stream)
     elif decode_on_device(member, device):
         stream = TrainStream(data.train, None, rank, world, seed=member.seed, start_pass=state.epoch,
-                             label_shuffling=recipe.label_shuffling)
+                             label_shuffling=recipe.label_shuffling, batch_size=recipe.batch_size,
+                             max_steps=recipe.max_steps_per_epoch)
         train_batches = device_batches(member, fields, ev, stream, device, plain_from)
     else:
         started = time.perf_counter()
@@ -135,12 +137,10 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
         plain_tf = augment.build_train_transform(augment.plain_fields(fields), member.input_size, ev.mean, ev.std)
         stream = TrainStream(data.train, train_tf, rank, world, seed=member.seed, start_pass=state.epoch,
                              label_shuffling=recipe.label_shuffling, plain_transform=plain_tf,
-                             plain_from_pass=plain_from)
-        train_batches = iter(DataLoader(stream, batch_size=recipe.batch_size, num_workers=workers, drop_last=True,
-                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0))
-    steps_per_epoch = stream.steps if held is not None else max(stream.samples_per_pass() // global_batch, 1)
-    if recipe.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, recipe.max_steps_per_epoch)
+                             plain_from_pass=plain_from, batch_size=recipe.batch_size,
+                             max_steps=recipe.max_steps_per_epoch)
+        train_batches = iter(loader_batches(stream, workers, device))
+    steps_per_epoch = stream.steps  # one whole pass (or its capped part), every rank the same
     val_loader = build_eval_loader(data.heldout, eval_tf, recipe.batch_size * 2, workers, rank, world)
     bf16, cl = recipe.bf16, recipe.channels_last and device.type == "cuda"
     smoothing = teacher.load_confusion_smoothing(recipe, data.train.class_names)
@@ -205,16 +205,14 @@ def decode_on_device(member: ResolvedMember, device: torch.device) -> bool:
 
 def device_batches(member: ResolvedMember, fields, ev, stream: TrainStream, device, plain_from: int | None):
     """Loader processes read encoded bytes; decode and augmentation run on `device`."""
-    workers = member.resources.loader_workers
-    raw = DataLoader(stream, batch_size=member.recipe.batch_size, num_workers=workers, drop_last=True,
-                     collate_fn=batch_augment.collate_encoded, pin_memory=device.type == "cuda",
-                     persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    raw = loader_batches(stream, member.resources.loader_workers, device)
 
     def build(f):
         return batch_augment.BatchAugment(f, member.input_size, ev.mean, ev.std, device, stream.bad)
 
     plain = build(augment.plain_fields(fields)) if plain_from is not None else None
-    return Prefetcher(iter(raw), batch_augment.PassAugment(build(fields), plain, plain_from), device)
+    return Prefetcher(iter(raw), batch_augment.PassAugment(build(fields), plain, plain_from).apply, device)
+
 
 
 def count_bad_images(metrics: dict, seen: dict, train_stream, val_stream, limit: int) -> None:

@@ -1,10 +1,10 @@
 """Training batches from a split held decoded on the device (`orchestrator/data/resident.py`).
 
-Each pass is the order the streaming path draws from a split in memory (`epoch_order`:
-a seeded permutation, or Hikvision's label shuffling), cut into this rank's part
-(`rank_part`); a batch is gathered by index on the device and augmented there by the
-batch pipeline (`batch_augment.BatchAugment.augment`). One epoch is one pass of
-`steps` batches, and every random draw of a pass (crops, flips, colour, mixup, dropout)
+Each pass draws what the streaming path draws (`passes.plan_pass`: the same samples,
+plain or label-shuffled, the same rank parts), in a seeded order; a batch is gathered by
+index on the device and augmented there by the batch pipeline
+(`batch_augment.BatchAugment.augment`). One epoch is one pass of `steps` batches cut as
+the streaming path cuts them (`sampling.batch_sizes`), and every random draw of a pass (crops, flips, colour, mixup, dropout)
 comes from generators seeded by (member seed, pass) at its start: a member resumed at an
 epoch boundary continues bit for bit as if it had never stopped, with no RNG state to
 carry in its checkpoint.
@@ -21,8 +21,9 @@ import torch
 from orchestrator.config import ResolvedMember
 from orchestrator.data import resident
 from orchestrator.data.dataset import Split
+from orchestrator.data.passes import plan_pass
 from orchestrator.data.resident import Resident
-from orchestrator.data.sampling import epoch_length, epoch_order, pass_seed, rank_part
+from orchestrator.data.sampling import batch_sizes, pass_draws, pass_seed, steps_per_pass
 from orchestrator.errors import UserError
 from orchestrator.train import augment, batch_augment
 from orchestrator.train.batch_augment import BatchAugment
@@ -36,24 +37,36 @@ def seed_pass(seed: int, p: int) -> None:
     torch.manual_seed(s)  # CPU and every CUDA device
 
 
-def pass_indices(data: Resident, seed: int, p: int, rank: int, world: int, label_shuffling: bool) -> list[int]:
-    """This rank's sample indices of pass p, in order."""
-    labels = data.labels.cpu().numpy()
-    return rank_part(epoch_order(labels, pass_seed(seed, p), label_shuffling), rank, world)
+def pass_rows(data: Resident, split: Split, seed: int, p: int, rank: int, world: int, label_shuffling: bool,
+              limit: int | None = None) -> np.ndarray:
+    """This rank's rows of pass p (the draws `passes.plan_pass` plans for both data modes),
+    in a seeded random order; draws of undecodable images are skipped, as streaming skips them."""
+    plan = plan_pass(split, data.position_labels, world, seed, p, label_shuffling, limit)
+    row_of = np.full(len(data.position_labels), -1, dtype=np.int64)
+    row_of[data.positions] = np.arange(len(data.positions))
+    rows = row_of[plan.draws(rank)]
+    rows = rows[rows >= 0]
+    np.random.default_rng(pass_seed(seed, p)).shuffle(rows)
+    return rows
 
 
 class ResidentBatches:
-    """Endless (x, y) batches on the device, `steps` per pass, from pass `start_pass` on;
-    from pass `plain_from` on (strong augmentation off for the last epochs) `plain`
-    replaces `augment`."""
+    """Endless (x, y) batches on the device, one pass per epoch, `steps` per pass
+    (sampling.batch_sizes), from pass `start_pass` on; from pass `plain_from` on (strong
+    augmentation off for the last epochs) `plain` replaces `augment`. `max_steps` caps
+    a pass as the streaming path caps it."""
 
-    def __init__(self, data: Resident, augment: BatchAugment, *, batch_size: int, steps: int, seed: int,
+    def __init__(self, data: Resident, split: Split, augment: BatchAugment, *, batch_size: int, seed: int,
                  rank: int = 0, world: int = 1, start_pass: int = 0, label_shuffling: bool = False,
-                 plain: BatchAugment | None = None, plain_from: int | None = None):
-        self.data, self.passes = data, batch_augment.PassAugment(augment, plain, plain_from)
-        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+                 plain: BatchAugment | None = None, plain_from: int | None = None, max_steps: int | None = None):
+        self.data, self.split, self.passes = data, split, batch_augment.PassAugment(augment, plain, plain_from)
+        self.batch_size, self.seed = batch_size, seed
         self.rank, self.world, self.start_pass, self.label_shuffling = rank, world, start_pass, label_shuffling
         self.passes_started = 0
+        self.steps = steps_per_pass(self.samples_per_pass(), world, batch_size)
+        self.limit = None
+        if max_steps and max_steps < self.steps:
+            self.steps, self.limit = max_steps, max_steps * batch_size
 
     @property
     def bad(self) -> SimpleNamespace:
@@ -62,9 +75,12 @@ class ResidentBatches:
         return SimpleNamespace(total=self.data.bad.total * self.passes_started)
 
     def samples_per_pass(self) -> int:
-        """Over all ranks: the pass's length less what `rank_part` drops for equal parts."""
-        n = epoch_length(self.data.labels.cpu().numpy(), self.label_shuffling)
-        return n // self.world * self.world
+        """Draws of one pass over all ranks (n, or C x N label-shuffled)."""
+        return pass_draws(self.data.position_labels, self.label_shuffling)
+
+    def rows(self, p: int) -> np.ndarray:
+        return pass_rows(self.data, self.split, self.seed, p, self.rank, self.world, self.label_shuffling,
+                         self.limit)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         p = self.start_pass
@@ -72,11 +88,12 @@ class ResidentBatches:
         while True:
             self.passes_started += 1
             seed_pass(self.seed, p)
-            mine = torch.as_tensor(pass_indices(self.data, self.seed, p, self.rank, self.world, self.label_shuffling),
-                                   device=device)
+            mine = torch.as_tensor(self.rows(p), device=device)
             aug = self.passes.for_pass(p)
-            for k in range(self.steps):
-                idx = mine[k * self.batch_size:(k + 1) * self.batch_size]
+            at = 0
+            for size in batch_sizes(len(mine), self.batch_size, self.steps):
+                idx = mine[at:at + size]
+                at += size
                 yield aug.augment(self.data.images[idx]), self.data.labels[idx]
             p += 1
 
@@ -107,17 +124,14 @@ def resident_choice(member: ResolvedMember, mode: bool | str, train: Split, devi
     return resident.decide(mode, train, device, not missing)
 
 
-def resident_batches(member: ResolvedMember, fields, ev, held: Resident, device, rank: int, world: int,
-                     start_pass: int, plain_from: int | None) -> ResidentBatches:
+def resident_batches(member: ResolvedMember, fields, ev, held: Resident, split: Split, device, rank: int,
+                     world: int, start_pass: int, plain_from: int | None) -> ResidentBatches:
     recipe = member.recipe
 
     def build(f):
         return batch_augment.BatchAugment(f, member.input_size, ev.mean, ev.std, device, held.bad)
 
-    stream = ResidentBatches(held, build(fields), batch_size=recipe.batch_size, steps=1, seed=member.seed,
-                             rank=rank, world=world, start_pass=start_pass, label_shuffling=recipe.label_shuffling,
-                             plain=build(augment.plain_fields(fields)) if plain_from is not None else None,
-                             plain_from=plain_from)
-    steps = max(stream.samples_per_pass() // world // recipe.batch_size, 1)
-    stream.steps = min(steps, recipe.max_steps_per_epoch or steps)
-    return stream
+    return ResidentBatches(held, split, build(fields), batch_size=recipe.batch_size, seed=member.seed,
+                           rank=rank, world=world, start_pass=start_pass, label_shuffling=recipe.label_shuffling,
+                           plain=build(augment.plain_fields(fields)) if plain_from is not None else None,
+                           plain_from=plain_from, max_steps=recipe.max_steps_per_epoch)
