@@ -22,7 +22,6 @@ import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +30,7 @@ from orchestrator.data.dataset import decode_rgb, open_split  # noqa: E402
 from orchestrator.data.streams import TrainStream  # noqa: E402
 from orchestrator.data.sources import Sample  # noqa: E402
 from orchestrator.train import augment, batch_augment, loop  # noqa: E402
+from orchestrator.train.pass_batches import loader_batches  # noqa: E402
 from orchestrator.train.prefetch import Prefetcher  # noqa: E402
 
 
@@ -46,18 +46,12 @@ def upscale(split, short_side: int) -> None:
 def real_batches(split, fields, args, device):
     spec = get_spec(args.arch).eval_transform(args.low_res, args.size)
     workers = args.workers
-    if args.decode == "gpu":
-        stream = TrainStream(split, None, 0, 1, seed=0)
-        raw = DataLoader(stream, batch_size=args.batch, num_workers=workers, drop_last=True, pin_memory=True,
-                         collate_fn=batch_augment.collate_encoded, persistent_workers=workers > 0,
-                         prefetch_factor=4 if workers else None)
+    if args.decode == "gpu":  # the member's own path: whole-pass batches from the loader processes
+        raw = loader_batches(TrainStream(split, None, 0, 1, seed=0, batch_size=args.batch), workers, device)
         aug = batch_augment.PassAugment(batch_augment.BatchAugment(fields, args.size, spec.mean, spec.std, device))
-        return Prefetcher(iter(raw), aug, device)
+        return Prefetcher(iter(raw), aug.apply, device)
     tf = augment.build_train_transform(fields, args.size, spec.mean, spec.std)
-    stream = TrainStream(split, tf, 0, 1, seed=0)
-    return iter(DataLoader(stream, batch_size=args.batch, num_workers=workers, drop_last=True,
-                           pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                           prefetch_factor=4 if workers else None))
+    return iter(loader_batches(TrainStream(split, tf, 0, 1, seed=0, batch_size=args.batch), workers, device))
 
 
 def rate(model, optimizer, batches, args, device) -> float:
