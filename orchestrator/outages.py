@@ -77,9 +77,10 @@ def which_server(exc: BaseException) -> str | None:
         if name in ("ConnectionError", "MaxRetryError") and "Max retries exceeded" in text:
             host = re.search(r"host='([^']+)', port=(\d+)", text)
             return f"the MLflow tracking server at {host.group(1)}:{host.group(2)}" if host else "the tracking server"
-        if transient(exc) and (name in S3_DOWN or isinstance(exc, (ConnectionRefusedError, ConnectionResetError))):
+        if transient(exc) and (name in S3_DOWN or isinstance(exc, (ConnectionRefusedError, ConnectionResetError))) \
+                or isinstance(exc, OSError) and "AWS Error NETWORK_CONNECTION" in text:  # pyarrow's S3 (Ray's storage)
             return f"the object store at {os.environ.get('AWS_ENDPOINT_URL', 'AWS S3')}"
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)  # a Ray task error's cause
         seen += 1
     return None
 

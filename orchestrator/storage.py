@@ -187,13 +187,23 @@ def _S3():
     return _S3_CLASS
 
 
+def s3_attempts() -> int:
+    """pyarrow's attempts per request, within the storage retry budget: the AWS standard
+    strategy's backoff is capped at 20 s, and a refused connection costs about that much an
+    attempt (measured: 15 attempts, 279 s), so the default 300 s budget gives 15 and a
+    test's 3 s gives one. S3_MAX_ATTEMPTS sets it outright."""
+    if os.environ.get("S3_MAX_ATTEMPTS"):
+        return int(os.environ["S3_MAX_ATTEMPTS"])
+    return max(1, round(float(os.environ.get("STORAGE_RETRY_SECONDS", 300)) / 20))
+
+
 def ray_storage(uri: str):
     """(storage_filesystem, storage_path) for a Ray Train/Tune RunConfig: for s3:// a
-    pyarrow S3 filesystem retrying for minutes (AWS standard strategy, backoff capped at
-    20 s: 15 attempts ride out a ~2 min outage), otherwise Ray's own resolution."""
+    pyarrow S3 filesystem retrying for the storage budget (`s3_attempts`), otherwise
+    Ray's own resolution."""
     if urlparse(uri).scheme != "s3":
         return None, uri
-    attempts = int(os.environ.get("S3_MAX_ATTEMPTS", 15))
+    attempts = s3_attempts()
     # endpoint and region come from AWS_ENDPOINT_URL / AWS_DEFAULT_REGION, as for boto3
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     options: dict = {}

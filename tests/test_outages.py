@@ -24,6 +24,24 @@ def test_a_connection_that_outlived_its_retries_names_its_server(monkeypatch):
         assert which_server(wrapped) == "the object store at http://127.0.0.1:8333"
     for bug in (ValueError("bad"), FileNotFoundError("x"), OSError(24, "Too many open files"), KeyError("k")):
         assert which_server(bug) is None  # not an outage: the traceback stays
+    # Ray's storage: pyarrow's S3 filesystem, its error the cause of a Tune trial's error
+    pyarrow_down = OSError("When initiating multiple part upload for key 'tune/x' in bucket 'ensembles': AWS Error "
+                           "NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7, Couldn't connect")
+    trial = RuntimeError("trial failed")
+    trial.cause = pyarrow_down
+    assert which_server(trial) == "the object store at http://127.0.0.1:8333"
+
+
+def test_rays_s3_attempts_fit_the_storage_retry_budget(monkeypatch):
+    from orchestrator.storage import s3_attempts
+
+    monkeypatch.delenv("S3_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("STORAGE_RETRY_SECONDS", raising=False)
+    assert s3_attempts() == 15  # 300 s
+    monkeypatch.setenv("STORAGE_RETRY_SECONDS", "3")
+    assert s3_attempts() == 1  # a test's short budget is not stretched to minutes by Ray's syncs
+    monkeypatch.setenv("S3_MAX_ATTEMPTS", "4")
+    assert s3_attempts() == 4
 
 
 def test_an_outage_is_one_line_exit_1_and_the_traceback_in_a_file(tmp_path, monkeypatch, capsys):
