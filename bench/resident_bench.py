@@ -25,7 +25,7 @@ from models import build_model  # noqa: E402
 from orchestrator.data import resident  # noqa: E402
 from orchestrator.data.dataset import open_split  # noqa: E402
 from orchestrator.train import augment, batch_augment  # noqa: E402
-from orchestrator.train.resident import ResidentBatches  # noqa: E402
+from orchestrator.train.resident_batches import ResidentBatches  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

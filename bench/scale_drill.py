@@ -52,7 +52,7 @@ class ReadCounter:
     """Counts the bytes of every shard a reader opens (a gzip shard is read whole)."""
 
     def __init__(self, split):
-        self.size = {split.manifest.url(s): s.bytes for s in split.manifest.shards(split.split)}
+        self.size = {split.manifest.url(s): s.bytes for s in split.manifest.shards(split.shard_split)}
         self.bytes, self._real = 0, dataset.iter_shard
 
     def __enter__(self):

@@ -31,11 +31,11 @@ import torch
 from rich.progress import Progress
 
 from ensemble.stored import NpyRows
-from orchestrator.data import minival
 from orchestrator.data.streams import EvalStream
 from orchestrator.data.dataset import load_manifest, open_split, select_classes
 from orchestrator.data.manifest import FOLDER_PREFIX
 from orchestrator.data.sources import list_folder_split
+from orchestrator.data.split_ref import SplitRef
 
 
 def max_bytes() -> float:
@@ -46,7 +46,7 @@ def _dataset_digest(manifest, split: str) -> str:
     """The split's identity, so a dataset rebuilt at the same path is decoded afresh: its
     classes and shards (names, sample counts, sizes, checksums), and for a folder layout
     read in place its files' names, labels, sizes and modification times."""
-    split = minival.parse(split)[0]  # a part of train is identified by train's files (and its name)
+    split = SplitRef.parse(split).base  # a part of train is identified by train's files (and its name)
     shards = manifest.shards(split)
     digest = hashlib.sha256(json.dumps([manifest.classes, [dataclasses.astuple(s) for s in shards]]).encode())
     if shards and shards[0].file.startswith(FOLDER_PREFIX):

@@ -21,7 +21,7 @@ from ensemble import math as em
 from ensemble import report as rep
 from ensemble.logged import log_to_mlflow, mlflow_target
 from ensemble.predictions import recompute
-from ensemble.protocol import Protocol, decide
+from ensemble.protocol import Protocol, protocol_for
 from ensemble.scoring import intervals, size_curves, score
 from ensemble.serve import log_ensemble_model
 from ensemble.stored import MemberPredictions, open_npy
@@ -180,7 +180,7 @@ def build_report(runs, records, preds, labels, args) -> tuple[dict, dict]:
     m = len(preds)
     check_shapes(runs, preds, labels)
     needs_selection = args.select == "greedy" or args.calibrate
-    proto = decide(runs, records, len(labels), needs_selection, args.selection_fraction, args.seed)
+    proto = protocol_for(runs, records, len(labels), needs_selection, args.selection_fraction, args.seed)
     rows = proto.reported
     sel = Selection(runs, records, preds, labels, proto, args) if proto.on_minival or proto.selection is not None \
         else None

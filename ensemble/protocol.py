@@ -51,7 +51,7 @@ def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(perm[:cut]), np.sort(perm[cut:])
 
 
-def decide(runs: RunsFile, records: list, n: int, needs_selection: bool, fraction: float, seed: int) -> Protocol:
+def protocol_for(runs: RunsFile, records: list, n: int, needs_selection: bool, fraction: float, seed: int) -> Protocol:
     ds = runs.dataset
     on_val = [c for c in runs.choices if c.split == ds.split]
     notes = [f"{c.what} was chosen on {ds.split} (all rows): its figures are optimistic; set data.minival"

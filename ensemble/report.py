@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import os
 
@@ -11,15 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from orchestrator.terminal import console  # noqa: E402
 
-@functools.cache
-def console() -> Console:
-    """Made on first use, not at import: terminal width on a terminal, 120 columns in logs
-    (`ray job submit`, CI), whatever the process's stdout is when it prints."""
-    return Console(width=None if Console().is_terminal else 120)
+
 
 
 def _err(row: dict, key: str) -> str:

@@ -7,17 +7,15 @@ before any member starts, each as one `UserError` line.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 
 import torch
 import yaml
-from rich.console import Console
 from rich.table import Table
 
 from orchestrator import storage
-from orchestrator.config import EnsembleConfig, ResolvedMember, load_config, resolve_members
+from orchestrator.config import EnsembleConfig, JobContext, ResolvedMember, load_config, resolve_members
 from orchestrator.data.dataset import open_split, select_classes
 from orchestrator.data.manifest import check_shards_exist, load_manifest
 from orchestrator.errors import UserError
@@ -25,16 +23,12 @@ from orchestrator.job_runs import imported, runs_file
 from orchestrator.lease import Lease
 from orchestrator.outages import check_tracking
 from orchestrator.runs_file import MlflowRef, RunsFile, write_runs
-from orchestrator.train.resident import resident_choice
+from orchestrator.terminal import console
+from orchestrator.train.resident_batches import resident_choice
 from orchestrator import tracking
 from orchestrator import launch
 from orchestrator.config import flatten
 
-@functools.cache
-def console() -> Console:
-    """Made on first use, not at import: terminal width on a terminal, 120 columns in logs
-    (`ray job submit`, CI), whatever the process's stdout is when it prints."""
-    return Console(width=None if Console().is_terminal else 120)
 
 
 def load_and_check(path: str) -> tuple[EnsembleConfig, list[ResolvedMember]]:
@@ -157,11 +151,11 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
     # ensemble of imported runs, writes its runs file in seconds
     with open_job(cfg, config_path, "parent", tags, start_ray=False) as (root, tracking_uri, client, experiment_id,
                                                                          parent):
-        ctx = {"ensemble": cfg.name, "storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
-               "experiment_id": experiment_id, "parent_run_id": parent, "max_failures": cfg.ray.max_failures,
-               "members": {m.key: m.model_dump() for m in members}}
+        ctx = JobContext(ensemble=cfg.name, storage=root, data=cfg.data, tracking_uri=tracking_uri,
+                         experiment_id=experiment_id, parent_run_id=parent, max_failures=cfg.ray.max_failures,
+                         members={m.key: m for m in members})
 
-        done = {m.key for m in members if storage.read_json(launch.record_uri(ctx, m.key))}
+        done = {m.key for m in members if storage.read_json(ctx.record_uri(m.key))}
         pending = [m for m in members if m.key not in done]
         console().print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(done)} already finished, "
                       f"{len(pending)} to train; MLflow {tracking_uri} run {parent}")
@@ -213,12 +207,12 @@ def _log_config(client, run_id: str, cfg: EnsembleConfig) -> None:
         client.log_batch(run_id, params=params[i:i + 100])
 
 
-def _collect(ctx: dict, members: list[ResolvedMember]) -> tuple[list[dict], list[str]]:
+def _collect(ctx: JobContext, members: list[ResolvedMember]) -> tuple[list[dict], list[str]]:
     records, failed = [], []
     for m in members:
-        rec = storage.read_json(launch.record_uri(ctx, m.key))
+        rec = storage.read_json(ctx.record_uri(m.key))
         if rec is None:
-            rec = storage.read_json(launch.record_uri(ctx, m.key) + ".failed") or launch._record(
+            rec = storage.read_json(ctx.record_uri(m.key) + ".failed") or launch._record(
                 m, ctx, None, status="failed", error="did not finish")
             failed.append(m.name)
         records.append(rec)

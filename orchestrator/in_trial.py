@@ -29,7 +29,7 @@ import torch
 from ray import tune
 
 from orchestrator import storage
-from orchestrator.config import ResolvedMember
+from orchestrator.config import MemberWork, ResolvedMember
 from orchestrator.data.dataset import TooManyBadImages
 from orchestrator.errors import UserError
 from orchestrator.member_worker import CHECKPOINT_FILE, run_member
@@ -87,14 +87,14 @@ class TrialSession:
         """Nothing to hand back: the final checkpoint already is the latest one."""
 
 
-def train(member: ResolvedMember, config: dict, checkpoints: str, max_failures: int,
-          progress=tune.report) -> tuple[dict, str]:
-    """Train `member` in this process; returns (its final metrics, its final checkpoint's URI).
-    `config` is what a Ray Train worker gets (member_worker.run_member)."""
+def train(work: MemberWork, checkpoints: str, max_failures: int, progress=tune.report) -> tuple[dict, str]:
+    """Train `work`'s member in this process, as a Ray Train worker would
+    (member_worker.run_member); returns (its final metrics, its final checkpoint's URI)."""
+    member = work.member
     session = TrialSession(member, checkpoints, progress)
     for attempt in range(max_failures + 1):
         try:
-            run_member(config, session)
+            run_member(work, session)
             break
         except Exception as exc:
             if attempt == max_failures or isinstance(exc, DETERMINISTIC):

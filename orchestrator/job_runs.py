@@ -9,7 +9,7 @@ from orchestrator import storage
 from orchestrator.config import EnsembleConfig, ResolvedMember
 from orchestrator.data.dataset import select_classes
 from orchestrator.data.manifest import load_manifest
-from orchestrator.data.minival import split_names
+from orchestrator.data.split_ref import SplitRef
 from orchestrator.errors import UserError
 from orchestrator.runs_file import Choice, DatasetRef, MemberRecord, MlflowRef, RunsFile, load_runs
 
@@ -29,7 +29,7 @@ def minival_ref(cfg: EnsembleConfig, finished: list[dict]) -> tuple[DatasetRef |
     search, the trials), when the config has a minival and every member was trained with it."""
     if not cfg.data.minival or not finished or not all(r.get("minival_labels") for r in finished):
         return None, []
-    name = split_names(cfg.data.train_split, cfg.data.minival, cfg.data.minival_seed)[0]
+    name = str(SplitRef(cfg.data.train_split).carved(cfg.data.minival, cfg.data.minival_seed)[0])
     samples = int(storage.read_npy(finished[0]["minival_labels"]).shape[0])
     ref = dataset_ref(cfg, finished[0]["minival_labels"], samples, split=name)
     return ref, [Choice(what="per-epoch metrics and Tune's metric (each member keeps its last epoch)", split=name,

@@ -32,7 +32,7 @@ from ray.tune.execution.placement_groups import PlacementGroupFactory
 
 from models import get_spec
 from orchestrator import storage
-from orchestrator.config import ResolvedMember
+from orchestrator.config import JobContext, ResolvedMember
 from orchestrator.errors import UserError
 from orchestrator import in_trial
 from orchestrator.ray_train import train_loop_per_worker
@@ -44,38 +44,25 @@ from orchestrator import plots
 from orchestrator.progress import MemberBoard, quiet_tune
 
 
-def member_dir(ctx: dict) -> str:
-    return storage.join(ctx["storage"], ctx["ensemble"])
-
-
-def record_uri(ctx: dict, key: str) -> str:
-    return storage.join(member_dir(ctx), "members", f"{key}.json")
-
-
-def worker_config(member: ResolvedMember, ctx: dict, run_id: str | None) -> dict:
-    return {"member": member.model_dump(), "data": ctx["data"], "tracking_uri": ctx["tracking_uri"],
-            "mlflow_run_id": run_id}
-
-
 def checkpoint_config() -> train.CheckpointConfig:
     """The member is its final epoch: only the latest checkpoint is kept, none is picked by
     a held-out score (that would be a choice made on the split that is then reported)."""
     return train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="epoch", checkpoint_score_order="max")
 
 
-def build_trainer(member: ResolvedMember, ctx: dict, run_id: str | None) -> TorchTrainer:
+def build_trainer(member: ResolvedMember, ctx: JobContext, run_id: str | None) -> TorchTrainer:
     r = member.resources
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    fs, path = storage.ray_storage(storage.join(member_dir(ctx), "train"))
+    fs, path = storage.ray_storage(storage.join(ctx.member_dir, "train"))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(member, ctx, run_id),
+        train_loop_config={"work": ctx.work(member, run_id)},  # Ray Train passes a dict
         scaling_config=train.ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu, resources_per_worker=per_worker),
         run_config=train.RunConfig(
             name=member.key,  # same name + storage path = resume from the latest checkpoint
             storage_path=path, storage_filesystem=fs,
             checkpoint_config=checkpoint_config(),
-            failure_config=train.FailureConfig(max_failures=ctx["max_failures"]),
+            failure_config=train.FailureConfig(max_failures=ctx.max_failures),
             callbacks=[TuneReportCallback()],
         ),
     )
@@ -86,17 +73,7 @@ PREDICTION_FILES = (PREDICTIONS_FILE, LABELS_FILE, MINIVAL_PREDICTIONS_FILE, MIN
 FINAL_KEYS = ("arch", "num_classes", "low_res", "state_dict", "epoch", "step", "metrics", "history")
 
 
-def final_uri(ctx: dict, key: str) -> str:
-    """The one stored copy of a finished member: its weights and predictions."""
-    return storage.join(member_dir(ctx), "members", key)
-
-
-def training_uri(ctx: dict, key: str) -> str:
-    """A member's in-progress checkpoints (its trial's, or its Ray Train run's)."""
-    return storage.join(member_dir(ctx), "train", key)
-
-
-def finalize(member: ResolvedMember, ctx: dict, ckpt_uri: str, tmp: str) -> tuple[str, str, list[dict]]:
+def finalize(member: ResolvedMember, ctx: JobContext, ckpt_uri: str, tmp: str) -> tuple[str, str, list[dict]]:
     """Store the finished member once: final weights without optimiser state, and its
     prediction files, under `final_uri`. Returns that URI, the local folder it was
     written from (inside `tmp`) and the per-epoch history."""
@@ -108,7 +85,7 @@ def finalize(member: ResolvedMember, ctx: dict, ckpt_uri: str, tmp: str) -> tupl
     for name in PREDICTION_FILES:
         if os.path.exists(os.path.join(local, name)):
             shutil.copyfile(os.path.join(local, name), os.path.join(out, name))
-    uri = final_uri(ctx, member.key)
+    uri = ctx.final_uri(member.key)
     storage.put_dir(out, uri)
     return uri, out, state["history"]
 
@@ -132,7 +109,7 @@ def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, lo
             client.log_artifact(run_id, os.path.join(tmp, name), "plots" if name.endswith(".png") else None)
 
 
-def _record(member: ResolvedMember, ctx: dict, run_id: str | None, **fields) -> dict:
+def _record(member: ResolvedMember, ctx: JobContext, run_id: str | None, **fields) -> dict:
     ev = get_spec(member.arch).eval_transform(member.low_res, member.input_size)
     return {"name": member.name, "key": member.key, "arch": member.arch, "eval": ev.to_dict(),
             "low_res": member.low_res, "weight": member.weight, "mlflow_run_id": run_id, "seed": member.seed,
@@ -149,20 +126,20 @@ def failure_message(exc: BaseException) -> str:
     return (named[-1] if named else text.splitlines()[0])[:500]
 
 
-def train_member_here(member: ResolvedMember, ctx: dict, run_id: str | None) -> tuple[dict, str]:
+def train_member_here(member: ResolvedMember, ctx: JobContext, run_id: str | None) -> tuple[dict, str]:
     """Train the member from this trial; returns (its final metrics, its final checkpoint's URI)."""
     if in_trial.eligible(member):
-        checkpoints = training_uri(ctx, member.key)
-        return in_trial.train(member, worker_config(member, ctx, run_id), checkpoints, ctx["max_failures"])
+        checkpoints = ctx.training_uri(member.key)
+        return in_trial.train(ctx.work(member, run_id), checkpoints, ctx.max_failures)
     result = build_trainer(member, ctx, run_id).fit()
-    return result.metrics, storage.checkpoint_uri(ctx["storage"], result.checkpoint.path)
+    return result.metrics, storage.checkpoint_uri(ctx.storage, result.checkpoint.path)
 
 
-def member_trial(config: dict, ctx: dict) -> None:
+def member_trial(config: dict, ctx: JobContext) -> None:
     """Tune function trainable: train one member end to end."""
-    member = ResolvedMember.model_validate(ctx["members"][config["member_key"]])
-    client = MlflowClient(ctx["tracking_uri"])
-    run_id = get_or_create_child(client, ctx["experiment_id"], ctx["parent_run_id"], member)
+    member = ctx.members[config["member_key"]]
+    client = MlflowClient(ctx.tracking_uri)
+    run_id = get_or_create_child(client, ctx.experiment_id, ctx.parent_run_id, member)
     try:
         final, ckpt_uri = train_member_here(member, ctx, run_id)
     except Exception as exc:
@@ -170,7 +147,7 @@ def member_trial(config: dict, ctx: dict) -> None:
         message = failure_message(exc)
         client.set_tag(run_id, "failure", message)
         client.set_terminated(run_id, "FAILED")
-        storage.write_json(record_uri(ctx, member.key) + ".failed", _record(member, ctx, run_id, status="failed",
+        storage.write_json(ctx.record_uri(member.key) + ".failed", _record(member, ctx, run_id, status="failed",
                                                                             error=message))
         traceback.print_exc()
         # Returning (not raising) ends the trial: the member was already retried
@@ -184,7 +161,7 @@ def member_trial(config: dict, ctx: dict) -> None:
     client.set_tag(run_id, "checkpoint_uri", storage.join(kept, CHECKPOINT_FILE))
     client.set_terminated(run_id, "FINISHED")
     minutes = sum(h.get("epoch_minutes", 0.0) for h in history)
-    storage.write_json(record_uri(ctx, member.key), _record(
+    storage.write_json(ctx.record_uri(member.key), _record(
         member, ctx, run_id, status="finished",
         checkpoint=storage.join(kept, CHECKPOINT_FILE), predictions=storage.join(kept, PREDICTIONS_FILE),
         labels=storage.join(kept, LABELS_FILE), **minival_files(ctx, kept),
@@ -192,12 +169,12 @@ def member_trial(config: dict, ctx: dict) -> None:
                  "images_per_s": final["images_per_s"], "minutes": minutes, "epochs": final["epoch"],
                  "val_samples": final["val_samples"], **_extra_metrics(history, final)}))
     # recorded: the training checkpoints (optimiser state included) are no longer needed
-    storage.remove(training_uri(ctx, member.key))
+    storage.remove(ctx.training_uri(member.key))
 
 
-def minival_files(ctx: dict, ckpt_uri: str) -> dict:
+def minival_files(ctx: JobContext, ckpt_uri: str) -> dict:
     """A member trained with a minival: where its minival predictions and labels are."""
-    if not ctx["data"].get("minival"):
+    if not ctx.data.minival:
         return {}
     return {"minival_predictions": storage.join(ckpt_uri, MINIVAL_PREDICTIONS_FILE),
             "minival_labels": storage.join(ckpt_uri, MINIVAL_LABELS_FILE)}
@@ -266,12 +243,12 @@ def plan_concurrency(members: list[ResolvedMember], cluster: dict, cap: int | No
     return max(1, min(safe, useful, cap or len(members), len(members)))
 
 
-def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_name: str, console=None):
+def run_members(members: list[ResolvedMember], ctx: JobContext, concurrency: int, run_name: str, console=None):
     """Run every member as a Tune trial, shown live on `console` (orchestrator/progress.py);
     returns Tune's ResultGrid."""
     log_path = os.path.abspath(os.path.join("logs", f"{run_name}.log"))
-    log_uri = storage.join(member_dir(ctx), "logs", f"{run_name}.log")
-    board = MemberBoard(members, "minival" if ctx["data"].get("minival") else "val", console,
+    log_uri = storage.join(ctx.member_dir, "logs", f"{run_name}.log")
+    board = MemberBoard(members, "minival" if ctx.data.minival else "val", console,
                         concurrency=concurrency, log_path=log_path, log_uri=log_uri)
     by_key = {m.key: m for m in members}
 
@@ -279,14 +256,14 @@ def run_members(members: list[ResolvedMember], ctx: dict, concurrency: int, run_
         return PlacementGroupFactory([trial_demand(by_key[config["member_key"]])])
 
     trainable = tune.with_resources(tune.with_parameters(member_trial, ctx=ctx), resources)
-    fs, path = storage.ray_storage(storage.join(member_dir(ctx), "tune"))
+    fs, path = storage.ray_storage(storage.join(ctx.member_dir, "tune"))
     tuner = tune.Tuner(
         trainable,
         param_space={"member_key": tune.grid_search([m.key for m in members])},
         # a finished trial's process takes the next member with the same resource request
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=ctx["max_failures"]),
+                                  failure_config=tune.FailureConfig(max_failures=ctx.max_failures),
                                   callbacks=[board], verbose=0),  # the board replaces Tune's trial tables
     )
     try:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from models import save_checkpoint
-from orchestrator.config import Data, ResolvedMember
+from orchestrator.config import MemberWork
 from orchestrator.tracking import log_epoch
 from orchestrator.train.member import CHECKPOINT_FILE, final_outputs, open_member_data, train_member
 
@@ -61,10 +61,9 @@ def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict]) -
             log_epoch(client, run_id, metrics, epoch)
 
 
-def run_member(config: dict, session: Session) -> None:
-    """config: {"member", "data", "tracking_uri", "mlflow_run_id"} (plain dicts)."""
+def run_member(work: MemberWork, session: Session) -> None:
     started = time.perf_counter()
-    member = ResolvedMember.model_validate(config["member"])
+    member = work.member
     rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(max(1, math.ceil(member.resources.cpus_per_worker)))
     resume, source = session.resume()
@@ -76,10 +75,10 @@ def run_member(config: dict, session: Session) -> None:
         session.report_final_again(resume)
         return
 
-    data = open_member_data(Data.model_validate(config["data"]), member.share)
+    data = open_member_data(work.data, member.share)
     state_start = resume["epoch"] if resume else 0
-    run_id = config.get("mlflow_run_id")
-    client = MlflowClient(config["tracking_uri"]) if rank == 0 and run_id else None
+    run_id = work.mlflow_run_id
+    client = MlflowClient(work.tracking_uri) if rank == 0 and run_id else None
 
     def on_epoch_end(state, metrics, model, optimizer, probs):
         if client is not None and state.epoch == state_start + 1:

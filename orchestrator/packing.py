@@ -37,7 +37,7 @@ class Decision:
         return 1.0 / self.k
 
 
-def decide(name: str, memory_gb: float | None, opts: PackingOpts, utilisation: float | None = None) -> Decision:
+def packing_for(name: str, memory_gb: float | None, opts: PackingOpts, utilisation: float | None = None) -> Decision:
     """K for one single-worker member; `utilisation` = its measured solo share of the GPU."""
     if memory_gb is None:
         return Decision(1, 1.0, "no memory figure: declare resources.gpu_memory_gb or plan with --measured")
@@ -66,5 +66,5 @@ def resolve_auto(name: str, resources, opts: PackingOpts, memory_gb: float | Non
         return float(resources.gpus_per_worker), None
     if not resources.use_gpu or resources.workers > 1:  # DDP ranks cannot share a GPU
         return 1.0, Decision(1, 1.0, "data-parallel: one GPU per worker" if resources.use_gpu else "no GPU")
-    decision = decide(name, memory_gb if memory_gb is not None else resources.gpu_memory_gb, opts, utilisation)
+    decision = packing_for(name, memory_gb if memory_gb is not None else resources.gpu_memory_gb, opts, utilisation)
     return decision.gpus_per_worker, decision

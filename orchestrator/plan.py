@@ -16,7 +16,7 @@ from orchestrator.config import ResolvedMember, load_config, resolve_members
 from orchestrator.errors import exit_on_user_error
 from orchestrator.data.dataset import select_classes
 from orchestrator.data.manifest import load_manifest
-from orchestrator.packing import decide
+from orchestrator.packing import packing_for
 from orchestrator.runs_file import load_runs
 
 def _measured(path: str | None) -> tuple[dict[str, float], dict[str, float]]:
@@ -44,7 +44,7 @@ def apply_packing(members: list[ResolvedMember], opts, cluster: Cluster, num_cla
         solo = rates.get(m.name)
         utilisation = (solo * forward_flops(m.arch, m.low_res, m.input_size, num_classes)
                        / (GPU_FLOPS_PER_S * cluster.gpu_speed)) if solo else None
-        d = decide(m.name, memory.get(m.name, m.resources.gpu_memory_gb), opts, utilisation)
+        d = packing_for(m.name, memory.get(m.name, m.resources.gpu_memory_gb), opts, utilisation)
         reasons[m.name] = f"K={d.k} ({d.gain:.2f}x): {d.reason}"
         out.append(m.model_copy(update={"resources": m.resources.model_copy(update={"gpus_per_worker": d.gpus_per_worker}),
                                         "packing": d.reason}))

@@ -45,4 +45,4 @@ class RayTrainSession:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    run_member(config, RayTrainSession())
+    run_member(config["work"], RayTrainSession())  # a MemberWork (orchestrator/config/contracts.py)

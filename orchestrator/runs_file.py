@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Literal
+from typing import Annotated, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from orchestrator.data.split_ref import SplitRef
 from orchestrator.errors import UserError, key_hint
 from orchestrator.storage import retry
+
+
+# a split is stored by its name (orchestrator/data/split_ref.py)
+SplitName = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, SplitRef) else v)]
 
 
 class _Strict(BaseModel):
@@ -40,7 +45,7 @@ class MlflowRef(_Strict):
 class DatasetRef(_Strict):
     name: str
     uri: str
-    split: str = "val"
+    split: SplitName = "val"
     num_classes: int = Field(ge=1)
     samples: int | None = None
     labels: str
@@ -61,7 +66,7 @@ class Choice(_Strict):
     """One thing chosen, and the rows that chose it (never the rows that are reported)."""
 
     what: str
-    split: str
+    split: SplitName
     samples: int | None = None
     # when the rows are part of `split`: the seeded share that chose (ensemble.protocol)
     fraction: float | None = Field(None, gt=0, lt=1)

@@ -18,7 +18,7 @@ LAYERS = [
      ["orchestrator.train", "orchestrator.config", "orchestrator.runs_file", "orchestrator.job_runs",
       "orchestrator.packing", "orchestrator.search.space", "ensemble.protocol"]),
     ("what users see: MLflow records, plots, the terminal board",
-     ["orchestrator.tracking", "orchestrator.plots", "orchestrator.progress"]),
+     ["orchestrator.tracking", "orchestrator.plots", "orchestrator.progress", "orchestrator.terminal"]),
     ("member workers", ["orchestrator.member_worker", "orchestrator.in_trial", "orchestrator.ray_train",
                         "orchestrator.search.trial"]),
     ("the Tune layer and the planner", ["orchestrator.launch", "orchestrator.plan", "orchestrator.cluster"]),

@@ -14,6 +14,7 @@ from orchestrator.data import prepare
 from orchestrator.data.dataset import decode_rgb, open_split
 from orchestrator.data.streams import EvalStream, TrainStream
 from orchestrator.data.sources import iter_shard
+from orchestrator.data.split_ref import SplitRef
 from orchestrator.errors import UserError
 
 identity = lambda img: img  # noqa: E731
@@ -179,3 +180,14 @@ def test_an_imagefolder_layout_is_read_in_place(tmp_path, val_subset, flat_val):
     assert sorted(seen) == list(range(15))
     stream = iter(TrainStream(train, identity, 1, 2, seed=0))
     assert all(next(stream)[0].shape[0] == 3 for _ in range(7))
+
+
+def test_a_split_name_is_read_once_into_a_typed_value():
+    ref = SplitRef.parse("train@rest:10:0@share:1:4")  # a share of the rest of train after its minival
+    assert ref == SplitRef("train", "rest", 10, 0, (1, 4)) and str(ref) == "train@rest:10:0@share:1:4"
+    assert ref.describe_share() == "2 of 4" and SplitRef("val").describe_share() is None
+    minival, rest = SplitRef("train").carved(2, 5)
+    assert str(minival) == "train@minival:2:5" and SplitRef.parse(str(rest)) == rest
+    assert str(rest.share_of(0, 3)) == "train@rest:2:5@share:0:3"
+    with pytest.raises(UserError, match=r"'train@minival:x' is not a split name \(valid: <split>"):
+        SplitRef.parse("train@minival:x")

@@ -249,6 +249,29 @@ def test_the_mlflow_server_down_past_its_retry_budget_ends_the_job_in_one_line(s
 
 
 @pytest.mark.stack
+def test_the_s3_server_down_past_its_retry_budget_ends_the_job_in_one_line(stack, s3_data):  # noqa: F811
+    """An object store that does not come back: the job ends with one line naming it, its
+    retry budget (STORAGE_RETRY_SECONDS, short here) and what was kept, exit 1; the
+    traceback is in a file."""
+    env = {**drill_env(stack, s3_data, "s3-gone"), "STORAGE_RETRY_SECONDS": "3", "MAX_FAILURES": "0"}
+    job = start(stack, env)
+    wait_for_epoch(stack, env["MLFLOW_EXPERIMENT"], 1, job)
+    subprocess.run(["bash", "infra/local/down.sh", "s3"], cwd=ROOT, check=True, capture_output=True)
+    try:
+        status, logs = wait(stack, job, timeout=300)
+    finally:
+        subprocess.run(["bash", "infra/local/up.sh", "s3"], cwd=ROOT, check=True, capture_output=True)
+    assert status == "FAILED", logs[-3000:]
+    errors = [line for line in logs.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, logs[-3000:]
+    assert errors[0].startswith(f"error: the object store at {stack['s3_endpoint']} stayed down past its "
+                                f"retry budget, 3 s (STORAGE_RETRY_SECONDS); stopped. Kept: "), errors[0]
+    log = errors[0].rsplit("Traceback: ", 1)[1]
+    assert os.path.exists(log) and "Traceback" in open(log).read()
+    assert logs.strip().splitlines()[-1] == errors[0]  # the job's last word, not a traceback
+
+
+@pytest.mark.stack
 def test_a_tracking_server_down_at_the_start_is_one_line_and_exit_2(stack, tmp_path, tiny_root):
     from pathlib import Path
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from orchestrator import in_trial
-from orchestrator.config import resolve_members
+from orchestrator.config import MemberWork, resolve_members
 from orchestrator.train import loop
 from tests.test_core import core_config
 
@@ -17,9 +17,7 @@ from tests.test_core import core_config
 def member_config(tiny_root, tmp_path, **recipe):
     cfg = core_config(tiny_root, **{"epochs": 2, **recipe})
     member = resolve_members(cfg)[0]
-    config = {"member": member.model_dump(), "data": cfg.data.model_dump(), "tracking_uri": "",
-              "mlflow_run_id": None}
-    return member, config, str(tmp_path / "train" / member.key)
+    return member, MemberWork(member=member, data=cfg.data), str(tmp_path / "train" / member.key)
 
 
 def test_a_failed_attempt_resumes_from_the_latest_checkpoint(tiny_root, tmp_path, monkeypatch, capsys):
@@ -34,7 +32,7 @@ def test_a_failed_attempt_resumes_from_the_latest_checkpoint(tiny_root, tmp_path
         real_report(self, metrics, folder)
 
     monkeypatch.setattr(in_trial.TrialSession, "report", flaky_report)
-    final, uri = in_trial.train(member, config, root, max_failures=1, progress=reported.append)
+    final, uri = in_trial.train(config, root, max_failures=1, progress=reported.append)
     out = capsys.readouterr().out
     assert "RuntimeError: node went away; retrying from its latest checkpoint (1/1)" in out
     assert "resuming after epoch 1" in out  # epoch 1 was not trained again
@@ -51,10 +49,10 @@ def test_a_failed_attempt_resumes_from_the_latest_checkpoint(tiny_root, tmp_path
 
 def test_a_finished_member_is_not_trained_again(tiny_root, tmp_path, capsys):
     member, config, root = member_config(tiny_root, tmp_path, epochs=1)
-    first, uri = in_trial.train(member, config, root, max_failures=0, progress=lambda m: None)
+    first, uri = in_trial.train(config, root, max_failures=0, progress=lambda m: None)
     capsys.readouterr()
     again = []
-    second, uri2 = in_trial.train(member, config, root, max_failures=0, progress=again.append)
+    second, uri2 = in_trial.train(config, root, max_failures=0, progress=again.append)
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert again == [] and uri2 == uri and second == first
 
@@ -70,7 +68,7 @@ def test_an_upload_cut_short_leaves_the_previous_checkpoint_in_charge(tiny_root,
 
     monkeypatch.setattr(in_trial.storage, "put_dir", put_then_die)
     with pytest.raises(KeyboardInterrupt):
-        in_trial.train(member, config, root, max_failures=3, progress=lambda m: None)
+        in_trial.train(config, root, max_failures=3, progress=lambda m: None)
     session = in_trial.TrialSession(member, root)
     state, source = session.resume()
     assert state["epoch"] == 1 and source.endswith("epoch_0001")
@@ -79,7 +77,7 @@ def test_an_upload_cut_short_leaves_the_previous_checkpoint_in_charge(tiny_root,
 def test_a_diverging_member_is_not_retried(tiny_root, tmp_path, capsys):
     member, config, root = member_config(tiny_root, tmp_path, optimizer={"name": "sgd", "lr": 1.0e12})
     with pytest.raises(loop.NonFiniteLoss):
-        in_trial.train(member, config, root, max_failures=3, progress=lambda m: None)
+        in_trial.train(config, root, max_failures=3, progress=lambda m: None)
     assert "retrying" not in capsys.readouterr().out
 
 
@@ -91,7 +89,7 @@ from tests.test_in_trial import member_config
 
 tiny_root, tmp, uri, run_id, window = sys.argv[1:]
 member, config, root = member_config(tiny_root, __import__("pathlib").Path(tmp), epochs=3)
-config.update(tracking_uri=uri, mlflow_run_id=run_id)
+config = config.model_copy(update={'tracking_uri': uri, 'mlflow_run_id': run_id})
 
 
 class Killed(in_trial.TrialSession):

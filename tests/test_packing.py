@@ -7,7 +7,7 @@ import yaml
 
 from orchestrator.config import PackingOpts, parse_config, resolve_members
 from orchestrator.errors import UserError
-from orchestrator.packing import decide
+from orchestrator.packing import packing_for
 from tests.conftest import run_cli
 
 OPTS = PackingOpts(gpu_memory_gb=80, gains={1: 1.0, 2: 2.0, 4: 3.5, 8: 3.6})
@@ -18,16 +18,16 @@ OPTS = PackingOpts(gpu_memory_gb=80, gains={1: 1.0, 2: 2.0, 4: 3.5, 8: 3.6})
                                        (40.0, 1),  # one fits
                                        (None, 1)])  # unknown: never guess
 def test_k_is_the_largest_that_fits_and_still_pays(memory, k):
-    d = decide("m", memory, OPTS)
+    d = packing_for("m", memory, OPTS)
     assert d.k == k and d.gpus_per_worker == 1 / k
     assert d.gain == {1: 1.0, 2: 2.0, 4: 3.5}[k]
 
 
 def test_a_member_that_fills_the_gpu_alone_is_not_packed_and_one_too_big_is_refused():
-    assert decide("m", 1.0, OPTS, utilisation=0.95).k == 1
-    assert decide("m", 1.0, OPTS, utilisation=0.3).k == 4
+    assert packing_for("m", 1.0, OPTS, utilisation=0.95).k == 1
+    assert packing_for("m", 1.0, OPTS, utilisation=0.3).k == 4
     with pytest.raises(UserError, match="member big needs 75 GB of GPU memory; one GPU offers 72 GB"):
-        decide("big", 75.0, OPTS)
+        packing_for("big", 75.0, OPTS)
 
 
 def config(members, packing=None):

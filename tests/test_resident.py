@@ -19,7 +19,7 @@ from orchestrator.errors import UserError
 from orchestrator.train import augment, batch_augment
 from orchestrator.train.member import open_member_data, predict, train_member
 from orchestrator.train.pass_batches import loader_batches
-from orchestrator.train.resident import ResidentBatches, pass_rows
+from orchestrator.train.resident_batches import ResidentBatches, pass_rows
 
 CPU = torch.device("cpu")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

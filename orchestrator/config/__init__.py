@@ -10,9 +10,11 @@ one-line `UserError` on the first problem. `resolve_members` turns the config in
 list of fully specified members, each with a stable key.
 
 The package: `schema.py` (the sections), `search.py` (the search section),
-`load.py` (loading, environment expansion, member resolution and keys). Its names are
+`load.py` (loading, environment expansion, member resolution and keys), `contracts.py`
+(what crosses a process boundary: a job's context, a member's work). Its names are
 importable from here.
 """
+from orchestrator.config.contracts import JobContext, MemberWork
 from orchestrator.config.load import (EnsembleConfig, expand_env, flatten, input_geometry, load_config, member_key,
                                       parse_config, parse_recipe, recipe_payload, resolve_members)
 from orchestrator.config.schema import (H200_PACKING_GAINS, Augment, CamCrops, ConfusionPrior, Data, Grid, Member,
@@ -21,7 +23,7 @@ from orchestrator.config.schema import (H200_PACKING_GAINS, Augment, CamCrops, C
 from orchestrator.config.search import Asha, Dimension, Pbt, Search, Select, check_dimension
 
 __all__ = ["Asha", "Augment", "CamCrops", "ConfusionPrior", "Data", "Dimension", "EnsembleConfig", "Grid",
-           "H200_PACKING_GAINS", "Member", "Mlflow", "Optimizer", "PackingOpts", "Pbt", "RayOpts", "Recipe",
+           "H200_PACKING_GAINS", "JobContext", "Member", "MemberWork", "Mlflow", "Optimizer", "PackingOpts", "Pbt", "RayOpts", "Recipe",
            "ResolvedMember", "Resources", "Schedule", "Search", "Select", "Storage", "Strict", "Teacher",
            "check_dimension", "expand_env", "flatten", "input_geometry", "load_config", "member_key", "parse_config",
            "parse_recipe", "recipe_payload", "resolve_members"]

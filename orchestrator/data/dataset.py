@@ -24,6 +24,7 @@ from torchvision.io import ImageReadMode, decode_image
 from orchestrator.data import minival, minival_store, shares as shares_of
 from orchestrator.data.manifest import FOLDER_PREFIX, Manifest, check_shards_exist, load_manifest
 from orchestrator.data.sources import Sample, iter_shard, list_folder_split
+from orchestrator.data.split_ref import SplitRef
 from orchestrator.errors import UserError
 
 
@@ -84,18 +85,21 @@ class Split:
     0..K-1 in the order of the kept classes."""
 
     manifest: Manifest
-    split: str
+    split: SplitRef  # which samples (a name given as a string is parsed once, here)
     kept: list[int]
     per_class: int | None
     records: list[Sample] | None  # subset mode: the selected samples, dataset order
-    # a streamed part of a split (the rest of train after its minival): the manifest's split
-    # it streams, and the indices of that split it skips (sorted)
-    source: str | None = None
+    # a streamed part of a split (the rest of train after its minival, a share): the
+    # indices of the manifest's split it skips (sorted)
     exclude: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.split = SplitRef.parse(self.split)
 
     @property
     def shard_split(self) -> str:
-        return self.source or self.split
+        """The manifest's split whose shards hold this split's samples."""
+        return self.split.base
 
     @cached_property
     def _excluded(self) -> frozenset:
@@ -108,7 +112,7 @@ class Split:
     @property
     def share(self) -> str | None:
         """Which share of train this is ("2 of 4"; orchestrator/data/shares.py), else None."""
-        return shares_of.describe(self.split)
+        return self.split.describe_share()
 
     @property
     def class_names(self) -> list[str]:
@@ -154,7 +158,7 @@ class Split:
             return np.asarray(self.labels, dtype=np.int64)
         if self.exclude is not None:
             return np.delete(self.source_labels(), self.exclude)
-        labels = self.manifest.split_labels(self.split)
+        labels = self.manifest.split_labels(self.shard_split)
         if labels is not None:
             return labels
         return np.array([s.label for s in self.iter_samples()], dtype=np.int64)
@@ -176,12 +180,12 @@ class Split:
         (read per file), every total-th sample."""
         if self.exclude is not None:
             raise RuntimeError(f"{self.split} is a training part: it is not evaluated")
-        shards = [] if self.records is not None else self.manifest.shards(self.split)
+        shards = [] if self.records is not None else self.manifest.shards(self.shard_split)
         if self.records is not None or any(s.file.startswith(FOLDER_PREFIX) for s in shards):
             for j, s in enumerate(self.iter_samples(keep=lambda i: i % total == me)):
                 yield me + j * total, s
             return
-        offsets = self.manifest.offsets(self.split)
+        offsets = self.manifest.offsets(self.shard_split)
         for k in range(me, len(shards), total):
             url, n = self.manifest.url(shards[k]), 0
             for n, s in enumerate(self.iter_raw(url), 1):
@@ -215,17 +219,20 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def open_split(root: str, split: str, classes=None, per_class: int | None = None,
+def open_split(root: str, split: str | SplitRef, classes=None, per_class: int | None = None,
                num_classes: int | None = None) -> Split:
-    """A split of the dataset at `root`; `<train>@minival:m:seed` and `<train>@rest:m:seed`
-    name the two parts of train carved by orchestrator/data/minival.py."""
-    base, part, held, seed = minival.parse(split)
-    if part is not None:
-        rest, chosen = carve_minival(open_split(root, base, classes, per_class, num_classes), held, seed)
-        return chosen if part == "minival" else rest
+    """A split of the dataset at `root`, or a part of train carved by
+    orchestrator/data/minival.py (`SplitRef` with a part; `<train>@minival:m:seed` and
+    `<train>@rest:m:seed` by name)."""
+    ref = SplitRef.parse(split)
+    if ref.part is not None:
+        rest, chosen = carve_minival(open_split(root, ref.base, classes, per_class, num_classes), ref.minival,
+                                     ref.seed)
+        return chosen if ref.part == "minival" else rest
     manifest = load_manifest(root)
     if num_classes is not None and num_classes != manifest.num_classes:
         raise UserError(f"data.num_classes is {num_classes} but {root}/manifest.json lists {manifest.num_classes}")
+    split = ref.base
     check_shards_exist(manifest, split)
     kept = select_classes(manifest, classes)
     split_obj = Split(manifest, split, kept, per_class, None)
@@ -237,14 +244,14 @@ def open_split(root: str, split: str, classes=None, per_class: int | None = None
 def carve_minival(whole: Split, per_class: int, seed: int) -> tuple[Split, Split]:
     """(the rest of train, its minival) from one read of the train split, each named as
     `open_split` opens it again (orchestrator/data/minival.py)."""
-    held_name, rest_name = minival.split_names(whole.split, per_class, seed)
+    held_name, rest_name = whole.split.carved(per_class, seed)
     if whole.records is None:  # streamed: carve by the labels; the minival's samples, read once
         rest, chosen = minival.carve(whole.all_labels(), whole.num_classes, per_class, seed)
         wanted = frozenset(chosen)  # per machine, are kept by minival_store
-        key = minival_store.key_of(whole.manifest.root, whole.split, per_class, seed, whole.kept,
-                                   whole.manifest.shards(whole.split))
+        key = minival_store.key_of(whole.manifest.root, whole.shard_split, per_class, seed, whole.kept,
+                                   whole.manifest.shards(whole.shard_split))
         held = minival_store.load_or_carve(key, lambda: whole.iter_samples(keep=wanted.__contains__))
-        return (Split(whole.manifest, rest_name, whole.kept, whole.per_class, None, source=whole.split,
+        return (Split(whole.manifest, rest_name, whole.kept, whole.per_class, None,
                       exclude=np.asarray(chosen, dtype=np.int64)),
                 Split(whole.manifest, held_name, whole.kept, whole.per_class, held))
     rest, chosen = minival.carve(whole.labels, whole.num_classes, per_class, seed)
@@ -255,14 +262,14 @@ def carve_minival(whole: Split, per_class: int, seed: int) -> tuple[Split, Split
 def take_share(split: Split, shares: int, share: int) -> Split:
     """Share `share` of `shares` of a training split (orchestrator/data/shares.py): in
     memory, its samples; streamed, the same split with every other sample skipped."""
-    name = shares_of.split_name(split.split, shares, share)
+    name = split.split.share_of(share, shares)
     if split.records is not None:
         keep = shares_of.positions(split.labels, shares, share)
         return Split(split.manifest, name, split.kept, split.per_class, [split.records[i] for i in keep])
     source = split.source_labels()
     candidates = np.setdiff1d(np.arange(len(source)), [] if split.exclude is None else split.exclude)
     keep = candidates[shares_of.positions(source[candidates], shares, share)]
-    return Split(split.manifest, name, split.kept, split.per_class, None, source=split.shard_split,
+    return Split(split.manifest, name, split.kept, split.per_class, None,
                  exclude=np.setdiff1d(np.arange(len(source)), keep))
 
 

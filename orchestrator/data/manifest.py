@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from orchestrator.errors import UserError
+from orchestrator.storage import join
 from orchestrator.data.sources import list_folder_classes, list_folder_split
 
 
@@ -75,10 +76,6 @@ class Manifest:
             raise UserError(f"labels file {url} holds {len(labels)} labels; the split's shards hold "
                             f"{sum(s.samples for s in self.shards(split))} samples")
         return labels.astype(np.int64)
-
-
-def join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}"
 
 
 FOLDER_PREFIX = "folder:"  # a "shard" standing for a whole split of an ImageFolder layout

@@ -10,36 +10,18 @@ Architecture", and of Ashukha et al. 2020 for temperature scaling).
 
 Carving is deterministic: per class, a permutation seeded by (minival_seed, class) picks
 the class's m held-out samples, so every rank, loader, resume and evaluation agrees
-without a stored list. The two parts are addressed as splits named
-`<train>@minival:<m>:<seed>` and `<train>@rest:<m>:<seed>` (`open_split` understands
-them), so a runs file can name the minival and the evaluation can recompute on it.
+without a stored list. The two parts are `SplitRef`s (orchestrator/data/split_ref.py),
+named `<train>@minival:<m>:<seed>` and `<train>@rest:<m>:<seed>` (`open_split` opens
+either), so a runs file can name the minival and the evaluation can recompute on it.
 A train split held in memory is carved in memory; a streamed one (too big to hold) is
 carved by its labels (the manifest's labels file): only the minival's samples are held,
 and the rest streams with them skipped (`dataset.carve_minival`).
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from orchestrator.errors import UserError
-
-_NAME = re.compile(r"^(?P<base>.+)@(?P<part>minival|rest):(?P<m>\d+):(?P<seed>-?\d+)$")
-
-
-def split_names(train_split: str, per_class: int, seed: int) -> tuple[str, str]:
-    """(minival split name, the rest of train's split name)."""
-    return f"{train_split}@minival:{per_class}:{seed}", f"{train_split}@rest:{per_class}:{seed}"
-
-
-def parse(split: str) -> tuple[str, str | None, int, int]:
-    """(base split, "minival" | "rest" | None, per class, seed)."""
-    m = _NAME.match(split)
-    if not m:
-        return split, None, 0, 0
-    return m["base"], m["part"], int(m["m"]), int(m["seed"])
-
 
 def carve(labels: list[int], num_classes: int, per_class: int, seed: int) -> tuple[list[int], list[int]]:
     """(rest, minival): positions into `labels`, each in dataset order."""

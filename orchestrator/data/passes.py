@@ -6,7 +6,7 @@ the rank holding fewest samples, so a shard is read by one rank; in memory, a se
 permutation dealt round), and how many times each is drawn (sampling.pass_copies). The
 streaming path (orchestrator/data/streams.py) reads the rank's shards and yields each
 sample that many times through a shuffle buffer; the resident path
-(orchestrator/train/resident.py) gathers the same draws by index. So the two modes visit
+(orchestrator/train/resident_batches.py) gathers the same draws by index. So the two modes visit
 the same samples in every pass, and an epoch is exactly one pass in both.
 
 Samples are named by position: their index in the split as `Split.iter_samples` yields

@@ -27,7 +27,7 @@ import fsspec
 import numpy as np
 from rich.progress import track
 
-from orchestrator.data.manifest import join
+from orchestrator.storage import join
 from orchestrator.data.sources import list_folder_classes, list_folder_split
 from orchestrator.errors import UserError, exit_on_user_error
 

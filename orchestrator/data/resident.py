@@ -2,7 +2,7 @@
 
 Why: small images decode once and then cost nothing per epoch (Tiny-ImageNet at 64 px is
 1.2 GB as uint8, its 4-shard subset 0.4 GB); batches are gathered by index where the
-model trains and augmented there (`orchestrator/train/resident.py`): no loader
+model trains and augmented there (`orchestrator/train/resident_batches.py`): no loader
 processes, no per-step host copies. This is how the fastest small-image trainers
 (airbench, hlb-CIFAR10) reach their speed. On a CPU the same array sits in memory.
 
@@ -68,7 +68,7 @@ def budget_bytes(device: torch.device) -> int | None:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * BUDGET_SHARE)
 
 
-def decide(mode: bool | str, split: Split, device: torch.device, batch_form: bool) -> tuple[bool, str]:
+def placement(mode: bool | str, split: Split, device: torch.device, batch_form: bool) -> tuple[bool, str]:
     """(hold the split?, why), for `data.resident` = auto | true | false."""
     if mode is False:
         return False, "streamed (data.resident: false)"

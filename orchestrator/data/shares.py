@@ -16,12 +16,7 @@ class is already random.
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
-
-_NAME = re.compile(r"@share:(?P<k>\d+):(?P<of>\d+)$")
-
 
 def positions(labels, shares: int, share: int) -> np.ndarray:
     """Positions (ascending) into `labels` of share `share` of `shares`: the samples whose
@@ -32,14 +27,3 @@ def positions(labels, shares: int, share: int) -> np.ndarray:
     rank = np.empty(len(y), dtype=np.int64)
     rank[order] = np.arange(len(y)) - first
     return np.flatnonzero(rank % shares == share)
-
-
-def split_name(train_split: str, shares: int, share: int) -> str:
-    return f"{train_split}@share:{share}:{shares}"
-
-
-def describe(split: str) -> str | None:
-    """Which share a split named by `split_name` is ("2 of 4" for share 1 of 4, counted
-    from 0); None for any other split."""
-    m = _NAME.search(split)
-    return f"{int(m['k']) + 1} of {m['of']}" if m else None

@@ -14,15 +14,15 @@ import tempfile
 import time
 
 from orchestrator import plots, storage
-from orchestrator.config import EnsembleConfig, ResolvedMember, Search, load_config, resolve_members
+from orchestrator.config import EnsembleConfig, JobContext, ResolvedMember, Search, load_config, resolve_members
 from orchestrator.ensemble_job import check_data, open_job
-from orchestrator.ensemble_job import console as make_console
 from orchestrator.errors import UserError
 from orchestrator.runs_file import write_runs
 from orchestrator.search import space
 from orchestrator.search.choose import LazyArrays, compare
 from orchestrator.search.runs import runs_files
 from orchestrator.search.trial import search_trial
+from orchestrator.terminal import console as make_console
 from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE,
                                        PREDICTIONS_FILE)
 
@@ -108,7 +108,7 @@ def _resources(bases: dict[str, ResolvedMember]):
     return per_trial
 
 
-def run_search(cfg: EnsembleConfig, bases: list[ResolvedMember], ctx: dict, run_name: str):
+def run_search(cfg: EnsembleConfig, bases: list[ResolvedMember], ctx: JobContext, run_name: str):
     from ray import tune
 
     search = cfg.search
@@ -116,7 +116,7 @@ def run_search(cfg: EnsembleConfig, bases: list[ResolvedMember], ctx: dict, run_
     epochs = max(b.recipe.epochs for b in bases)
     param_space = {"base": tune.grid_search(list(by_key)), **space.param_space(search.space)}
     trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), _resources(by_key))
-    fs, path = storage.ray_storage(storage.join(ctx["storage"], cfg.name, "search"))
+    fs, path = storage.ray_storage(storage.join(ctx.storage, cfg.name, "search"))
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=tune_metric(cfg), mode="min", scheduler=build_scheduler(search, epochs),
@@ -232,8 +232,8 @@ def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs
     console = make_console()
     tags = {"search.scheduler": cfg.search.scheduler}
     with open_job(cfg, config_path, "search", tags) as (root, tracking_uri, client, experiment_id, parent):
-        ctx = {"storage": root, "data": cfg.data.model_dump(), "tracking_uri": tracking_uri,
-               "experiment_id": experiment_id, "parent_run_id": parent, "bases": {b.key: b.model_dump() for b in bases}}
+        ctx = JobContext(ensemble=cfg.name, storage=root, data=cfg.data, tracking_uri=tracking_uri,
+                         experiment_id=experiment_id, parent_run_id=parent, members={b.key: b for b in bases})
         console.print(f"search [bold]{cfg.name}[/]: {cfg.search.scheduler}, {cfg.search.num_samples} samples x "
                       f"{len(bases)} base member(s); MLflow {tracking_uri} run {parent}")
         results = run_search(cfg, bases, ctx, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -3,7 +3,7 @@ predictions, nothing retrained), with the record of what chose them and on which
 from __future__ import annotations
 
 from models import get_spec
-from orchestrator.config import EnsembleConfig, ResolvedMember
+from orchestrator.config import EnsembleConfig, JobContext, ResolvedMember
 from orchestrator.job_runs import dataset_ref, minival_ref
 from orchestrator.runs_file import Choice, EvalRef, MemberRecord, MlflowRef, RunsFile
 
@@ -21,7 +21,7 @@ def member_record(row: dict, run_ids: dict[str, str], weight: float = 1.0) -> Me
                  "minutes": minutes, "epochs": row["epochs"], "val_samples": row["metrics"]["val_samples"]})
 
 
-def runs_files(cfg: EnsembleConfig, rows: list[dict], choice: dict, ctx: dict, run_ids: dict) -> dict[str, RunsFile]:
+def runs_files(cfg: EnsembleConfig, rows: list[dict], choice: dict, ctx: JobContext, run_ids: dict) -> dict[str, RunsFile]:
     complete = [r for r in rows if r.get("predictions")]
     dataset = dataset_ref(cfg, complete[0]["labels"], int(complete[0]["metrics"]["val_samples"]))
     minival, choices = minival_ref(cfg, complete)
@@ -37,8 +37,8 @@ def runs_files(cfg: EnsembleConfig, rows: list[dict], choice: dict, ctx: dict, r
         choices = [Choice(what="Tune's metric (ASHA/PBT ranked trials)", split=dataset.split, samples=dataset.samples),
                    Choice(what="the trials that became members", split=dataset.split,
                           samples=choice["selection_rows"], fraction=sel.selection_fraction, seed=0)]
-    mlflow = MlflowRef(tracking_uri=ctx["tracking_uri"], experiment=cfg.mlflow.experiment,
-                       parent_run_id=ctx["parent_run_id"])
+    mlflow = MlflowRef(tracking_uri=ctx.tracking_uri, experiment=cfg.mlflow.experiment,
+                       parent_run_id=ctx.parent_run_id)
     return {kind: RunsFile(ensemble=f"{cfg.name}-{kind}", mlflow=mlflow, dataset=dataset, minival=minival,
                            choices=choices,
                            members=[member_record(complete[i], run_ids, w)

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from models import save_checkpoint
-from orchestrator.config import Data, ResolvedMember
+from orchestrator.config import JobContext, ResolvedMember
 from orchestrator.search import space
 from orchestrator.tracking import get_or_create_trial_run, log_epoch
 from orchestrator.train.member import CHECKPOINT_FILE, final_outputs, open_member_data, train_member
@@ -49,8 +49,8 @@ def _restore() -> dict | None:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
 
 
-def search_trial(config: dict, ctx: dict) -> None:
-    base = ResolvedMember.model_validate(ctx["bases"][config["base"]])
+def search_trial(config: dict, ctx: JobContext) -> None:
+    base = ctx.members[config["base"]]
     overrides = {k: v for k, v in config.items() if k != "base"}
     member = space.apply(base, overrides)
     trial_id = tune.get_context().get_trial_id()  # TUNE: who this trial is
@@ -63,9 +63,9 @@ def search_trial(config: dict, ctx: dict) -> None:
     # recomputed from the weights actually loaded, so equality with the donor's reported
     # fingerprint proves the clone
     restored_fp = fingerprint(resume["state_dict"]) if resume else float("nan")
-    data = open_member_data(Data.model_validate(ctx["data"]))
-    client = MlflowClient(ctx["tracking_uri"])
-    run_id = get_or_create_trial_run(client, ctx["experiment_id"], ctx["parent_run_id"], trial_id, member, overrides)
+    data = open_member_data(ctx.data)
+    client = MlflowClient(ctx.tracking_uri)
+    run_id = get_or_create_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id, member, overrides)
     if resume and restored_from != trial_id:
         print(f"trial {trial_id}: cloned the weights of trial {restored_from} after epoch {resume['epoch']}",
               flush=True)

@@ -76,7 +76,7 @@ def sample_centres(cam: torch.Tensor, n: int, height: int, width: int, generator
     return torch.stack([x, y], dim=1)
 
 
-def crop_box(centre: tuple[float, float], scale, ratio, height: int, width: int, generator=None):
+def centred_crop_box(centre: tuple[float, float], scale, ratio, height: int, width: int, generator=None):
     """A random-resized-crop box (area fraction in `scale`, aspect in `ratio`, as in
     Szegedy et al. 2015) centred on `centre`, shifted to lie inside the image."""
     area = height * width * float(torch.empty(1).uniform_(*scale, generator=generator))
@@ -109,7 +109,7 @@ class CamGuidedCrop:
             return self.plain(img)
         height, width = img.shape[-2:]
         centre = sample_centres(cam, 1, height, width)[0].tolist()
-        top, left, ch, cw = crop_box(centre, self.scale, self.ratio, height, width)
+        top, left, ch, cw = centred_crop_box(centre, self.scale, self.ratio, height, width)
         return v2.functional.resized_crop(img, top, left, ch, cw, [self.size, self.size],
                                           interpolation=self.interpolation, antialias=True)
 

@@ -22,7 +22,7 @@ from orchestrator.config import Data, ResolvedMember
 from orchestrator.data.dataset import Split, TooManyBadImages, carve_minival, open_split, take_share
 from orchestrator.data.streams import EvalStream, TrainStream
 from orchestrator.train import augment, batch_augment, confusion, loop, lr, teacher
-from orchestrator.train.resident import hold_resident, resident_batches
+from orchestrator.train.resident_batches import hold_resident, resident_batches
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.pass_batches import loader_batches
 from orchestrator.train.prefetch import Prefetcher

@@ -79,7 +79,7 @@ def load_cam_maps(recipe: Recipe, split, device, workers: int = 0):
     _check_classes(runs, split.class_names, "cam_crops")
     if not member.checkpoint:
         raise UserError(f"cam_crops: member {member.name} of {cc.teacher.runs} has no checkpoint")
-    ident = hashlib.sha256(json.dumps([member.checkpoint, split.manifest.root, split.split, split.kept,
+    ident = hashlib.sha256(json.dumps([member.checkpoint, split.manifest.root, str(split.split), split.kept,
                                        split.per_class, member.eval.input_size]).encode()).hexdigest()[:16]
     stored = storage.join(member.checkpoint.rsplit("/", 1)[0], "cam", ident)
     local = stored if not storage.is_remote(stored) else os.path.join(

@@ -121,7 +121,7 @@ def resident_choice(member: ResolvedMember, mode: bool | str, train: Split, devi
     if mode is True and missing:
         raise UserError(f"member {member.name}: data.resident: true needs augmentations with a batch form; "
                         f"{', '.join(missing)} have none (valid: resident: auto or false)")
-    return resident.decide(mode, train, device, not missing)
+    return resident.placement(mode, train, device, not missing)
 
 
 def resident_batches(member: ResolvedMember, fields, ev, held: Resident, split: Split, device, rank: int,
