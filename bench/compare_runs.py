@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ensemble.math import true_class_rank  # noqa: E402
-from orchestrator.runs_file import load_runs  # noqa: E402
+from orchestrator.records.runs_file import load_runs  # noqa: E402
 
 
 def errors(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -9,7 +9,7 @@ Each trainer runs the training core's step (`loop.train_epoch`) on synthetic bat
 (CIFAR-size low-res ResNet-18 by default, the BACKGROUND.md reference), starts timing at
 a shared barrier and stops after `--seconds`; it reports images/s and its peak GPU
 memory. `--out` writes {"gains": {K: total/one}, "memory_gb": peak per trainer}, the
-figures `orchestrator.packing` decides from (a cluster file's `packing:` and a member's
+figures `orchestrator.planning.packing` decides from (a cluster file's `packing:` and a member's
 `resources.gpu_memory_gb`). The last line is the best gain.
 
 `--plain` also runs, for each K, the same network trained by a plain PyTorch loop (no

@@ -60,7 +60,7 @@ def main() -> None:
         from ensemble.predictions import recompute
         from models import build_model, get_spec, save_checkpoint
         from orchestrator.data.dataset import open_split
-        from orchestrator.runs_file import MemberRecord
+        from orchestrator.records.runs_file import MemberRecord
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         n = len(open_split(args.data, args.split, args.classes, args.per_class))

@@ -10,7 +10,7 @@ the function the Ray member workers call, with the same final outputs), several 
 separate processes: one per CPU core, or on one GPU as the packing planner decides: each
 member with `gpus_per_worker: auto` is first probed alone on the GPU (a few steps of the
 training core on a synthetic batch: peak memory and images/s), then
-`orchestrator.plan.apply_packing` gives it its share 1/K from those figures and the GPU's
+`orchestrator.planning.plan.apply_packing` gives it its share 1/K from those figures and the GPU's
 memory, as `plan --measured` does for a cluster, and members start as the running ones'
 shares leave room (`--pack K` overrides: K at once). Their val and minival predictions and
 `runs.yaml` go to `--out`; `ensemble.evaluate` then scores the ensemble on that runs file
@@ -52,8 +52,9 @@ def train_one(job: dict) -> dict:
     import numpy as np
     import torch
 
-    from models import get_spec, save_checkpoint
+    from models import save_checkpoint
     from orchestrator.config import Data, ResolvedMember
+    from orchestrator.records.member import member_record
     from orchestrator.train.member import (CHECKPOINT_FILE, LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE,
                                            PREDICTIONS_FILE, final_outputs, open_member_data, train_member)
 
@@ -67,7 +68,6 @@ def train_one(job: dict) -> dict:
     data = open_member_data(Data.model_validate(job["data"]), member.share)
     device = torch.device(job["device"])
     last: dict = {}
-    start = time.time()
 
     def on_epoch_end(state, metrics, model, optimizer, probs):
         last.update(metrics=dict(metrics), probs=probs)
@@ -83,16 +83,12 @@ def train_one(job: dict) -> dict:
         np.save(os.path.join(folder, name), array)
     save_checkpoint(os.path.join(folder, CHECKPOINT_FILE), arch=member.arch, num_classes=data.num_classes,
                     low_res=member.low_res, model=model, epoch=state.epoch)
-    ev = get_spec(member.arch).eval_transform(member.low_res, member.input_size)
-    record = {"name": member.name, "key": member.key, "arch": member.arch, "eval": ev.to_dict(),
-            "low_res": member.low_res, "weight": member.weight, "seed": member.seed, "recipe": member.recipe_name,
-            "status": "finished", "checkpoint": os.path.join(folder, CHECKPOINT_FILE),
-            "predictions": os.path.join(folder, PREDICTIONS_FILE), "labels": os.path.join(folder, LABELS_FILE),
-            **({"minival_predictions": os.path.join(folder, MINIVAL_PREDICTIONS_FILE),
-                "minival_labels": os.path.join(folder, MINIVAL_LABELS_FILE)} if MINIVAL_PREDICTIONS_FILE in files else {}),
-            "metrics": {"top1_err": metrics["val_top1_err"], "top5_err": metrics["val_top5_err"],
-                        "images_per_s": metrics["images_per_s"], "minutes": (time.time() - start) / 60,
-                        "epochs": state.epoch, "val_samples": metrics["val_samples"]}}
+    minival = ({"minival_predictions": os.path.join(folder, MINIVAL_PREDICTIONS_FILE),
+                "minival_labels": os.path.join(folder, MINIVAL_LABELS_FILE)} if MINIVAL_PREDICTIONS_FILE in files else {})
+    record = member_record(member, None, final={**metrics, "epoch": state.epoch}, history=state.history,
+                           status="finished", checkpoint=os.path.join(folder, CHECKPOINT_FILE),
+                           predictions=os.path.join(folder, PREDICTIONS_FILE), labels=os.path.join(folder, LABELS_FILE),
+                           **minival).model_dump()
     with open(done + ".partial", "w") as f:
         json.dump(record, f)
     os.replace(done + ".partial", done)  # written last: a member with a record is complete
@@ -163,11 +159,11 @@ def probe(jobs: list[dict], steps: int = 6) -> list[dict]:
 def planned_shares(cfg, members, probes: list[dict], gpu_memory_gb: float, classes: int,
                    cpus: int) -> tuple[list[float], dict[str, str]]:
     """Each member's share of the one GPU as the packing planner decides it
-    (`orchestrator.plan.apply_packing`, the function `plan --measured` uses) from the probed
+    (`orchestrator.planning.plan.apply_packing`, the function `plan --measured` uses) from the probed
     memory and solo rate and this GPU's memory; a member with a fixed `gpus_per_worker`
     keeps it. Returns the shares and the planner's reason per packed member."""
-    from orchestrator.cluster import Cluster, NodeType
-    from orchestrator.plan import apply_packing
+    from orchestrator.planning.cluster import Cluster, NodeType
+    from orchestrator.planning.plan import apply_packing
 
     gpu = Cluster(name="this GPU", nodes=[NodeType(name="gpu", count=1, cpus=cpus, gpus=1,
                                                    gpu_memory_gb=gpu_memory_gb)])
@@ -279,9 +275,9 @@ def num_classes(cfg) -> int:
 
 
 def gpu_estimate(cfg, members) -> str:
-    """The planner's rate model (orchestrator/cluster.py, fitted on one H200): seconds of
+    """The planner's rate model (orchestrator/planning/cluster.py, fitted on one H200): seconds of
     the GPU alone for every member back to back; packing K at once lowers it."""
-    from orchestrator.cluster import Cluster, NodeType, estimated_rate
+    from orchestrator.planning.cluster import Cluster, NodeType, estimated_rate
 
     n = num_classes(cfg)
     samples = sum(trained_per_class(cfg))  # a minival is scored, not trained on
@@ -292,10 +288,11 @@ def gpu_estimate(cfg, members) -> str:
 
 
 def write_runs_file(cfg, records: list[dict], path: str) -> None:
-    from orchestrator.job_runs import runs_file
-    from orchestrator.runs_file import write_runs
+    from orchestrator.records.from_job import runs_file
+    from orchestrator.records.member import StoredMember
+    from orchestrator.records.runs_file import write_runs
 
-    write_runs(path, runs_file(cfg, records))
+    write_runs(path, runs_file(cfg, [StoredMember.model_validate(r) for r in records]))
 
 
 def evaluate(runs: str, out: str, tta: str = "none") -> dict:

@@ -89,7 +89,7 @@ def main() -> None:
     os.environ.setdefault("RAY_ADDRESS", "local")
     torch.set_num_threads(1)
 
-    from orchestrator.search import job
+    from orchestrator.drivers import search_job as job
 
     with tempfile.TemporaryDirectory() as folder:
         raw = config(args, folder)
@@ -104,7 +104,7 @@ def main() -> None:
         k = max(args.size, round(compute / args.epochs))
         print(f"search: {len(rows)} trials, {compute} epochs in total -> {k} default members "
               f"({k * args.epochs} epochs)", flush=True)
-        from orchestrator import storage
+        from orchestrator.base import storage
 
         preds = [storage.read_npy(r["predictions"]) for r in complete]
         labels = storage.read_npy(complete[0]["labels"])

@@ -30,7 +30,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.tracking import run_page_url, runs_view_url  # noqa: E402
+from orchestrator.views.tracking import run_page_url, runs_view_url  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

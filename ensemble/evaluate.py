@@ -26,9 +26,9 @@ from ensemble.scoring import intervals, size_curves, score
 from ensemble.serve import log_ensemble_model
 from ensemble.stored import MemberPredictions, open_npy
 from ensemble.tta import TTA_VIEWS
-from orchestrator.errors import UserError, exit_on_user_error
-from orchestrator.outages import check_tracking, exit_on_outage
-from orchestrator.runs_file import RunsFile, load_runs
+from orchestrator.base.errors import UserError, exit_on_user_error
+from orchestrator.base.outages import check_tracking, exit_on_outage
+from orchestrator.records.runs_file import RunsFile, load_runs
 
 METHODS = {"mean_softmax": "mean", "weighted": "mean", "geometric": "geometric"}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ensemble import report as rep
-from orchestrator.runs_file import RunsFile
+from orchestrator.records.runs_file import RunsFile
 
 
 def mlflow_target(runs: RunsFile) -> tuple[str | None, str | None]:

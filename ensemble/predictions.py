@@ -21,8 +21,8 @@ from ensemble.stored import MemberPredictions, NpyRows, cache_dir, local_copy
 from ensemble.tta import TTA_VIEWS, canvas, check_mode, views
 from models import load_checkpoint
 from orchestrator.data.dataset import open_split
-from orchestrator.errors import UserError
-from orchestrator.runs_file import MemberRecord
+from orchestrator.base.errors import UserError
+from orchestrator.records.runs_file import MemberRecord
 from orchestrator.train.augment import EvalGeometry, normalize_batch
 from orchestrator.train.prefetch import Prefetcher
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.errors import UserError
-from orchestrator.runs_file import RunsFile
+from orchestrator.base.errors import UserError
+from orchestrator.records.runs_file import RunsFile
 
 
 @dataclass

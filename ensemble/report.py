@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from orchestrator.terminal import console  # noqa: E402
+from orchestrator.views.terminal import console  # noqa: E402
 
 
 

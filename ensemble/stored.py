@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 import torch
 
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 
 def cache_dir() -> Path:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 TTA_VIEWS = {"none": 1, "flip": 2, "10crop": 10, "multiscale": 30}
 CROP_FRACTION = 0.875  # crop / resize of the standard ImageNet eval (224 / 256)

@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python jobs/search.py` from a bare checkout
 
-from orchestrator.errors import exit_on_user_error  # noqa: E402
-from orchestrator.outages import exit_on_outage  # noqa: E402
-from orchestrator.search import job
+from orchestrator.base.errors import exit_on_user_error  # noqa: E402
+from orchestrator.base.outages import exit_on_outage  # noqa: E402
+from orchestrator.drivers import search_job as job
 
 
 def parse_args(argv=None) -> argparse.Namespace:

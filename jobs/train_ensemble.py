@@ -21,13 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python jobs/train_ensemble.py` from a bare checkout
 
-from orchestrator.errors import exit_on_user_error  # noqa: E402
-from orchestrator.outages import exit_on_outage  # noqa: E402
+from orchestrator.base.errors import exit_on_user_error  # noqa: E402
+from orchestrator.base.outages import exit_on_outage  # noqa: E402
 from ensemble import evaluate
 from ensemble.logged import log_job_result
 from ensemble.report import headline
-from orchestrator import ensemble_job
-from orchestrator.tracking import run_page_url, runs_view_url
+from orchestrator.drivers import ensemble_job
+from orchestrator.views.tracking import run_page_url, runs_view_url
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
@@ -59,7 +59,7 @@ def show_result(runs, runs_path: str) -> None:
 
 def ui_links(uri: str, parent: str) -> tuple[str, str, str]:
     """(the experiment's runs page on the job's saved view, the parent run's page, how to
-    serve them): both in the model-training layout (orchestrator/tracking.py); for the
+    serve them): both in the model-training layout (orchestrator/views/tracking.py); for the
     embedded store, where `mlflow ui` serves them by default."""
     from mlflow.tracking import MlflowClient
 

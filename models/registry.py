@@ -21,7 +21,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from models import cifar, lowres
-from orchestrator.errors import UserError, unknown_name
+from orchestrator.base.errors import UserError, unknown_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,6 +16,6 @@ for _key, _value in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_AUTH_MODE
     os.environ.setdefault(_key, _value)
 
 # MLflow prints its own "View run ... at" links when a run ends; they open the UI's GenAI
-# overview. The platform prints its own links instead (orchestrator/tracking.py: runs_view_url,
+# overview. The platform prints its own links instead (orchestrator/views/tracking.py: runs_view_url,
 # run_page_url), each opening the model-training view.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -9,20 +9,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "orchestrator", "ensemble", "jobs")
 
-# Lowest first; a module belongs to the layer of its longest matching prefix.
+# Lowest first. Each folder of orchestrator/ is one layer and says so in its package
+# docstring ("Layer N, <name>: ..."); a module belongs to the layer of its longest prefix.
 LAYERS = [
-    ("foundations: models, data, storage, scoring math",
-     ["models", "orchestrator.errors", "orchestrator.storage", "orchestrator.lease", "orchestrator.outages",
-      "orchestrator.data", "ensemble.math"]),
-    ("the Ray-free core: config, training, runs files",
-     ["orchestrator.train", "orchestrator.config", "orchestrator.runs_file", "orchestrator.job_runs",
-      "orchestrator.packing", "orchestrator.search.space", "ensemble.protocol"]),
-    ("what users see: MLflow records, plots, the terminal board",
-     ["orchestrator.tracking", "orchestrator.plots", "orchestrator.progress", "orchestrator.terminal"]),
-    ("member workers", ["orchestrator.member_worker", "orchestrator.in_trial", "orchestrator.ray_train",
-                        "orchestrator.search.trial"]),
-    ("the Tune layer and the planner", ["orchestrator.launch", "orchestrator.plan", "orchestrator.cluster"]),
-    ("job drivers and evaluation", ["orchestrator.ensemble_job", "orchestrator.search", "ensemble"]),
+    ("foundations", ["models", "orchestrator.base", "orchestrator.data", "ensemble.math"]),
+    ("the Ray-free core", ["orchestrator.config", "orchestrator.train", "orchestrator.records", "orchestrator.planning",
+                           "ensemble.protocol"]),
+    ("what users see", ["orchestrator.views"]),
+    ("members on Ray", ["orchestrator.runtime"]),
+    ("job drivers and evaluation", ["orchestrator.drivers", "ensemble"]),
     ("entry points", ["jobs"]),
 ]
 
@@ -104,12 +99,23 @@ def test_no_project_import_is_hidden_in_a_function():
 
 
 def test_the_rule_catches_an_upward_and_a_hidden_import():
-    tree = ast.parse("import os\nfrom orchestrator import launch\ndef f():\n    from models import get_spec\n")
+    tree = ast.parse("import os\nfrom orchestrator.runtime import launch\ndef f():\n    from models import get_spec\n")
     found = list(project_imports(tree, "orchestrator.data.dataset"))
-    assert found == [("orchestrator.launch", 2, False), ("models", 4, True)]
-    assert layer_of("orchestrator.launch") > layer_of("orchestrator.data.dataset")
+    assert found == [("orchestrator.runtime.launch", 2, False), ("models", 4, True)]
+    assert layer_of("orchestrator.runtime.launch") > layer_of("orchestrator.data.dataset")
 
 
 def test_no_module_is_over_300_lines():
     long = {m: n for m, path in ALL.items() if (n := len(path.read_text().splitlines())) > 300}
     assert not long, f"split these by concern: {long}"
+
+
+def test_orchestrator_is_one_folder_per_layer_each_saying_which():
+    loose = [p.name for p in (ROOT / "orchestrator").glob("*.py") if p.name != "__init__.py"]
+    assert not loose, f"modules beside the layer folders: {loose}"
+    for folder in sorted(p for p in (ROOT / "orchestrator").iterdir() if p.is_dir() and p.name != "__pycache__"):
+        module = f"orchestrator.{folder.name}"
+        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
+        layer = layer_of(module)
+        assert doc.startswith(f"Layer {layer}, {LAYERS[layer][0]}"), f"{module}: {doc[:60]!r}"
+        assert all(layer_of(m) == layer for m in ALL if m.startswith(module + ".")), module

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from orchestrator.train import augment
 from orchestrator.train.optim import build_optimizer, param_groups
 from orchestrator.config import Optimizer

@@ -12,7 +12,7 @@ from torchvision.io import encode_jpeg
 
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.data.dataset import BadImages, decode_rgb, open_split
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from orchestrator.train import augment, batch_augment
 from orchestrator.train.prefetch import Prefetcher
 from orchestrator.train.member import decode_on_device, open_member_data, train_member

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from orchestrator.runs_file import load_runs
+from orchestrator.records.runs_file import load_runs
 from tests.conftest import ROOT
 from tests.test_e2e import check_runs_file, s3_data  # noqa: F401
 from tests.test_faults import TRAINING_PROCESS, drill_env, jobs, report, start, wait

@@ -1,4 +1,4 @@
-"""`python -m orchestrator.plan` on hand-made cluster shapes, with throughputs given so the
+"""`python -m orchestrator.planning.plan` on hand-made cluster shapes, with throughputs given so the
 expected schedule can be worked out by hand."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from orchestrator.config import parse_config, resolve_members
-from orchestrator.errors import UserError
-from orchestrator.cluster import Cluster, member_rates, packing_share, plan
+from orchestrator.base.errors import UserError
+from orchestrator.planning.cluster import Cluster, member_rates, packing_share, plan
 from tests.conftest import run_cli
 
 SAMPLES = 36_000  # images per epoch; at 10 images/s one epoch is one hour
@@ -65,7 +65,7 @@ def test_measured_rates_replace_estimates_and_cost_is_gpu_hours_times_price():
 
 
 def test_the_cli_plans_the_shipped_config_and_refuses_an_impossible_one(tmp_path, tiny_root):
-    out = run_cli("-m", "orchestrator.plan", "--config", "configs/smoke.yaml", "--cluster",
+    out = run_cli("-m", "orchestrator.planning.plan", "--config", "configs/smoke.yaml", "--cluster",
                   "infra/clusters/local-2cpu.yaml")
     assert out.returncode == 0, out.stderr
     assert "wall time" in out.stdout and "resnet18-tiny-s0" in out.stdout
@@ -73,7 +73,7 @@ def test_the_cli_plans_the_shipped_config_and_refuses_an_impossible_one(tmp_path
                                                                     tiny_root))
     raw["defaults"]["resources"] = {"workers": 1, "use_gpu": True}
     (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(raw))
-    bad = run_cli("-m", "orchestrator.plan", "--config", str(tmp_path / "gpu.yaml"), "--cluster",
+    bad = run_cli("-m", "orchestrator.planning.plan", "--config", str(tmp_path / "gpu.yaml"), "--cluster",
                   "infra/clusters/local-2cpu.yaml")
     assert bad.returncode == 2 and "more than cluster local-2cpu has" in bad.stderr
     assert bad.stderr.strip().count("\n") == 0
@@ -85,7 +85,7 @@ H200 = {("resnet18", 224, 256): 13_283, ("resnet50", 224, 256): 4_726, ("vgg16_b
 
 
 def estimate(arch: str, size: int, batch: int) -> float:
-    from orchestrator.cluster import estimated_rate
+    from orchestrator.planning.cluster import estimated_rate
 
     raw = {"name": "p", "data": {"root": "/data"}, "recipes": {"r": {"batch_size": batch}},
            "members": [{"arch": arch, "recipe": "r", "input_size": size, "resources": {"use_gpu": True}}]}
@@ -108,7 +108,7 @@ def test_no_family_comes_out_faster_than_a_smaller_one():
 def test_costs_are_counted_without_allocating_weights(monkeypatch):
     import torch
 
-    from orchestrator import cluster as planner
+    from orchestrator.planning import cluster as planner
 
     planner.model_cost.cache_clear()
     made = []

@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 from orchestrator.config import load_config, parse_config, resolve_members
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from tests.conftest import run_cli
 
 
@@ -42,7 +42,7 @@ def test_an_unknown_key_or_name_suggests_the_closest_valid_one(edit, message):
 
 
 def test_no_suggestion_when_nothing_is_close():
-    from orchestrator.errors import did_you_mean
+    from orchestrator.base.errors import did_you_mean
 
     assert did_you_mean("zzzqqq", ["members", "data"]) == ""
     assert did_you_mean("c", ["a", "b"]) == ""  # one letter off a one-letter name is no hint
@@ -105,7 +105,7 @@ def test_shipped_configs_are_valid():
         members = resolve_members(load_config(str(path)))
         assert members, path
         if "search" in path.parts:
-            from orchestrator.search.space import check_space
+            from orchestrator.config.search_space import check_space
 
             for m in members:
                 check_space(load_config(str(path)).search.space, m)
@@ -196,7 +196,7 @@ def test_dry_run_prints_input_size_low_res_and_where_the_data_goes(tmp_path, tin
 
     from rich.console import Console
 
-    import orchestrator.ensemble_job as job
+    import orchestrator.drivers.ensemble_job as job
 
     buf = io.StringIO()
     old, job.console = job.console, lambda: Console(file=buf, width=200)

@@ -15,7 +15,7 @@ from orchestrator.data.dataset import decode_rgb, open_split
 from orchestrator.data.streams import EvalStream, TrainStream
 from orchestrator.data.sources import iter_shard
 from orchestrator.data.split_ref import SplitRef
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 identity = lambda img: img  # noqa: E731
 

@@ -14,7 +14,7 @@ from orchestrator.config import parse_config, resolve_members
 from orchestrator.data.dataset import TooManyBadImages, open_split
 from orchestrator.data.streams import EvalStream, TrainStream
 from orchestrator.data.prepare import _write_shard
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from orchestrator.train.member import open_member_data, train_member
 
 CPU = torch.device("cpu")
@@ -108,7 +108,7 @@ def test_an_empty_class_is_refused(tmp_path, tiny_root):
 def test_storage_retries_transient_failures_only(monkeypatch):
     import errno
 
-    from orchestrator import storage
+    from orchestrator.base import storage
 
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     calls = []
@@ -137,7 +137,7 @@ def test_a_full_disk_is_a_clear_error_before_training(tmp_path, monkeypatch):
 
     from fsspec.implementations.local import LocalFileSystem
 
-    from orchestrator import storage
+    from orchestrator.base import storage
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

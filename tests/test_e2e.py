@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from ensemble.math import topk_error
 from models import get_spec, load_checkpoint
-from orchestrator.runs_file import load_runs
+from orchestrator.records.runs_file import load_runs
 from tests.conftest import ROOT, TINY
 
 RUNTIME_EXCLUDES = [".venv", ".stack", "outputs", "mlruns", ".git", "runs.yaml"]

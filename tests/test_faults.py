@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.runs_file import load_runs
+from orchestrator.records.runs_file import load_runs
 from tests.conftest import ROOT, run_cli
 from tests.test_e2e import RUNTIME_EXCLUDES, check_runs_file, children_of, s3_data  # noqa: F401
 

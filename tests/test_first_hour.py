@@ -5,7 +5,7 @@ import pytest
 from ensemble import evaluate
 from orchestrator.config import load_config
 from orchestrator.data.manifest import load_manifest
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from tests.conftest import ROOT, run_cli
 
 
@@ -40,7 +40,7 @@ def test_a_missing_data_folder_is_named_as_such(tmp_path):
 
 
 def test_plan_help_reads_to_the_end_of_its_sentence():
-    out = run_cli("-m", "orchestrator.plan", "--help")
+    out = run_cli("-m", "orchestrator.planning.plan", "--help")
     assert out.returncode == 0
     text = " ".join(out.stdout.split())
     assert "where each member of an ensemble would run on a given cluster, for how long, and at what cost, " \
@@ -58,7 +58,7 @@ def test_the_experiment_carries_a_saved_runs_view_the_ui_can_open(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import RUNS_VIEW, VIEW_KEY, get_experiment_id, runs_view_url
+    from orchestrator.views.tracking import RUNS_VIEW, VIEW_KEY, get_experiment_id, runs_view_url
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = get_experiment_id(client, "e")
@@ -70,7 +70,7 @@ def test_the_experiment_carries_a_saved_runs_view_the_ui_can_open(tmp_path):
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert runs_view_url("http://127.0.0.1:5000/", exp) == (
         f"http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey=ensembles&workflowType=machine_learning")
-    from orchestrator.tracking import run_page_url
+    from orchestrator.views.tracking import run_page_url
 
     assert run_page_url("http://127.0.0.1:5000/", exp, "abc") == (
         f"http://127.0.0.1:5000/#/experiments/{exp}/runs/abc?workflowType=machine_learning")
@@ -80,7 +80,7 @@ def test_the_experiment_carries_a_saved_runs_view_the_ui_can_open(tmp_path):
 
 
 def test_errors_and_images_per_s_are_logged_as_the_digits_that_mean_something():
-    from orchestrator.tracking import _shown
+    from orchestrator.views.tracking import _shown
 
     assert _shown("val_top1_err", 0.6620000004768372) == 0.662
     assert _shown("fingerprint", 172085.55761317757) == 172085.55761317757  # compared for equality

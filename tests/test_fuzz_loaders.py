@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.config import parse_config, resolve_members
-from orchestrator.errors import UserError
-from orchestrator.runs_file import load_runs
+from orchestrator.base.errors import UserError
+from orchestrator.records.runs_file import load_runs
 
 KEYS = ["name", "data", "root", "classes", "members", "arch", "recipe", "recipes", "epochs", "optimizer", "lr",
         "schedule", "policy", "params", "augment", "preset", "overrides", "grid", "archs", "seeds", "resources",

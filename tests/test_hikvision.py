@@ -17,8 +17,8 @@ from orchestrator.data.streams import TrainStream
 from orchestrator.data.passes import plan_pass
 from orchestrator.data.sampling import batch_sizes, pass_copies, pass_draws, rank_targets, steps_per_pass
 from orchestrator.data.sources import Sample
-from orchestrator.errors import UserError
-from orchestrator.runs_file import DatasetRef, EvalRef, MemberRecord, RunsFile, write_runs
+from orchestrator.base.errors import UserError
+from orchestrator.records.runs_file import DatasetRef, EvalRef, MemberRecord, RunsFile, write_runs
 from orchestrator.train import augment, loop
 from orchestrator.train.cam import CamGuidedCrop, class_activation_maps, sample_centres
 from orchestrator.train.confusion import PriorSmoothingLoss, confusion_prior, smoothing_matrix
@@ -117,9 +117,9 @@ def test_batch_mix_is_off_in_the_plain_epochs():
     val = [(torch.arange(4), torch.randn(4, 3, 2, 2), torch.randint(0, 2, (4,)))]
     schedule = parse_config({"name": "x", "data": {"root": "."}, "members": [{"arch": "resnet18"}]}).recipes[
         "default"].schedule
-    loop.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), train_batches=batches, steps_per_epoch=5, epochs=3,
-             base_lr=0.1, schedule=schedule, val_loader=val, device=CPU, criterion=torch.nn.CrossEntropyLoss(),
-             mix=mix, plain_last_epochs=1)
+    plan = loop.FitPlan(epochs=3, steps_per_epoch=5, base_lr=0.1, schedule=schedule, plain_last_epochs=1)
+    loop.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), plan, batches, val, CPU, torch.nn.CrossEntropyLoss(),
+             mix=mix)
     assert len(calls) == 10  # epochs 1-2 mixed, epoch 3 plain
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator import in_trial
+from models import build_model
+from orchestrator.records.member import member_record
+from orchestrator.runtime import in_trial
 from orchestrator.config import MemberWork, resolve_members
 from orchestrator.train import loop
 from tests.test_core import core_config
@@ -55,6 +57,10 @@ def test_a_finished_member_is_not_trained_again(tiny_root, tmp_path, capsys):
     second, uri2 = in_trial.train(config, root, max_failures=0, progress=again.append)
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert again == [] and uri2 == uri and second == first
+    # a per-member figure: measured at the end of training, kept on the member's record
+    net = build_model(member.arch, num_classes=4, low_res=member.low_res)
+    assert first["params"] == sum(p.numel() for p in net.parameters()) > 0
+    assert member_record(member, None, final=first).metrics["params"] == first["params"]
 
 
 def test_an_upload_cut_short_leaves_the_previous_checkpoint_in_charge(tiny_root, tmp_path, monkeypatch):
@@ -83,8 +89,8 @@ def test_a_diverging_member_is_not_retried(tiny_root, tmp_path, capsys):
 
 KILLED_MEMBER = """
 import os, sys
-from orchestrator import in_trial
-from orchestrator.member_worker import run_member
+from orchestrator.runtime import in_trial
+from orchestrator.runtime.member_worker import run_member
 from tests.test_in_trial import member_config
 
 tiny_root, tmp, uri, run_id, window = sys.argv[1:]

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from orchestrator.train import lr
 
 TOTAL = 1000

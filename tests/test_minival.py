@@ -10,8 +10,8 @@ import yaml
 from ensemble import evaluate
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.data import minival
-from orchestrator.errors import UserError
-from orchestrator.search.choose import compare
+from orchestrator.base.errors import UserError
+from orchestrator.drivers.search_choice import compare
 from orchestrator.train import loop
 from orchestrator.train.member import (LABELS_FILE, MINIVAL_LABELS_FILE, MINIVAL_PREDICTIONS_FILE, PREDICTIONS_FILE,
                                        final_outputs, open_member_data, train_member)
@@ -174,7 +174,7 @@ def test_a_minival_as_large_as_train_is_refused_at_load():
 
 
 def test_a_data_parallel_member_keeps_its_last_epoch_not_its_best_on_a_held_out_split():
-    from orchestrator.launch import checkpoint_config
+    from orchestrator.runtime.launch import checkpoint_config
 
     cc = checkpoint_config()
     assert (cc.num_to_keep, cc.checkpoint_score_attribute, cc.checkpoint_score_order) == (1, "epoch", "max")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models import build_model, get_spec, list_models, load_checkpoint, save_checkpoint
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 FAMILIES = {"vgg", "resnet", "resnext", "wide_resnet", "densenet", "inception", "inception_resnet"}
 

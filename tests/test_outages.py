@@ -2,7 +2,7 @@
 keep their traceback), the one line and exit status, the retry budget it states."""
 import pytest
 
-from orchestrator.outages import exit_on_outage, tracking_budget_s, which_server
+from orchestrator.base.outages import exit_on_outage, tracking_budget_s, which_server
 
 
 def test_a_connection_that_outlived_its_retries_names_its_server(monkeypatch):
@@ -33,7 +33,7 @@ def test_a_connection_that_outlived_its_retries_names_its_server(monkeypatch):
 
 
 def test_rays_s3_attempts_fit_the_storage_retry_budget(monkeypatch):
-    from orchestrator.storage import s3_attempts
+    from orchestrator.base.storage import s3_attempts
 
     monkeypatch.delenv("S3_MAX_ATTEMPTS", raising=False)
     monkeypatch.delenv("STORAGE_RETRY_SECONDS", raising=False)

@@ -1,13 +1,13 @@
 """`gpus_per_worker: auto`: how many members share a GPU, from declared or measured memory
-and throughput, in the config and in `python -m orchestrator.plan`."""
+and throughput, in the config and in `python -m orchestrator.planning.plan`."""
 from __future__ import annotations
 
 import pytest
 import yaml
 
 from orchestrator.config import PackingOpts, parse_config, resolve_members
-from orchestrator.errors import UserError
-from orchestrator.packing import packing_for
+from orchestrator.base.errors import UserError
+from orchestrator.planning.packing import packing_for
 from tests.conftest import run_cli
 
 OPTS = PackingOpts(gpu_memory_gb=80, gains={1: 1.0, 2: 2.0, 4: 3.5, 8: 3.6})
@@ -75,21 +75,23 @@ def test_plan_packs_from_measured_memory_and_reports_the_gain(tmp_path, tiny_roo
                 "input_size": 32, "resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
                 "metrics": {"gpu_memory_gb": 0.84}} for i in range(8)]}
     (tmp_path / "runs.yaml").write_text(yaml.safe_dump(runs))
-    out = run_cli("-m", "orchestrator.plan", "--config", str(tmp_path / "c.yaml"), "--cluster",
+    out = run_cli("-m", "orchestrator.planning.plan", "--config", str(tmp_path / "c.yaml"), "--cluster",
                   str(tmp_path / "k.yaml"), "--measured", str(tmp_path / "runs.yaml"))
     assert out.returncode == 0, out.stderr
     # 0.84 GB fits 85 to a GPU; the measured H100 curve stops at 2 (4 adds only 7%)
     assert "packing r0: K=2 (1.53x): 0.84 GB each" in out.stdout
     gain = next(line for line in out.stdout.splitlines() if line.startswith("packing gain"))
     assert "(1.53x)" in gain  # 8 members, 2 at a time on one GPU at 1.53x the rate of 1 at a time
-    unknown = run_cli("-m", "orchestrator.plan", "--config", str(tmp_path / "c.yaml"), "--cluster",
+    unknown = run_cli("-m", "orchestrator.planning.plan", "--config", str(tmp_path / "c.yaml"), "--cluster",
                       str(tmp_path / "k.yaml"))
     assert "K=1 (1.00x): no memory figure" in unknown.stdout
 
 
 def test_member_records_keep_peak_memory_compile_time_and_own_work():
-    from orchestrator.launch import _extra_metrics
+    from orchestrator.records.member import record_metrics
 
     history = [{"gpu_memory_gb": 3.1, "compile_s": 48.0}, {"gpu_memory_gb": 3.4}, {"gpu_memory_gb": 3.3}]
-    assert _extra_metrics(history, {"member_s": 95.0}) == {"gpu_memory_gb": 3.4, "compile_s": 48.0, "member_s": 95.0}
-    assert _extra_metrics([{"epoch": 1}], {}) == {}  # a CPU member without compile records neither
+    got = record_metrics({"member_s": 95.0, "epoch": 3}, history)
+    extra = ("gpu_memory_gb", "compile_s", "member_s")
+    assert {k: got[k] for k in extra} == {"gpu_memory_gb": 3.4, "compile_s": 48.0, "member_s": 95.0}
+    assert not set(extra) & set(record_metrics({"epoch": 1}, [{"epoch": 1}]))  # a CPU member without compile

@@ -2,8 +2,8 @@
 import pytest
 
 from orchestrator.config import parse_config, resolve_members
-from orchestrator.errors import UserError
-from orchestrator.launch import plan_concurrency
+from orchestrator.base.errors import UserError
+from orchestrator.runtime.launch import plan_concurrency
 
 
 def members(*resources):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from rich.console import Console
 
 from orchestrator.config import parse_config, resolve_members
-from orchestrator.progress import MemberBoard
+from orchestrator.views.progress import MemberBoard
 
 
 def members():
@@ -91,7 +91,7 @@ def test_tunes_traceback_of_a_failed_trial_goes_to_the_log_file(tmp_path, capsys
     that the restart line names, not on the terminal."""
     import logging
 
-    from orchestrator.progress import TUNE_CONTROLLER_LOGGER, quiet_tune
+    from orchestrator.views.progress import TUNE_CONTROLLER_LOGGER, quiet_tune
 
     path = str(tmp_path / "logs" / "job.log")
     log = logging.getLogger(TUNE_CONTROLLER_LOGGER)

@@ -11,7 +11,7 @@ from ensemble.tta import TTA_VIEWS
 from orchestrator.train.augment import EvalGeometry
 from models import save_checkpoint
 from orchestrator.config import parse_config, resolve_members
-from orchestrator.runs_file import MemberRecord
+from orchestrator.records.runs_file import MemberRecord
 from orchestrator.train.member import (assemble_predictions, eval_transform_of, open_member_data, predict,
                                        train_member)
 

@@ -12,9 +12,10 @@ import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator import storage, tracking
-from orchestrator.errors import UserError
-from orchestrator.lease import Lease, lease_uri
+from orchestrator.base import storage
+from orchestrator.views import tracking
+from orchestrator.base.errors import UserError
+from orchestrator.base.lease import Lease, lease_uri
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.stack

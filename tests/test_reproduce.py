@@ -9,7 +9,7 @@ import numpy as np
 import yaml
 
 from ensemble import evaluate
-from orchestrator.runs_file import load_runs
+from orchestrator.records.runs_file import load_runs
 from tests.conftest import ROOT, run_cli
 
 

@@ -15,7 +15,7 @@ from orchestrator.data import resident
 from orchestrator.data.dataset import decode_rgb, open_split
 from orchestrator.data.prepare import _write_shard
 from orchestrator.data.streams import TrainStream
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from orchestrator.train import augment, batch_augment
 from orchestrator.train.member import open_member_data, predict, train_member
 from orchestrator.train.pass_batches import loader_batches

@@ -7,7 +7,7 @@ from bench.imagenet_shaped import CLASSES, MIN_VAL_SHARDS, TRAIN_TOTAL, class_co
 from bench.scale_drill import former_pass, measured_run, val_pass
 from orchestrator.data.dataset import open_split
 from orchestrator.data.streams import EvalStream
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from ensemble.math import topk_error
 from orchestrator.config import expand_env
-from orchestrator.runs_file import load_runs
+from orchestrator.records.runs_file import load_runs
 from tests.conftest import ROOT, run_cli
 from tests.test_e2e import RUNTIME_EXCLUDES, assert_no_credentials, children_of, check_runs_file, s3_data  # noqa: F401
 
@@ -172,7 +172,7 @@ def test_the_shipped_tiny_imagenet_search_trains_label_shuffled_on_the_streamed_
 def test_parallel_coordinates_label_every_axis_with_its_values():
     """The search's parallel-coordinates plot: a wide numeric range on a log scale labelled
     at its ends, a few levels each labelled, categories by name, positions in [0, 1]."""
-    from orchestrator.plots import parallel_axes
+    from orchestrator.views.plots import parallel_axes
 
     rows = [{"lr": 0.05, "warmup": 0, "policy": "cosine", "aug": True, "err": 0.8},
             {"lr": 0.5, "warmup": 2, "policy": "onecycle", "aug": False, "err": 0.9},
@@ -191,14 +191,14 @@ def test_parallel_coordinates_label_every_axis_with_its_values():
 def test_trial_curves_name_each_trial_by_its_searched_values(tmp_path):
     """The legend of trial_curves.png: the trial's short id, its policy and each searched
     value by its field's last name, and its final metric."""
-    from orchestrator.plots import plot_trials, trial_label
+    from orchestrator.views.plots import plot_trials, trial_label
 
     overrides = {"recipe.schedule.policy": "onecycle", "recipe.optimizer.lr": 0.03412,
                  "recipe.augment.overrides.mixup_alpha": 0.2, "recipe.label_shuffling": True}
     label = trial_label("search_trial_dc9e3_00002", overrides, 0.775)
     assert label == "00002: onecycle, lr 0.0341, mixup_alpha 0.2, label_shuffling True -> 0.775"
     assert trial_label("t_1", {"recipe.optimizer.lr": 0.1}) == "1: lr 0.1"
-    from orchestrator.search.space import in_effect  # a policy parameter its policy does not take is not named
+    from orchestrator.config.search_space import in_effect  # a policy parameter its policy does not take is not named
 
     sampled = {"recipe.schedule.policy": "cosine", "recipe.schedule.params.power": 2.0, "recipe.optimizer.lr": 0.1}
     assert in_effect(sampled) == {"recipe.schedule.policy": "cosine", "recipe.optimizer.lr": 0.1}

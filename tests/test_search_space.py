@@ -12,10 +12,10 @@ import yaml
 from ensemble.math import greedy_selection
 from ensemble.protocol import split_rows
 from orchestrator.config import parse_config, resolve_members
-from orchestrator.errors import UserError
-from orchestrator.search import space
-from orchestrator.search.choose import compare
-from orchestrator.search.job import load_and_check
+from orchestrator.base.errors import UserError
+from orchestrator.config import search_space as space
+from orchestrator.drivers.search_choice import compare
+from orchestrator.drivers.search_job import load_and_check
 from tests.conftest import ROOT, run_cli
 
 SMOKE = ROOT / "configs" / "search" / "smoke.yaml"
@@ -142,7 +142,7 @@ def test_the_choice_streams_trials_predictions_one_at_a_time():
     import gc
     import weakref
 
-    from orchestrator.search.choose import LazyArrays
+    from orchestrator.drivers.search_choice import LazyArrays
 
     preds, labels = library()
     alive, peak = set(), [0]
@@ -171,8 +171,8 @@ def test_the_search_chooses_members_by_the_evaluations_caruana_selection():
 
 
 def test_imported_runs_must_match_the_ensembles_data(tiny_root, tmp_path):
-    from orchestrator.job_runs import imported
-    from orchestrator.runs_file import DatasetRef, EvalRef, MemberRecord, RunsFile, write_runs
+    from orchestrator.records.from_job import imported
+    from orchestrator.records.runs_file import DatasetRef, EvalRef, MemberRecord, RunsFile, write_runs
 
     runs = RunsFile(ensemble="s", dataset=DatasetRef(name="tiny", uri=tiny_root, num_classes=10, labels="l.npy",
                                                      classes=10, per_class=8),
@@ -192,7 +192,7 @@ def test_imported_runs_must_match_the_ensembles_data(tiny_root, tmp_path):
 def test_optuna_is_pluggable_and_its_absence_is_one_line(tiny_root, tmp_path):
     import importlib.util
 
-    from orchestrator.search.job import build_search_alg
+    from orchestrator.drivers.search_job import build_search_alg
 
     raw = smoke_raw(tiny_root)
     raw["search"]["algorithm"] = "optuna"

@@ -8,7 +8,7 @@ from orchestrator.config import parse_config, resolve_members
 from orchestrator.data import shares
 from orchestrator.data.dataset import carve_minival, open_split, take_share
 from orchestrator.data.streams import TrainStream
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from orchestrator.train.member import open_member_data, train_member
 from tests.test_data_faults import make_dataset
 

@@ -1,4 +1,4 @@
-"""One typed config tree for an ensemble job, loaded from YAML; unknown keys rejected.
+"""Layer 1, the Ray-free core. One typed config tree for an ensemble job, loaded from YAML; unknown keys rejected.
 
     name, data, storage, mlflow, ray          -- where things live
     recipes: {name: Recipe}                   -- optimiser, LR policy, augmentation, epochs

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator import storage
+from orchestrator.base import storage
 from orchestrator.config.schema import Data, ResolvedMember
 
 

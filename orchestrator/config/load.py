@@ -20,9 +20,9 @@ from models import get_spec
 from orchestrator.config.schema import (Data, Grid, Member, Mlflow, PackingOpts, RayOpts, Recipe, ResolvedMember,
                                         Resources, Storage, Strict)
 from orchestrator.config.search import Search
-from orchestrator.errors import UserError, key_hint, unknown_name
-from orchestrator.packing import resolve_auto
-from orchestrator.runs_file import yaml_problem
+from orchestrator.base.errors import UserError, key_hint, unknown_name
+from orchestrator.planning.packing import resolve_auto
+from orchestrator.records.runs_file import yaml_problem
 from orchestrator.train.batch_augment import unsupported
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from orchestrator.train import augment, lr
 
 
@@ -116,7 +116,7 @@ class Resources(Strict):
     workers: int = Field(1, ge=1, description="1: trained in its Tune trial; more: Ray Train data-parallel workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    # a number, or auto: orchestrator/packing.py decides how many members share a GPU
+    # a number, or auto: orchestrator/planning/packing.py decides how many members share a GPU
     gpus_per_worker: Annotated[float, Field(ge=0)] | Literal["auto"] = 1.0
     gpu_memory_gb: float | None = Field(None, gt=0, description="peak GPU memory of one worker, for packing")
     loader_workers: int = Field(1, ge=0, description="DataLoader processes per worker")
@@ -128,7 +128,7 @@ class Resources(Strict):
     @property
     def trial_cpus(self) -> float:
         """CPUs the member's Tune trial holds besides its workers: none when the trial
-        trains the member itself (one worker, orchestrator/in_trial.py); a token share
+        trains the member itself (one worker, orchestrator/runtime/in_trial.py); a token share
         while it waits on a data-parallel member's TorchTrainer (Tune refuses 0 CPUs)."""
         return 0.0 if self.workers == 1 else 0.25
 
@@ -244,7 +244,7 @@ H200_PACKING_GAINS = {1: 1.0, 2: 2.32, 4: 3.5, 8: 3.44}
 
 
 class PackingOpts(Strict):
-    """What `gpus_per_worker: auto` is decided from (orchestrator/packing.py)."""
+    """What `gpus_per_worker: auto` is decided from (orchestrator/planning/packing.py)."""
 
     gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU of the cluster")
     gains: dict[int, float] = Field(default_factory=lambda: dict(H200_PACKING_GAINS))

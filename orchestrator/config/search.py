@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from orchestrator.config.schema import Strict
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")

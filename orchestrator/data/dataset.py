@@ -25,7 +25,7 @@ from orchestrator.data import minival, minival_store, shares as shares_of
 from orchestrator.data.manifest import FOLDER_PREFIX, Manifest, check_shards_exist, load_manifest
 from orchestrator.data.sources import Sample, iter_shard, list_folder_split
 from orchestrator.data.split_ref import SplitRef
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:

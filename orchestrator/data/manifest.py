@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from orchestrator.errors import UserError
-from orchestrator.storage import join
+from orchestrator.base.errors import UserError
+from orchestrator.base.storage import join
 from orchestrator.data.sources import list_folder_classes, list_folder_split
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 def carve(labels: list[int], num_classes: int, per_class: int, seed: int) -> tuple[list[int], list[int]]:
     """(rest, minival): positions into `labels`, each in dataset order."""

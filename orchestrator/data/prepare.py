@@ -27,9 +27,9 @@ import fsspec
 import numpy as np
 from rich.progress import track
 
-from orchestrator.storage import join
+from orchestrator.base.storage import join
 from orchestrator.data.sources import list_folder_classes, list_folder_split
-from orchestrator.errors import UserError, exit_on_user_error
+from orchestrator.base.errors import UserError, exit_on_user_error
 
 
 def _write_shard(url: str, items: list[tuple[str, bytes, int]]) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from orchestrator.data.dataset import BadImages, Split, try_decode
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 BUDGET_SHARE = 0.25  # of free device memory (or RAM): the rest is the model's and the loop's
 CHUNK_BYTES = 64 * 2**20  # decoded images staged on the host per copy to the device

@@ -17,7 +17,7 @@ from typing import Iterator
 import fsspec
 
 from orchestrator.data.tar_stream import TarError, iter_files
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 

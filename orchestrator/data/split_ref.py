@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 
 _NAME = re.compile(r"^(?P<base>[^@]+)(@(?P<part>minival|rest):(?P<m>\d+):(?P<seed>-?\d+))?"
                    r"(@share:(?P<k>\d+):(?P<of>\d+))?$")

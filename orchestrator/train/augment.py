@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torchvision.transforms import v2
 
-from orchestrator.errors import unknown_name
+from orchestrator.base.errors import unknown_name
 from orchestrator.train.cam import CamGuidedCrop
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from orchestrator.data.streams import KeyedStream
 
 

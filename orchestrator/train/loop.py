@@ -159,37 +159,57 @@ def build_criterion(label_smoothing: float) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
-def fit(model, optimizer, *, train_batches: Iterator, steps_per_epoch: int, epochs: int, base_lr: float,
-        schedule, val_loader, device, criterion, state: FitState | None = None, mix=None,
-        bf16=True, channels_last=False, on_epoch_end: Callable[[FitState, dict, dict | None], None] | None = None,
-        plain_last_epochs: int = 0, multiscale: Sequence[int] = (), heldout: str = "val") -> FitState:
-    """Train from `state` (a resumed one, or fresh) to `epochs`; returns the final state.
+@dataclass(frozen=True)
+class FitPlan:
+    """What `fit` does, fixed before its first step: the epochs, the LR schedule laid over
+    them (a pure function of the step, orchestrator/train/lr.py), the numerics, and the
+    Hikvision options that change training by epoch."""
+
+    epochs: int
+    steps_per_epoch: int
+    base_lr: float  # the peak LR, already scaled to the global batch
+    schedule: object  # a recipe's Schedule: policy, warmup_epochs, params
+    bf16: bool = True
+    channels_last: bool = False
+    plain_last_epochs: int = 0  # the batch mix off for the last epochs
+    multiscale: Sequence[int] = ()
+    heldout: str = "val"  # the held-out split's name in the metrics (minival when there is one)
+
+    @classmethod
+    def of(cls, recipe, steps_per_epoch: int, base_lr: float, channels_last: bool, heldout: str) -> FitPlan:
+        return cls(recipe.epochs, steps_per_epoch, base_lr, recipe.schedule, recipe.bf16, channels_last,
+                   recipe.plain_last_epochs, tuple(recipe.multiscale), heldout)
+
+
+def fit(model, optimizer, plan: FitPlan, batches: Iterator, val_loader, device, criterion, *,
+        state: FitState | None = None, mix=None,
+        on_epoch_end: Callable[[FitState, dict, dict | None], None] | None = None) -> FitState:
+    """Train from `state` (a resumed one, or fresh) to `plan.epochs`; returns the final state.
     `on_epoch_end(state, metrics, probs)`: probs is this rank's {index: float32 softmax row}
-    of the held-out split (`val_loader`, named `heldout`: val, or minival when there is
-    one) after the final epoch, None before it.
-    In the last `plain_last_epochs` epochs the batch mix (mixup/cutmix) is off, as the
+    of the held-out split (`val_loader`) after the final epoch, None before it.
+    In the last `plan.plain_last_epochs` epochs the batch mix (mixup/cutmix) is off, as the
     data stream's strong augmentation is (Hikvision's train/test consistency)."""
     state = state or FitState()
-    total = epochs * steps_per_epoch
-    warmup = round(schedule.warmup_epochs * steps_per_epoch)
-
-    multiplier = lr_policies.schedule(schedule.policy, total, warmup, schedule.params)
+    steps, schedule = plan.steps_per_epoch, plan.schedule
+    warmup = round(schedule.warmup_epochs * steps)
+    multiplier = lr_policies.schedule(schedule.policy, plan.epochs * steps, warmup, schedule.params)
 
     def lr_at(step: int) -> float:
-        return base_lr * multiplier(step)
+        return plan.base_lr * multiplier(step)
 
-    while state.epoch < epochs:
+    while state.epoch < plan.epochs:
         start = time.perf_counter()
-        plain = state.epoch >= epochs - plain_last_epochs
-        metrics = train_epoch(model, optimizer, train_batches, steps_per_epoch, lr_at, state, device, criterion,
-                              None if plain else mix, bf16, channels_last, multiscale)
+        plain = state.epoch >= plan.epochs - plan.plain_last_epochs
+        metrics = train_epoch(model, optimizer, batches, steps, lr_at, state, device, criterion,
+                              None if plain else mix, plan.bf16, plan.channels_last, plan.multiscale)
         # the final epoch's validation pass also yields the member's predictions, so they are
         # the very outputs its final metrics came from (and the split is read once, not twice)
-        final = state.epoch + 1 == epochs
-        val, probs = evaluate(model, val_loader, device, bf16, channels_last, keep_probs=final, split=heldout)
+        final = state.epoch + 1 == plan.epochs
+        val, probs = evaluate(model, val_loader, device, plan.bf16, plan.channels_last, keep_probs=final,
+                              split=plan.heldout)
         state.epoch += 1
         metrics.update(val, epoch=state.epoch, epoch_minutes=(time.perf_counter() - start) / 60,
-                       steps_per_epoch=steps_per_epoch)
+                       steps_per_epoch=steps)
         state.history.append(metrics)
         if on_epoch_end:
             on_epoch_end(state, metrics, probs)

@@ -19,7 +19,7 @@ from typing import Callable
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.errors import UserError, did_you_mean, unknown_name
+from orchestrator.base.errors import UserError, did_you_mean, unknown_name
 
 
 class Params(BaseModel):

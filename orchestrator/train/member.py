@@ -1,7 +1,7 @@
 """One member, assembled from its spec: data, transforms, model, optimiser, loop.
 
 Still no Ray and no MLflow: `train_member` takes the rank, world size and device it runs
-on, an optional resume state, and a per-epoch callback. `orchestrator/member_worker.py`
+on, an optional resume state, and a per-epoch callback. `orchestrator/runtime/member_worker.py`
 calls it in a member's Tune trial process or in each of its Ray Train workers; tests call
 it directly on CPU.
 """
@@ -30,6 +30,7 @@ from orchestrator.train.prefetch import Prefetcher
 
 CHECKPOINT_FILE, PREDICTIONS_FILE, LABELS_FILE = "model.pt", "predictions.npy", "labels.npy"
 MINIVAL_PREDICTIONS_FILE, MINIVAL_LABELS_FILE = "minival_predictions.npy", "minival_labels.npy"
+PREDICTION_FILES = (PREDICTIONS_FILE, LABELS_FILE, MINIVAL_PREDICTIONS_FILE, MINIVAL_LABELS_FILE)
 
 
 @dataclass
@@ -142,7 +143,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
         train_batches = iter(loader_batches(stream, workers, device))
     steps_per_epoch = stream.steps  # one whole pass (or its capped part), every rank the same
     val_loader = build_eval_loader(data.heldout, eval_tf, recipe.batch_size * 2, workers, rank, world)
-    bf16, cl = recipe.bf16, recipe.channels_last and device.type == "cuda"
+    cl = recipe.channels_last and device.type == "cuda"
     smoothing = teacher.load_confusion_smoothing(recipe, data.train.class_names)
     if smoothing is not None:
         cp = recipe.confusion_prior
@@ -180,12 +181,9 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
             on_epoch_end(st, metrics, model, optimizer, probs)
 
     try:
-        state = loop.fit(model, optimizer, train_batches=train_batches, steps_per_epoch=steps_per_epoch,
-                         epochs=recipe.epochs, base_lr=base_lr, schedule=recipe.schedule, val_loader=val_loader,
-                         device=device, criterion=criterion, state=state,
-                         mix=augment.build_batch_mix(fields, data.num_classes), bf16=bf16, channels_last=cl,
-                         on_epoch_end=epoch_end, plain_last_epochs=recipe.plain_last_epochs,
-                         multiscale=recipe.multiscale, heldout=data.heldout_name)
+        plan = loop.FitPlan.of(recipe, steps_per_epoch, base_lr, cl, data.heldout_name)
+        state = loop.fit(model, optimizer, plan, train_batches, val_loader, device, criterion, state=state,
+                         mix=augment.build_batch_mix(fields, data.num_classes), on_epoch_end=epoch_end)
     finally:
         # a trial process trains the next member after this one: stop the prefetch thread
         if hasattr(train_batches, "close"):
@@ -281,6 +279,7 @@ def final_outputs(heldout_parts: dict, gather: Callable[[dict], list[dict]], mod
     from its final epoch's held-out pass (`heldout_parts`, this rank's). With a minival,
     those rows are the minival predictions and val is scored now, once: the only pass
     over val in the member's life, after every choice was made; `metrics` gets both."""
+    metrics["params"] = sum(p.numel() for p in model.parameters())  # the member's size, on its record
     parts = gather(heldout_parts)
     if data.minival is None:
         if rank != 0:

@@ -24,7 +24,7 @@ from orchestrator.data.dataset import Split
 from orchestrator.data.passes import plan_pass
 from orchestrator.data.resident import Resident
 from orchestrator.data.sampling import batch_sizes, pass_draws, pass_seed, steps_per_pass
-from orchestrator.errors import UserError
+from orchestrator.base.errors import UserError
 from orchestrator.train import augment, batch_augment
 from orchestrator.train.batch_augment import BatchAugment
 

@@ -13,10 +13,10 @@ import sys
 
 import torch
 
-from orchestrator import storage
+from orchestrator.base import storage
 from orchestrator.config import Recipe, Teacher
-from orchestrator.errors import UserError, unknown_name
-from orchestrator.runs_file import MemberRecord, RunsFile, load_runs
+from orchestrator.base.errors import UserError, unknown_name
+from orchestrator.records.runs_file import MemberRecord, RunsFile, load_runs
 from models import load_checkpoint
 from orchestrator.train.cam import CamMaps, cam_batches, write_cam_maps
 from orchestrator.train.confusion import confusion_prior, smoothing_matrix

@@ -1,0 +1,120 @@
+"""What a member's training process does, whoever hosts it: resume, train, checkpoint
+every epoch, and put the final predictions (val, and minival when there is one) into the
+final checkpoint.
+
+Three hosts provide a `Session` (rank, device, the latest checkpoint, a place to report
+to): `ray_train.py`, a Ray Train worker of a data-parallel member, `in_trial.py`, the
+Tune trial process of a single-worker member, and `search_trial.py`, a search trial.
+The training itself is plain PyTorch from `orchestrator.train`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+
+from models import save_checkpoint
+from orchestrator.config import MemberWork
+from orchestrator.views.tracking import log_epoch
+from orchestrator.train.member import CHECKPOINT_FILE, final_outputs, open_member_data, train_member
+
+
+class Session(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+    prepare_model: Callable
+    report_may_stop: bool  # report() may end the process (a search scheduler): log the epoch before it
+
+    def resume(self) -> tuple[dict | None, str]:
+        """(the latest checkpoint's state, where it came from), or (None, "")."""
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        """One epoch's metrics, and rank 0's checkpoint folder (None on other ranks)."""
+
+    def report_final_again(self, state: dict) -> None:
+        """The member had finished before a restart: hand its final checkpoint back."""
+
+    def epoch_fields(self, model) -> tuple[dict, dict]:
+        """What this host adds to an epoch's (checkpoint, logged metrics): nothing for a
+        member; a search trial's id and a fingerprint of the weights (search_trial.py)."""
+
+
+def _gather(part: dict, world: int) -> list[dict]:
+    if world == 1:
+        return [part]
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict]) -> None:
+    """The checkpointed epochs whose metrics never reached MLflow (a kill between the save
+    and the log), logged from the checkpoint's history: every step once, none skipped."""
+    if not history:
+        return
+    logged = {m.step for m in client.get_metric_history(run_id, "epoch")}  # fit() sets it every epoch
+    for epoch, metrics in enumerate(history, 1):
+        if epoch not in logged:
+            log_epoch(client, run_id, metrics, epoch)
+
+
+def run_member(work: MemberWork, session: Session) -> None:
+    started = time.perf_counter()
+    member = work.member
+    rank, world, device = session.rank, session.world, session.device
+    torch.set_num_threads(max(1, math.ceil(member.resources.cpus_per_worker)))
+    resume, source = session.resume()
+    if resume and rank == 0:
+        print(f"member {member.name}: resuming after epoch {resume['epoch']} from {source}", flush=True)
+    if resume and resume["epoch"] >= member.recipe.epochs:
+        # Killed after its final checkpoint but before the job recorded it: hand the final
+        # checkpoint (model, predictions) back as this run's result instead of retraining.
+        session.report_final_again(resume)
+        return
+
+    data = open_member_data(work.data, member.share)
+    state_start = resume["epoch"] if resume else 0
+    run_id = work.mlflow_run_id
+    client = MlflowClient(work.tracking_uri) if rank == 0 and run_id else None
+
+    def on_epoch_end(state, metrics, model, optimizer, probs):
+        if client is not None and state.epoch == state_start + 1:
+            for tag, text in notes.items():  # what the Hikvision options did, on the member's run
+                client.set_tag(run_id, tag, text)
+        final = probs is not None  # this rank's part of the final held-out predictions
+        if final:
+            files = final_outputs(probs, lambda part: _gather(part, world), model, member, data, metrics, device,
+                                  rank, world)
+            # the member's own work in this process: data, model, epochs, predictions
+            metrics["member_s"] = time.perf_counter() - started
+        saved, logged = session.epoch_fields(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                net = model.module if hasattr(model, "module") else model
+                save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), arch=member.arch, num_classes=data.num_classes,
+                                low_res=member.low_res, model=net, optimizer=optimizer.state_dict(),
+                                epoch=state.epoch, step=state.step, history=state.history, metrics=metrics,
+                                **saved)
+                for name, array in (files or {}).items() if final else ():
+                    np.save(os.path.join(tmp, name), array)
+            if client is not None and session.report_may_stop:  # a scheduler may end the trial in report()
+                log_epoch(client, run_id, {**metrics, **logged}, state.epoch)
+            session.report(metrics, tmp if rank == 0 else None)
+        # logged once the epoch's checkpoint is saved: a kill before this point retrains the
+        # epoch (nothing logged twice); a kill after the save leaves it for the resume to log
+        if client is not None and not session.report_may_stop:
+            log_epoch(client, run_id, {**metrics, **logged}, state.epoch)
+
+    if client is not None and resume:
+        log_missing_epochs(client, run_id, resume.get("history", []))
+    notes: dict = {}
+    train_member(member, data, device=device, rank=rank, world=world, resume=resume,
+                 prepare_model=session.prepare_model, on_epoch_end=on_epoch_end, notes=notes)

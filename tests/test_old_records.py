@@ -1,0 +1,85 @@
+"""Records written by the version before the folder-per-layer layout still work
+(tests/fixtures/old-records: a two-member job of `fixture.yaml` as that version wrote it,
+its runs.yaml, stored member records and predictions, its MLflow store, and one member's
+in-progress checkpoint after epoch 1; the finished members' final weights are left out
+for size, a device call carries the tree): the runs file evaluates to the same figures, a
+re-run of the job trains nothing and keeps its MLflow runs, and the checkpoint resumes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from orchestrator.config import MemberWork, load_config, resolve_members
+from orchestrator.records.runs_file import load_runs
+from orchestrator.runtime import in_trial
+from tests.conftest import ROOT
+
+FIXTURE = ROOT / "tests" / "fixtures" / "old-records"
+WRITTEN_AT = "/tmp/v1fix/run"  # where the old version wrote it
+DATA_AT = "/work/shared/data/tiny-imagenet-200"
+# what the old version printed for this job's ensemble (its job log)
+OLD_LINE = "top-1 error: ensemble 56.25% vs best member vgg8-s1 75.00% (chosen on the minival)"
+
+
+def relocated(tmp_path: Path, tiny_root: str) -> Path:
+    """The fixture copied to tmp_path, its paths (files and the MLflow store) moved there:
+    a job's folder moved to another machine."""
+    dst = tmp_path / "old"
+    shutil.copytree(FIXTURE, dst)
+    for f in [*dst.rglob("*.yaml"), *dst.rglob("*.json")]:
+        f.write_text(f.read_text().replace(WRITTEN_AT, str(dst)).replace(DATA_AT, tiny_root))
+    db = sqlite3.connect(dst / "mlruns" / "mlflow.db")
+    for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+        for _, column, kind, *_ in db.execute(f"PRAGMA table_info({table})").fetchall():
+            if "CHAR" in kind.upper() or "TEXT" in kind.upper():
+                db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (WRITTEN_AT, str(dst)))
+    db.commit()
+    db.close()
+    return dst
+
+
+def run(dst: Path, tiny_root: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATA_ROOT": str(Path(tiny_root).parent), "ENSEMBLE_STORAGE": str(dst / "storage")}
+    return subprocess.run([sys.executable, *args], cwd=dst, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_an_old_runs_file_still_evaluates_to_the_same_figures(tmp_path, tiny_root):
+    dst = relocated(tmp_path, tiny_root)
+    runs = load_runs(str(dst / "runs.yaml"))
+    assert [m.name for m in runs.members] == ["resnet20-s0", "vgg8-s1"] and runs.minival.split == "train@minival:2:0"
+    out = run(dst, tiny_root, "-m", "ensemble.evaluate", "--members", "runs.yaml", "--out", "report")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert OLD_LINE in out.stdout
+
+
+def test_an_old_job_reruns_without_training_and_keeps_its_mlflow_runs(tmp_path, tiny_root):
+    dst = relocated(tmp_path, tiny_root)
+    parent = yaml.safe_load((dst / "runs.yaml").read_text())["mlflow"]["parent_run_id"]
+    out = run(dst, tiny_root, str(ROOT / "jobs" / "train_ensemble.py"), "--config", "fixture.yaml", "--runs", "again.yaml")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 already finished, 0 to train" in out.stdout and OLD_LINE in out.stdout
+    again = load_runs(str(dst / "again.yaml"))
+    assert again.mlflow.parent_run_id == parent  # the old parent run, not a new one
+    old = load_runs(str(dst / "runs.yaml"))
+    assert [m.model_dump() for m in again.members] == [m.model_dump() for m in old.members]
+
+
+def test_an_old_checkpoint_resumes(tmp_path, tiny_root, capsys, monkeypatch):
+    dst = relocated(tmp_path, tiny_root)
+    monkeypatch.setenv("DATA_ROOT", str(Path(tiny_root).parent))
+    monkeypatch.setenv("ENSEMBLE_STORAGE", str(dst / "storage"))
+    cfg = load_config(str(dst / "fixture.yaml"))
+    member = resolve_members(cfg)[0]
+    root = dst / "storage" / "old-records" / "train" / member.key
+    assert json.loads((root / "latest.json").read_text())["epoch"] == 1
+    longer = member.model_copy(update={"recipe": member.recipe.model_copy(update={"epochs": 2})})
+    final, uri = in_trial.train(MemberWork(member=longer, data=cfg.data), str(root), 0, progress=lambda m: None)
+    assert "resuming after epoch 1" in capsys.readouterr().out  # epoch 1 came from the old checkpoint
+    assert final["epoch"] == 2 and uri.endswith("epoch_0002")
