@@ -3,7 +3,7 @@
 Recomputing 20 members' predictions would otherwise read, decode and resize the same
 split 20 times: on 2 CPU cores that input work is about a tenth of a ResNet-18's
 inference time at 64 px, and on a GPU a ResNet-50's inference outruns a handful of JPEG
-decoding threads several times over (README, Performance). So the split is decoded once
+decoding threads several times over (docs/performance.md). So the split is decoded once
 per eval geometry (resize, centre crop) into a local uint8 [N, 3, crop, crop] .npy file,
 and each member then streams its batches from that file in dataset order; per-member
 normalisation (mean/std) stays on the batch, where it costs next to nothing.

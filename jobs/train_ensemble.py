@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))  # `python jobs/train_ensemble.py` from a bare che
 
 from orchestrator.base.errors import exit_on_user_error  # noqa: E402
 from orchestrator.base.outages import exit_on_outage  # noqa: E402
-from ensemble import evaluate
+from ensemble.evaluation import summarize
 from ensemble.logged import log_job_result
 from ensemble.report import headline
 from orchestrator.drivers import ensemble_job
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def show_result(runs, runs_path: str) -> None:
     """The number the job exists for: its ensemble against its best member, per metric."""
-    report = evaluate.summarize(runs_path)
+    report = summarize(runs_path).as_dict()
     e = report["ensemble"]
     print(f"\nensemble of {len(report['members'])} finished members (mean softmax) on "
           f"{report['dataset']['split']}, {report['dataset']['samples']} samples:")

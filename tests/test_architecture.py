@@ -1,4 +1,4 @@
-"""The import rule of the README's Architecture section, checked on the source: a module
+"""The import rule of docs/architecture.md, checked on the source: a module
 imports only its own layer and the layers below, and every project import sits at the top
 of its module (none hidden in a function, where a loop between modules would go unseen)."""
 from __future__ import annotations
@@ -30,7 +30,7 @@ def layer_of(module: str) -> int:
         for p in prefixes:
             if (module == p or module.startswith(p + ".")) and len(p) > best:
                 best, found = len(p), i
-    assert found is not None, f"{module} is in no layer: add it to LAYERS and to the README"
+    assert found is not None, f"{module} is in no layer: add it to LAYERS and to docs/architecture.md"
     return found
 
 

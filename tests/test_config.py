@@ -150,7 +150,7 @@ def test_cli_missing_config_file():
 
 
 def test_readme_example_merges_resources_field_by_field():
-    # the README's example: a member's resources override the defaults' one field at a time
+    # the configs page's example: a member's resources override the defaults' one field at a time
     cfg = parse_config(base(defaults={"input_size": 64, "resources": {"workers": 1, "use_gpu": True,
                                                                       "gpus_per_worker": 0.25}},
                             members=[{"arch": "resnet50", "recipe": "a", "seed": 0,

@@ -34,11 +34,11 @@ RUNTIME_EXCLUDES = [".venv", ".stack", "outputs", "mlruns", ".git", "runs.yaml"]
 
 
 def readme_submit(stack, storage: str, extra_env: dict) -> list[str]:
-    """The README's local-stack `ray job submit` line, as a user copies it, with this test's
-    storage and experiment put in its runtime env."""
+    """The documented local-stack `ray job submit` line (docs/clusters.md), as a user copies
+    it, with this test's storage and experiment put in its runtime env."""
     import shlex
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "clusters.md").read_text()
     start = text.index("ray job submit --address $RAY_DASHBOARD_ADDRESS")
     line = text[start:text.index("\n", text.index("-- python", start))].replace("\\\n", " ")
     args = shlex.split(line.replace("$RAY_DASHBOARD_ADDRESS", stack["dashboard"]))
@@ -95,8 +95,8 @@ def check_runs_file(runs, expected_members: int, num_classes: int):
 
 @pytest.fixture(scope="module")
 def resumed_smoke(stack, s3_data):
-    """The README's local-stack `ray job submit` of configs/smoke.yaml, its driver killed
-    (SIGKILL, by its pid) once a member has its first checkpoint, then the README's line
+    """The documented local-stack `ray job submit` (docs/clusters.md) of configs/smoke.yaml, its driver killed
+    (SIGKILL, by its pid) once a member has its first checkpoint, then the documented line
     again, which resumes and completes it: one trained ensemble that the cluster-path and
     the killed-driver tests both read."""
     from ray.job_submission import JobSubmissionClient
@@ -125,7 +125,7 @@ def resumed_smoke(stack, s3_data):
         assert time.time() < killed_at + 120, "the job outlived its driver"
         time.sleep(0.5)
     runs_before = fs.exists(runs_uri) or fs.exists(f"{storage}/smoke/runs.yaml")
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)  # the README's line
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)  # the documented line
     return {"storage": storage, "env": env, "runs_uri": runs_uri, "first": again, "runs_before": runs_before}
 
 

@@ -284,3 +284,21 @@ def test_a_runs_file_with_no_parent_run_is_evaluated_whatever_tracking_server_is
     path, _ = make_runs(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     assert evaluate.main(["--members", str(path), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_the_library_gives_the_clis_figures_without_argparse(tmp_path):
+    """From Python or a notebook: `evaluate(runs, options) -> Report`, no argv, no files."""
+    from ensemble.evaluation import evaluate as evaluate_runs
+    from ensemble.options import EvaluateOptions
+    from orchestrator.records.runs_file import load_runs
+
+    path, _ = make_runs(tmp_path)
+    cli, _ = run(path, tmp_path, "--select", "greedy", "--calibrate")
+    options = EvaluateOptions(select="greedy", calibrate=True, log_mlflow=False)
+    report = evaluate_runs(load_runs(str(path)), options)
+    assert report.as_dict() == cli  # the same figures, every one
+    assert report.ensemble.top5_err == cli["ensemble"]["top5_err"] and report.member("m1").img_size == 32
+    assert report.member("m0").crop_pct == 1.0 and report.member("m0").param_count is None  # timm's fields
+    assert not (tmp_path / "ensemble-report").exists()  # a library call writes nothing
+    with pytest.raises(ValueError, match="select"):
+        EvaluateOptions(select="best")  # typed: a wrong choice is refused where it is made

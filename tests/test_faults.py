@@ -1,6 +1,6 @@
 """Faults injected for real on the local stack (processes killed by pid, servers stopped):
 each must cost minutes, never finished work or data. The figures these tests print are
-the README's "Reliability" table (`pytest -s tests/test_faults.py`)."""
+the "Reliability" table of docs/reliability.md (`pytest -s tests/test_faults.py`)."""
 from __future__ import annotations
 
 import json

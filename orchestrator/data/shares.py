@@ -7,7 +7,7 @@ member i of the config trains on share i mod K. Each member then sees 1/K of the
 sees the same images: Breiman's "pasting" of small votes, bagging without replacement
 (L. Breiman 1999, "Pasting Small Votes for Classification in Large Databases and On-Line",
 Machine Learning 36). On a budget that cannot train every member on all of train, it buys
-an ensemble gain that different seeds on the same images do not (README, "What the first
+an ensemble gain that different seeds on the same images do not (docs/getting-started.md, "What the first
 command shows"). At ImageNet scale members see all of train; leave `shares` unset.
 
 Dealing is deterministic and needs only the labels, so every rank, loader and resume

@@ -1,0 +1,37 @@
+"""What an evaluation does, as one typed options object (`ensemble.evaluation.evaluate`
+takes it; `python -m ensemble.evaluate` builds it from its flags)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# the combination each method scores with (ensemble/math.py: combine)
+METHODS = {"mean_softmax": "mean", "weighted": "mean", "geometric": "geometric"}
+
+
+class EvaluateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["mean_softmax", "weighted", "geometric"] = Field(
+        "mean_softmax", description="mean_softmax, weighted (weights from runs.yaml), geometric (= logit mean)")
+    select: Literal["none", "greedy"] = Field(
+        "none", description="greedy: Caruana ensemble selection with replacement on the selection rows")
+    select_rounds: int | None = Field(None, ge=1, description="greedy steps (default: 2 x members)")
+    select_metric: Literal["nll", "top1", "top5"] = "nll"
+    calibrate: bool = Field(False, description="per-member temperature scaling on the selection rows")
+    selection_fraction: float = Field(0.5, gt=0, lt=1, description="part of the split held out to choose on, "
+                                                                   "when nothing else is (no minival)")
+    tta: Literal["none", "flip", "10crop", "multiscale"] = Field(
+        "none", description="per-member test-time augmentation (recomputes predictions from checkpoints)")
+    random_orders: int = Field(3, ge=0, description="random orders averaged in the size curve")
+    curve_samples: int = Field(10_000, ge=1, description="rows the size curve is scored on (a seeded subset)")
+    recompute: bool = Field(False, description="ignore cached predictions, run the checkpoints")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% intervals")
+    seed: int = 0
+    log_mlflow: bool = Field(True, description="log metrics and plots to the runs file's MLflow parent run")
+    log_model: bool = Field(False, description="also log the ensemble as one MLflow pyfunc model")
+
+    @property
+    def combination(self) -> str:
+        return METHODS[self.method]
