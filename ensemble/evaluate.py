@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+from pydantic import ValidationError
+
 from ensemble import report as rep
 from ensemble.evaluation import evaluate
 from ensemble.logged import log_to_mlflow, mlflow_target
@@ -24,7 +26,7 @@ from ensemble.options import METHODS, EvaluateOptions
 from ensemble.results import Report
 from ensemble.serve import log_ensemble_model
 from ensemble.tta import TTA_VIEWS
-from orchestrator.base.errors import exit_on_user_error
+from orchestrator.base.errors import UserError, exit_on_user_error
 from orchestrator.base.outages import check_tracking, exit_on_outage
 from orchestrator.records.runs_file import RunsFile, load_runs
 
@@ -54,13 +56,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also log the ensemble as one MLflow pyfunc model (members, transforms, weights)")
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples for the 95%% intervals (default: %(default)s)")
+    p.add_argument("--budget-macs", type=float, default=None,
+                   help="with --select greedy: keep the ensemble within this many multiply-adds per image")
+    p.add_argument("--budget-ms", type=float, default=None,
+                   help="with --select greedy: within this many ms per image at batch 1 (the members' stored cost)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def options_of(args: argparse.Namespace) -> EvaluateOptions:
     flags = {k: v for k, v in vars(args).items() if k in EvaluateOptions.model_fields}
-    return EvaluateOptions(**flags, log_mlflow=not args.no_mlflow)
+    try:
+        return EvaluateOptions(**flags, log_mlflow=not args.no_mlflow)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") if err["loc"] else "options"
+        raise UserError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def publish(runs: RunsFile, report: Report, options: EvaluateOptions, out: str, json_path: str | None = None) -> None:

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from ensemble import math as em
+from ensemble.costs import budget_costs, ensemble_cost, front, member_fields, subset_points
 from ensemble.options import EvaluateOptions
 from ensemble.predictions import recompute
 from ensemble.protocol import Protocol, protocol_for
@@ -117,8 +118,13 @@ def fit_on_selection(records, sel: Selection, options) -> tuple[list, np.ndarray
         return transforms[i](rows) if transforms[i] else rows
 
     rounds = options.select_rounds or 2 * m
-    chosen, curve = em.greedy_selection(load, m, sel.labels, rounds, init=1, metric=options.select_metric,
-                                        method=options.combination)
+    costs = budget_costs(records, options.budget[0], TTA_VIEWS[options.tta]) if options.budget else None
+    try:
+        chosen, curve = em.greedy_selection(load, m, sel.labels, rounds, init=1, metric=options.select_metric,
+                                            method=options.combination, cost=costs,
+                                            budget=options.budget[1] if options.budget else None)
+    except ValueError as exc:
+        raise UserError(f"--budget-{options.budget[0]}: {exc}") from None
     weights = em.weights_from_selection(chosen, m)
     names = [r.name for r in records]
     selection = {"method": "greedy_with_replacement", "combination": options.combination,
@@ -126,6 +132,12 @@ def fit_on_selection(records, sel: Selection, options) -> tuple[list, np.ndarray
                  "best_prefix": len(chosen), "order": [names[i] for i in chosen], "loss_curve": curve,
                  "weights": dict(zip(names, weights.tolist())),
                  "temperatures": dict(zip(names, temps)) if options.calibrate else None}
+    if costs is not None:  # what the budget cost: the same selection without it
+        free, _ = em.greedy_selection(load, m, sel.labels, rounds, init=1, metric=options.select_metric,
+                                      method=options.combination)
+        selection["budget"] = {"kind": options.budget[0], "limit": options.budget[1],
+                               "cost": em.ensemble_cost(costs, chosen), "unbudgeted_cost": em.ensemble_cost(costs, free),
+                               "unbudgeted_weights": em.weights_from_selection(free, m).tolist()}
     return transforms, weights, selection
 
 
@@ -156,7 +168,8 @@ def build_report(runs, records, preds, labels, options) -> tuple[dict, dict]:
     if weights is None:
         weights = np.array([r.weight for r in records]) if options.method == "weighted" else np.ones(m)
     scored = score(preds, transforms, labels, rows, weights, options.combination)
-    per_member = [{"name": r.name, **t.summary(), **timm_fields(r)} for r, t in zip(records, scored["members"])]
+    views = float(TTA_VIEWS[options.tta])
+    per_member = [{"name": r.name, **t.summary(), **member_fields(r, views)} for r, t in zip(records, scored["members"])]
     best = choose_best(sel, proto, m, per_member)
     main, label, randoms = curve_orders(best["errors"], selection and
                                         [[r.name for r in records].index(n) for n in selection["order"]],
@@ -185,6 +198,13 @@ def build_report(runs, records, preds, labels, options) -> tuple[dict, dict]:
                 "gain_top1_over_best": per_member[best_by[1]]["top1_err"] - summary["top1_err"],
                 "best_member_top1": per_member[best_by[1]]["name"], "best_member_top5": per_member[best_by[5]]["name"],
                 "best_member_chosen_on": best["on"]}
+    ensemble["cost"] = ensemble_cost(per_member, used)
+    if selection and selection.get("budget"):
+        free = score(preds, transforms, labels, rows, np.array(selection["budget"].pop("unbudgeted_weights")),
+                     options.combination)["ensemble"].summary()
+        selection["budget"].update(unbudgeted_top1_err=free["top1_err"], unbudgeted_top5_err=free["top5_err"],
+                                   top1_err_cost=summary["top1_err"] - free["top1_err"],
+                                   top5_err_cost=summary["top5_err"] - free["top5_err"])
     # 95% bootstrap intervals over the reported rows (ensemble/scoring.py: intervals)
     ci = intervals(scored["members"], scored["ensemble"], best_by, options.bootstrap, options.seed)
     for row, extra in zip(per_member, ci["members"]):
@@ -198,15 +218,30 @@ def build_report(runs, records, preds, labels, options) -> tuple[dict, dict]:
                               "chosen_on": CHOSEN_ON[best["on"]], "chosen_samples": best["samples"]},
               "size_curve": size_curve, "size_curve_samples": int(len(curve_rows)), "selection": selection,
               "tta": {"mode": options.tta, "inference_cost": float(TTA_VIEWS[options.tta])},
-              "disagreement": {"members": [r.name for r in records], "matrix": scored["disagreement"].tolist()}}
+              "disagreement": {"members": [r.name for r in records], "matrix": scored["disagreement"].tolist()},
+              "accuracy_cost": accuracy_cost(per_member, size_curve, preds, transforms, labels, curve_rows)}
     return Report(**report, reliability=scored["ensemble"].reliability_curve())
 
 
-def timm_fields(record) -> dict:
-    """timm's per-model validation fields the record holds (results.MemberResult)."""
-    params = record.metrics.get("params")
-    return {"param_count": int(params) if params is not None else None, "img_size": record.eval.input_size,
-            "crop_pct": record.eval.crop / record.eval.resize}
+def accuracy_cost(per_member: list[dict], size_curve: list[dict], preds, transforms, labels,
+                  rows) -> dict | None:
+    """Members, the ensembles along the report's order, every subset when few, and the
+    front of top-1 error against multiply-adds (ensemble/costs.py); None without costs."""
+    if any(r.get("macs") is None for r in per_member):
+        return None
+    names = [r["name"] for r in per_member]
+    by = {r["name"]: r for r in per_member}
+    points = [{"name": r["name"], "members": [r["name"]], "top1_err": r["top1_err"], "macs": r["macs"],
+               "param_count": r["param_count"] or 0} for r in per_member]
+    path = []
+    for step in size_curve[1:]:
+        kept = [s["member"] for s in size_curve[:step["k"]]]
+        path.append({"name": f"first {step['k']}", "members": kept, "top1_err": step["top1_err"],
+                     "macs": sum(by[n]["macs"] for n in kept), "param_count": sum(by[n]["param_count"] or 0 for n in kept)})
+    subsets = subset_points(preds, transforms, labels, rows, names, [r["macs"] for r in per_member],
+                            [r["param_count"] or 0 for r in per_member])
+    return {"members": points, "path": path, "front": front(points + (subsets or path)),
+            "front_from": "every subset" if subsets else "the members and the ensembles along the order"}
 
 
 def evaluate(runs: RunsFile | str, options: EvaluateOptions = EvaluateOptions()) -> Report:

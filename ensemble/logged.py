@@ -29,6 +29,8 @@ def log_to_mlflow(runs: RunsFile, report: dict, files: list[str]) -> str | None:
     for key in ("top1_err", "top5_err", "nll", "ece", "oracle_top1_err", "gain_top5_over_best", "gain_top1_over_best"):
         client.log_metric(parent, prefix + key, float(e[key]))
     client.log_metric(parent, "best_member_top5_err", float(report["best_member"]["top5_err"]))
+    for key, value in (e.get("cost") or {}).items():  # what the ensemble costs to run (ensemble/costs.py)
+        client.log_metric(parent, f"{prefix}{key}", float(value))
     for point in report["size_curve"]:
         client.log_metric(parent, "size_curve_top5_err", point["top5_err"], step=point["k"])
     for path in files:
@@ -54,6 +56,8 @@ def log_job_result(runs: RunsFile, report: dict) -> str | None:
     def log(key: str, value: float) -> None:  # 7 digits, as float32 figures hold: 0.662, not 0.66199999
         client.log_metric(parent, key, float(f"{float(value):.7g}"))
 
+    for key, value in (e.get("cost") or {}).items():
+        log(f"job_ensemble_{key}", value)
     for k in (1, 5):
         log(f"job_ensemble_top{k}_err", e[f"top{k}_err"])
         log(f"val_top{k}_err", e[f"top{k}_err"])

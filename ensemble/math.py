@@ -41,6 +41,8 @@ Selection and calibration (fitted on a *selection* split, never the reported one
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -193,7 +195,8 @@ def selection_loss(probs, labels, metric: str) -> float:
 
 
 def greedy_selection(load, n_members: int, labels, rounds: int, init: int = 1,
-                     metric: str = "nll", method: str = "mean") -> tuple[list[int], list[float]]:
+                     metric: str = "nll", method: str = "mean", cost=None,
+                     budget: float | None = None) -> tuple[list[int], list[float]]:
     """Caruana et al. 2004, "Ensemble Selection from Libraries of Models": sorted
     initialisation with the `init` best members, then `rounds` forward steps with
     replacement, each adding the member whose addition most lowers the selection loss of
@@ -202,25 +205,46 @@ def greedy_selection(load, n_members: int, labels, rounds: int, init: int = 1,
     selection loss, not the last one; the first such step on ties) and the loss after
     every step (the whole curve, for plotting).
 
+    With `cost` (per member) and `budget`, only members whose addition keeps the summed
+    cost of the distinct members chosen within the budget are candidates (a member chosen
+    again costs nothing more: its weight grows, not the work), as AutoGluon bounds its
+    weighted ensemble by inference time (`infer_limit`).
+
     `load(i)` returns member i's probabilities on the selection rows and is called once per
     member: what the rounds need is held, at most one float32 copy of the rows (M x N x C x
     4 bytes), and for the mean's NLL (the default) only each member's true-class column
     (M x N x 4 bytes), from which that loss is computed exactly as from the whole rows."""
     held, labels = _held_for(load, n_members, labels, metric, method)
     own = [selection_loss(h, labels, metric) for h in held]
-    chosen = sorted(range(n_members), key=own.__getitem__)[:init]
+    fits = _within(cost, budget)
+    chosen = [i for i in sorted(range(n_members), key=own.__getitem__) if fits(set(), i)][:init]
+    if not chosen:
+        raise ValueError(f"no member fits the budget {budget:g} (the cheapest costs {min(cost):g})")
     comb = Combiner(method)
     for i in chosen:
         comb.add(held[i])
     curve = [selection_loss(comb.result(), labels, metric)]
     for _ in range(rounds):
-        losses = [selection_loss(comb.result_with(h), labels, metric) for h in held]
+        losses = [selection_loss(comb.result_with(h), labels, metric) if fits(set(chosen), i) else math.inf
+                  for i, h in enumerate(held)]
         best = int(np.argmin(losses))
         chosen.append(best)
         comb.add(held[best])
         curve.append(losses[best])
     best_step = int(np.argmin(curve))
     return chosen[:init + best_step], curve
+
+
+def _within(cost, budget):
+    """fits(chosen, i): adding member i to the distinct members `chosen` stays within budget."""
+    if cost is None or budget is None:
+        return lambda chosen, i: True
+    return lambda chosen, i: sum(cost[j] for j in chosen | {i}) <= budget * (1 + 1e-12)
+
+
+def ensemble_cost(cost, members) -> float:
+    """What an ensemble of `members` (indices, repeats allowed) costs: its distinct members' sum."""
+    return float(sum(cost[i] for i in set(members)))
 
 
 def _held_for(load, n_members: int, labels, metric: str, method: str) -> tuple[list[torch.Tensor], torch.Tensor]:

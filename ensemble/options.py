@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # the combination each method scores with (ensemble/math.py: combine)
 METHODS = {"mean_softmax": "mean", "weighted": "mean", "geometric": "geometric"}
@@ -29,8 +29,27 @@ class EvaluateOptions(BaseModel):
     recompute: bool = Field(False, description="ignore cached predictions, run the checkpoints")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% intervals")
     seed: int = 0
+    budget_macs: float | None = Field(None, gt=0, description="greedy selection within this many multiply-adds "
+                                                             "per image (the ensemble's distinct members, TTA views included)")
+    budget_ms: float | None = Field(None, gt=0, description="greedy selection within this many milliseconds per image at "
+                                                           "batch 1 (the members' stored measured cost)")
     log_mlflow: bool = Field(True, description="log metrics and plots to the runs file's MLflow parent run")
     log_model: bool = Field(False, description="also log the ensemble as one MLflow pyfunc model")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.budget_macs is not None and self.budget_ms is not None:
+            raise ValueError("give one budget: budget_macs or budget_ms")
+        if (self.budget_macs or self.budget_ms) and self.select != "greedy":
+            raise ValueError("a budget bounds greedy selection: add select='greedy' (--select greedy)")
+        return self
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """("macs" | "ms", the limit), or None."""
+        if self.budget_macs is not None:
+            return "macs", self.budget_macs
+        return ("ms", self.budget_ms) if self.budget_ms is not None else None
 
     @property
     def combination(self) -> str:

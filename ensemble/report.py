@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from ensemble.cost_plot import macs_words, plot_accuracy_cost  # noqa: E402
 from orchestrator.views.terminal import console  # noqa: E402
 
 
@@ -67,13 +68,16 @@ def print_table(report: dict) -> None:
     ds = report["dataset"]
     table = Table(title=f"{ds['name']} {ds['split']}: {ds['samples']} samples, {ds['num_classes']} classes "
                         f"(errors with 95% bootstrap intervals)")
-    for col in ("model", "top-1 err", "top-5 err", "NLL", "ECE"):
+    e = report["ensemble"]
+    costs = e.get("cost") is not None  # members record what they cost to run (ensemble/costs.py)
+    for col in ("model", "top-1 err", "top-5 err", "NLL", "ECE") + (("MACs", "ms/img b1") if costs else ()):
         table.add_column(col, justify="left" if col == "model" else "right")
     for m in report["members"]:
-        table.add_row(m["name"], _err(m, "top1_err"), _err(m, "top5_err"), f"{m['nll']:.3f}", f"{m['ece']:.3f}")
-    e = report["ensemble"]
+        table.add_row(m["name"], _err(m, "top1_err"), _err(m, "top5_err"), f"{m['nll']:.3f}", f"{m['ece']:.3f}",
+                      *((macs_words(m["macs"]), f"{m['infer_ms_b1']:.1f}") if costs else ()))
     table.add_row(f"[bold]ensemble ({e['method']}, {len(set(e['members']))} members)[/]",
-                  f"[bold]{_err(e, 'top1_err')}", f"[bold]{_err(e, 'top5_err')}", f"{e['nll']:.3f}", f"{e['ece']:.3f}")
+                  f"[bold]{_err(e, 'top1_err')}", f"[bold]{_err(e, 'top5_err')}", f"{e['nll']:.3f}", f"{e['ece']:.3f}",
+                  *((macs_words(e["cost"]["macs"]), f"{e['cost']['infer_ms_b1']:.1f}") if costs else ()))
     console().print(table)
     for line in headline(report):
         console().print(line)
@@ -90,6 +94,12 @@ def print_table(report: dict) -> None:
         if s.get("weights"):
             console().print(f"selection on {s['samples']} samples: weights "
                           + ", ".join(f"{k}={v:.2f}" for k, v in s["weights"].items() if v > 0))
+    budget = (report.get("selection") or {}).get("budget")
+    if budget:
+        unit = macs_words if budget["kind"] == "macs" else (lambda x: f"{x:.1f} ms")
+        console().print(f"budget {unit(budget['limit'])}: the selection costs {unit(budget['cost'])} "
+                        f"(unbudgeted {unit(budget['unbudgeted_cost'])}); top-1 error {budget['top1_err_cost']:+.2%} "
+                        f"and top-5 {budget['top5_err_cost']:+.2%} against the unbudgeted choice")
     if report.get("tta") and report["tta"]["mode"] != "none":
         console().print(f"test-time augmentation {report['tta']['mode']}: {report['tta']['inference_cost']:g}x "
                       "the inference of one view per member")
@@ -183,11 +193,14 @@ def plot_reliability(path: str, reliability: dict) -> None:
 
 def write_folder(out: str, report: dict, reliability: dict) -> list[str]:
     os.makedirs(out, exist_ok=True)
-    paths = {name: os.path.join(out, name) for name in
-             ("report.json", "report.csv", "size_curve.png", "members.png", "reliability.png")}
+    names = ("report.json", "report.csv", "size_curve.png", "members.png", "reliability.png")
+    paths = {name: os.path.join(out, name) for name in names + (("accuracy_cost.png",) if report.get("accuracy_cost")
+                                                                 else ())}
     write_json(paths["report.json"], report)
     write_csv(paths["report.csv"], report)
     plot_size_curve(paths["size_curve.png"], report)
     plot_members(paths["members.png"], report)
     plot_reliability(paths["reliability.png"], reliability)
+    if "accuracy_cost.png" in paths:
+        plot_accuracy_cost(paths["accuracy_cost.png"], report)
     return list(paths.values())

@@ -23,6 +23,12 @@ class MemberResult(Row):
     param_count: int | None = None  # from the member's record (None for records written before it was kept)
     img_size: int | None = None  # the input size the member is evaluated at
     crop_pct: float | None = None  # crop / resize of its evaluation transform
+    # its inference cost (ensemble/costs.py), TTA views included; None for records without one
+    macs: float | None = None
+    infer_ms_b1: float | None = None
+    infer_images_per_s_b64: float | None = None
+    infer_peak_mb: float | None = None
+    cost_machine: str | None = None
 
 
 class EnsembleResult(Row):
@@ -50,6 +56,7 @@ class Report(BaseModel):
     selection: dict | None
     tta: dict
     disagreement: dict
+    accuracy_cost: dict | None = None  # members, ensembles and the front of top-1 error against multiply-adds
     reliability: dict = Field(default_factory=dict, exclude=True)  # the ensemble's reliability curve (plotted)
 
     def as_dict(self) -> dict:

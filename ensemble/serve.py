@@ -9,12 +9,20 @@ geometry, softmaxes averaged over views, temperature applied, members combined b
 weighted mean or the geometric mean (ensemble/math.py). The served ensemble is the
 evaluated one.
 
-Input: a list of encoded images (JPEG/PNG bytes), a uint8 array [B, H, W, 3], or a
-DataFrame with an `image` column of bytes. Output: a DataFrame with `top5_classes`
-(class names) and `top5_probs`.
+Input: a list of encoded images (JPEG/PNG bytes, or base64 strings of them: JSON carries
+no bytes), a uint8 array [B, H, W, 3], or a DataFrame with an `image` column of either
+(what MLflow's scoring server builds from `dataframe_split`, `dataframe_records` and
+`inputs`; the model's signature says so). Output: a DataFrame with `top5_classes` (class
+names) and `top5_probs`, the five most probable classes in descending order, ties in
+class order (a stable sort, as the platform's top-k rule ranks them: ensemble/math.py).
+A row whose image does not decode is answered with empty top-5 lists and its `error`
+(the row named, what to send instead), the other rows as usual: MLflow's server would
+answer a raised error with a 500 that echoes the payload.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import importlib
 import os
@@ -32,16 +40,32 @@ from orchestrator.data.dataset import decode_rgb
 from orchestrator.train.augment import EvalGeometry, normalize_batch
 
 TOP_K = 5
+IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG")  # JPEG, PNG
 
 
-def _images(model_input) -> list[torch.Tensor]:
+def _images(model_input) -> list[torch.Tensor | str]:
+    """Each row's image, or for a row that holds none, what is wrong with it."""
     import pandas as pd  # on use, as MLflow's model stack below
 
+    if isinstance(model_input, dict):
+        model_input = model_input["image"]
     if isinstance(model_input, pd.DataFrame):
         model_input = list(model_input["image"])
     if isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8 and model_input.ndim == 4:
         return [torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1) for img in model_input]
-    return [decode_rgb(bytes(b)) for b in model_input]
+    return [_decoded(i, item) for i, item in enumerate(model_input)]
+
+
+def _decoded(row: int, item) -> torch.Tensor | str:
+    """One image from its file bytes or their base64 text; else the row's error."""
+    try:
+        data = bytes(item, "ascii") if isinstance(item, str) else bytes(item)
+        if not data.startswith(IMAGE_MAGIC):  # base64 text (MLflow's `inputs` form hands it over undecoded)
+            data = base64.b64decode(data, validate=True)
+        return decode_rgb(data)
+    except (binascii.Error, ValueError, TypeError, RuntimeError):
+        return (f"row {row}: not a JPEG or PNG image; send each image's file bytes, base64-encoded, "
+                f"in the `image` column")
 
 
 @functools.cache
@@ -71,15 +95,22 @@ def ensemble_model_class():
 
         @torch.no_grad()
         def predict(self, context, model_input, params=None):
-            images = _images(model_input)
+            rows = _images(model_input)
+            images = [r for r in rows if not isinstance(r, str)]
             comb = em.Combiner(self.method)
-            for model, ev, weight, temperature in self.members:
+            for model, ev, weight, temperature in self.members if images else ():
                 probs = self.member_probs(model, ev, images)
                 comb.add(em.apply_temperature(probs, temperature) if temperature else probs, weight)
-            probs = comb.result()
-            top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
-            return pd.DataFrame({"top5_classes": [[self.class_names[i] for i in row] for row in top.indices.tolist()],
-                                 "top5_probs": top.values.tolist()})
+            k = min(TOP_K, len(self.class_names))
+            values, indices = comb.result().sort(dim=1, descending=True, stable=True) if images else (None, None)
+            out, j = {"top5_classes": [], "top5_probs": [], "error": []}, 0
+            for r in rows:  # a bad row is answered with its error, the others as usual (ties in class order)
+                good = not isinstance(r, str)
+                out["top5_classes"].append([self.class_names[i] for i in indices[j, :k].tolist()] if good else [])
+                out["top5_probs"].append(values[j, :k].tolist() if good else [])
+                out["error"].append("" if good else r)  # "" (not None: a DataFrame would make it NaN)
+                j += good
+            return pd.DataFrame(out)
 
     return EnsembleModel
 
@@ -119,11 +150,35 @@ def log_ensemble_model(runs, records, weights, client_run_id: str, tracking_uri:
         with open(path, "w") as f:
             yaml.safe_dump(spec, f)
         artifacts["ensemble"] = path
+        example = input_example(records)
         with mlflow.start_run(run_id=client_run_id):
             info = mlflow.pyfunc.log_model(name=name, python_model=ensemble_model_class()(), artifacts=artifacts,
                                            code_paths=[_package_dir("models"), _package_dir("orchestrator"),
-                                                       _package_dir("ensemble")])
+                                                       _package_dir("ensemble")],
+                                           signature=signature(), input_example=example)
     return info.model_uri
+
+
+def signature():
+    """Images in an `image` column of binary type (MLflow's scoring server takes them as
+    base64 strings in JSON and hands the model bytes); the top five class names and
+    probabilities out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+                          outputs=Schema([ColSpec(Array("string"), "top5_classes"),
+                                          ColSpec(Array("double"), "top5_probs"),
+                                          ColSpec("string", "error", required=False)]))
+
+
+def input_example(records):
+    """One request's rows: a grey 32 px JPEG (MLflow stores it base64-encoded, as a client sends it)."""
+    import pandas as pd
+    from torchvision.io import encode_jpeg
+
+    return pd.DataFrame({"image": [encode_jpeg(torch.full((3, 32, 32), 128, dtype=torch.uint8)).numpy().tobytes()]})
 
 
 def _package_dir(name: str) -> str:

@@ -302,3 +302,48 @@ def test_the_library_gives_the_clis_figures_without_argparse(tmp_path):
     assert not (tmp_path / "ensemble-report").exists()  # a library call writes nothing
     with pytest.raises(ValueError, match="select"):
         EvaluateOptions(select="best")  # typed: a wrong choice is refused where it is made
+
+
+def with_costs(path, macs=(1e6, 2e6, 4e6), params=(1e5, 2e5, 4e5)):
+    """Give the runs file's members the inference cost a trained member records (models/cost.py)."""
+    runs = yaml.safe_load(path.read_text())
+    for m, mac, p in zip(runs["members"], macs, params):
+        m["metrics"] = {"macs": mac, "params": p, "infer_ms_b1": mac / 1e6, "infer_images_per_s_b64": 1e9 / mac,
+                        "infer_peak_mb": 10.0}
+        m["cost_machine"] = "cpu: x86_64, 2 threads"
+    path.write_text(yaml.safe_dump(runs))
+
+
+def test_members_and_the_ensemble_report_their_cost_and_the_accuracy_cost_front(tmp_path, capsys):
+    path, _ = make_runs(tmp_path)
+    with_costs(path)
+    report, out = run(path, tmp_path)
+    assert [m["macs"] for m in report["members"]] == [1e6, 2e6, 4e6] and report["members"][2]["param_count"] == 400000
+    cost = report["ensemble"]["cost"]  # every member runs on every image: the sum
+    assert cost["macs"] == 7e6 and cost["infer_ms_b1"] == 7.0 and cost["param_count"] == 700000
+    assert "MACs" in capsys.readouterr().out
+    ac = report["accuracy_cost"]
+    assert ac["front_from"] == "every subset" and len(ac["members"]) == 3 and len(ac["path"]) == 2
+    front = ac["front"]  # cheapest first, each better than every cheaper point
+    assert [p["macs"] for p in front] == sorted(p["macs"] for p in front)
+    assert all(a["top1_err"] > b["top1_err"] for a, b in zip(front, front[1:]))
+    assert (out / "accuracy_cost.png").stat().st_size > 10_000
+
+
+def test_a_budgeted_selection_stays_within_its_budget_and_says_what_it_cost(tmp_path, capsys):
+    path, _ = make_runs(tmp_path, members=3)
+    with_costs(path)
+    free, _ = run(path, tmp_path, "--select", "greedy")
+    report, _ = run(path, tmp_path, "--select", "greedy", "--budget-macs", "3.5e6")
+    costs = {"m0": 1e6, "m1": 2e6, "m2": 4e6}
+    kept = {n for n, w in report["selection"]["weights"].items() if w > 0}
+    budget = report["selection"]["budget"]
+    assert sum(costs[n] for n in kept) == budget["cost"] <= 3.5e6 and "m2" not in kept
+    assert budget["unbudgeted_cost"] == sum(costs[n] for n, w in free["selection"]["weights"].items() if w > 0)
+    assert budget["unbudgeted_top1_err"] == free["ensemble"]["top1_err"]
+    assert budget["top1_err_cost"] == report["ensemble"]["top1_err"] - free["ensemble"]["top1_err"]
+    assert "budget 3.5 M: the selection costs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # a budget below every member: one line, exit 2
+        evaluate.main(["--members", str(path), "--no-mlflow", "--out", str(tmp_path / "o"), "--select", "greedy",
+                       "--budget-macs", "5e5"])
+    assert exit_.value.code == 2 and "no member fits the budget" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models import build_model
+from models.cost import multiply_adds
 from orchestrator.records.member import member_record
 from orchestrator.runtime import in_trial
 from orchestrator.config import MemberWork, resolve_members
@@ -61,6 +62,11 @@ def test_a_finished_member_is_not_trained_again(tiny_root, tmp_path, capsys):
     net = build_model(member.arch, num_classes=4, low_res=member.low_res)
     assert first["params"] == sum(p.numel() for p in net.parameters()) > 0
     assert member_record(member, None, final=first).metrics["params"] == first["params"]
+    # ... and what it costs to run (models/cost.py), measured where it trained
+    record = member_record(member, None, final=first)
+    assert record.metrics["macs"] == multiply_adds(member.arch, member.low_res, member.input_size, 4) > 0
+    assert record.metrics["infer_ms_b1"] > 0 and record.metrics["infer_images_per_s_b64"] > 0
+    assert record.cost_machine.startswith("cpu: ")
 
 
 def test_an_upload_cut_short_leaves_the_previous_checkpoint_in_charge(tiny_root, tmp_path, monkeypatch):

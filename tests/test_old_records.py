@@ -46,7 +46,9 @@ def relocated(tmp_path: Path, tiny_root: str) -> Path:
 
 
 def run(dst: Path, tiny_root: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATA_ROOT": str(Path(tiny_root).parent), "ENSEMBLE_STORAGE": str(dst / "storage")}
+    # the job's own folder (./mlruns, as it was written), not a tracking server the environment names
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env.update(DATA_ROOT=str(Path(tiny_root).parent), ENSEMBLE_STORAGE=str(dst / "storage"))
     return subprocess.run([sys.executable, *args], cwd=dst, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -1,4 +1,10 @@
 """The recompute path: checkpoint + the member's own eval transform, with test-time views."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +269,72 @@ def test_tta_recomputes_the_minival_too_and_chooses_there(trained, monkeypatch, 
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["selection"]["samples"] == 8 and report["dataset"]["samples"] == 12
     assert report["protocol"]["chosen_on"].startswith("train@minival:2:0")
+
+
+def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path):
+    """`mlflow models serve --env-manager local` on the logged ensemble, a real scoring
+    server on 127.0.0.1: base64 JPEGs in `dataframe_split`, `dataframe_records` and
+    `inputs` get the in-process answer; a bad image is answered with its row named and
+    what to send, no traceback and no echo of it, the other rows as usual."""
+    import base64
+    import socket
+    import time
+    import urllib.request
+
+    import mlflow
+    from types import SimpleNamespace
+
+    from ensemble.serve import log_ensemble_model
+    from orchestrator.data.dataset import open_split
+
+    record, _, root = trained
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.MlflowClient(uri).create_run(mlflow.MlflowClient(uri).create_experiment("serve")).info.run_id
+    runs = SimpleNamespace(dataset=SimpleNamespace(class_names=["a", "b", "c", "d"], num_classes=4))
+    model_uri = log_ensemble_model(runs, [record, record.model_copy(update={"name": "m2"})], [1.0, 1.0], run, uri)
+    images = [s.data for s in open_split(root, "val", 4, 3).records[:6]]
+    local = mlflow.pyfunc.load_model(model_uri).predict(__import__("pandas").DataFrame({"image": images}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def post(body: dict) -> tuple[int, dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "the scoring server did not start"
+                time.sleep(0.5)
+        b64 = [base64.b64encode(b).decode("ascii") for b in images]
+        for body in ({"dataframe_split": {"columns": ["image"], "data": [[x] for x in b64]}},
+                     {"dataframe_records": [{"image": x} for x in b64]}, {"inputs": {"image": b64}}):
+            status, answer = post(body)
+            assert status == 200, answer
+            rows = answer["predictions"]
+            assert [r["top5_classes"] for r in rows] == list(local["top5_classes"])
+            assert np.allclose([r["top5_probs"] for r in rows], np.array(local["top5_probs"].tolist()), atol=1e-6)
+        status, answer = post({"dataframe_split": {"columns": ["image"],
+                                                   "data": [[b64[0]], [base64.b64encode(b"not an image").decode()]]}})
+        assert status == 200, answer  # the good row answered, the bad one named with what to send
+        good, bad = answer["predictions"]
+        assert good["top5_classes"] == list(local["top5_classes"])[0] and good["error"] == ""
+        assert bad["top5_classes"] == [] and bad["error"].startswith("row 1: not a JPEG or PNG image; send each")
+        assert "Traceback" not in json.dumps(answer) and "not an image" not in json.dumps(answer)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

@@ -205,3 +205,12 @@ def test_optuna_is_pluggable_and_its_absence_is_one_line(tiny_root, tmp_path):
     raw["search"]["scheduler"] = "pbt"
     with pytest.raises(UserError, match="pbt samples its own population"):
         check(raw, tmp_path)
+
+
+def test_the_searchs_choice_keeps_to_a_budget_in_multiply_adds():
+    preds, labels = library()
+    cost = [1e6, 1e6, 1e6, 5e6, 5e6]  # the two different trials cost five times a copy
+    free = compare(preds, labels, size=3, metric="nll", fraction=0.5)["greedy"]
+    bound = compare(preds, labels, size=3, metric="nll", fraction=0.5, cost=cost, budget=6.5e6)["greedy"]
+    assert sorted(free["chosen"]) == [1, 3, 4] and sum(cost[i] for i in free["chosen"]) == 11e6  # over it
+    assert sorted(bound["chosen"]) == [1, 3] and bound["cost"] == sum(cost[i] for i in bound["chosen"]) <= 6.5e6 and bound["budget"] == 6.5e6

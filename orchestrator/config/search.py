@@ -66,6 +66,8 @@ class Select(Strict):
     size: int = Field(4, ge=1, description="picks of Caruana's selection: at most this many trials become members")
     metric: Literal["nll", "top1", "top5"] = "nll"  # the selection's loss on the selection split
     selection_fraction: float = Field(0.5, gt=0, lt=1, description="val share used to choose; the rest reports")
+    budget_macs: float | None = Field(None, gt=0, description="Caruana's choice within this many multiply-adds per "
+                                                             "image (the trials' measured cost, models/cost.py)")
 
 
 class Search(Strict):

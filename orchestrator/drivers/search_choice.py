@@ -48,10 +48,12 @@ def _ensemble_errors(preds: Sequence[np.ndarray], chosen: list[int], labels: np.
 
 
 def compare(preds: Sequence[np.ndarray], labels: np.ndarray, size: int, metric: str, fraction: float,
-            seed: int = 0, selection: tuple[Sequence[np.ndarray], np.ndarray] | None = None) -> dict:
+            seed: int = 0, selection: tuple[Sequence[np.ndarray], np.ndarray] | None = None,
+            cost: Sequence[float] | None = None, budget: float | None = None) -> dict:
     """{"topk": {...}, "greedy": {...}, "selection_rows", "report_rows"}: each choice's
     trial indices and its ensemble's errors on the reported rows. `selection`: (each
-    trial's minival predictions, minival labels) to choose on; else a part of `preds`."""
+    trial's minival predictions, minival labels) to choose on; else a part of `preds`.
+    `cost` and `budget` bound Caruana's choice as `ensemble.evaluate --budget-macs` does."""
     if selection is not None:
         held, sel_labels = selection
         rows = np.arange(len(labels))
@@ -67,10 +69,12 @@ def compare(preds: Sequence[np.ndarray], labels: np.ndarray, size: int, metric: 
             return preds[i][sel]
     own = [topk_error(chooser(i), sel_labels, 1) for i in range(len(preds))]
     topk = [int(i) for i in np.argsort(own, kind="stable")[:size]]
-    picks, curve = greedy_selection(chooser, len(preds), sel_labels, rounds=size - 1, init=1, metric=metric)
+    picks, curve = greedy_selection(chooser, len(preds), sel_labels, rounds=size - 1, init=1, metric=metric,
+                                    cost=cost, budget=budget)
     greedy = list(dict.fromkeys(picks))  # distinct, in the order first picked
     weights = [float(picks.count(i)) for i in greedy]
     return {"topk": {"chosen": topk, "weights": [1.0] * len(topk), **_ensemble_errors(preds, topk, labels, rows, own)},
             "greedy": {"chosen": greedy, "weights": weights, "picks": picks, "selection_curve": curve,
+                       **({"cost": float(sum(cost[i] for i in greedy)), "budget": budget} if budget else {}),
                        **_ensemble_errors(preds, greedy, labels, rows, own, weights)},
             "selection_rows": n_sel, "report_rows": len(rows)}

@@ -14,6 +14,7 @@ import tempfile
 import time
 
 from orchestrator.views import plots
+from models.cost import COST_KEYS
 from orchestrator.base import storage
 from orchestrator.config import EnsembleConfig, JobContext, ResolvedMember, Search, load_config, resolve_members
 from orchestrator.drivers.ensemble_job import check_data, open_job
@@ -139,7 +140,7 @@ def tune_metric(cfg: EnsembleConfig) -> str:
     return cfg.search.metric.replace("val_", f"{cfg.data.heldout}_", 1)
 
 
-FINAL = ("val_top1_err", "val_top5_err", "val_loss", "images_per_s", "val_samples")
+FINAL = ("val_top1_err", "val_top5_err", "val_loss", "images_per_s", "val_samples", "params", *COST_KEYS)
 
 
 def collect(results, bases: dict[str, ResolvedMember], root: str, heldout: str = "val") -> list[dict]:
@@ -257,7 +258,9 @@ def run(cfg: EnsembleConfig, bases: list[ResolvedMember], config_path: str, runs
             if cfg.data.minival:  # choose on the minival, report on all of val
                 held = (LazyArrays([r["minival_predictions"] for r in complete], storage.read_npy),
                         storage.read_npy(complete[0]["minival_labels"]))
-            choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction, selection=held)
+            costs = [r["metrics"]["macs"] for r in complete] if sel.budget_macs else None
+            choice = compare(preds, labels, sel.size, sel.metric, sel.selection_fraction, selection=held,
+                             cost=costs, budget=sel.budget_macs)
             files = runs_files(cfg, rows, choice, ctx, run_ids)
             write_runs(runs_path, files["greedy"])
             write_runs(storage.join(root, cfg.name, "runs.yaml"), files["greedy"])

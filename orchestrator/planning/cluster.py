@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import yaml
 from pydantic import Field
 
-from models import build_model
+from models.cost import model_cost
 from orchestrator.config import H200_PACKING_GAINS, ResolvedMember, Strict
 from orchestrator.base.errors import UserError
 
@@ -64,27 +63,6 @@ def load_cluster(path: str) -> Cluster:
         err = exc.errors()[0]
         what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         raise UserError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {what}") from None
-
-
-@lru_cache(maxsize=None)
-def model_cost(arch: str, low_res: bool, size: int, num_classes: int) -> tuple[float, int]:
-    """(forward FLOPs of one image, layers that produce a tensor), counted on the meta
-    device: shapes only, no weights (ResNet-50 in 0.1 s, not seconds)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        model = build_model(arch, num_classes=num_classes, low_res=low_res).eval()
-    layers = [0]
-
-    def count(module, inputs, output):
-        layers[0] += torch.is_tensor(output)
-    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.empty(1, 3, size, size, device="meta"))
-    for h in hooks:
-        h.remove()
-    return float(counter.get_total_flops()), layers[0]
 
 
 def forward_flops(arch: str, low_res: bool, size: int, num_classes: int) -> float:

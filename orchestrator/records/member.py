@@ -10,6 +10,7 @@ by earlier versions read back unchanged (tested from a stored fixture).
 from __future__ import annotations
 
 from models import get_spec
+from models.cost import COST_KEYS
 from orchestrator.config import ResolvedMember
 from orchestrator.records.runs_file import EvalRef, MemberRecord
 
@@ -18,7 +19,7 @@ RENAMED = {"val_top1_err": "top1_err", "val_top5_err": "top5_err"}
 # what a record keeps of the final epoch's metrics, when present (bench/overhead_bench.py
 # compares member_s with wall time; packing decides from gpu_memory_gb)
 KEPT = ("val_top1_err", "val_top5_err", "val_loss", "images_per_s", "val_samples", "member_s", "params",
-        "minival_top1_err", "minival_top5_err", "minival_loss")
+        "minival_top1_err", "minival_top5_err", "minival_loss", *COST_KEYS)
 
 
 class StoredMember(MemberRecord):
@@ -32,7 +33,7 @@ class StoredMember(MemberRecord):
 def record_metrics(final: dict, history: list[dict]) -> dict[str, float]:
     """A record's metrics from the final epoch's and the per-epoch history: every KEPT
     figure present, the epochs and minutes trained, peak GPU memory, compile time."""
-    out = {RENAMED.get(k, k): float(final[k]) for k in KEPT if k in final}
+    out = {RENAMED.get(k, k): float(final[k]) for k in KEPT if k in final and final[k] == final[k]}  # not NaN
     out["epochs"] = float(final["epoch"])
     out["minutes"] = sum(h.get("epoch_minutes", 0.0) for h in history)
     memory = [h["gpu_memory_gb"] for h in history if h.get("gpu_memory_gb")]
@@ -53,4 +54,5 @@ def member_record(member: ResolvedMember, run_id: str | None, *, final: dict | N
     return StoredMember(name=name or member.name, key=member.key, arch=member.arch, eval=EvalRef(**ev.to_dict()),
                         low_res=member.low_res, weight=member.weight * weight, mlflow_run_id=run_id, seed=member.seed,
                         recipe=recipe or member.recipe_name,
-                        metrics=record_metrics(final, history) if final is not None else {}, **fields)
+                        metrics=record_metrics(final, history) if final is not None else {},
+                        cost_machine=(final or {}).get("cost_machine"), **fields)

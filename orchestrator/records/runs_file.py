@@ -88,6 +88,7 @@ class MemberRecord(_Strict):
     seed: int = 0
     recipe: str = "default"
     metrics: dict[str, float] = {}
+    cost_machine: str | None = None  # where its inference cost (metrics: macs, infer_*) was measured
     error: str | None = None
 
 

@@ -95,6 +95,8 @@ def run_member(work: MemberWork, session: Session) -> None:
                                   rank, world)
             # the member's own work in this process: data, model, epochs, predictions
             metrics["member_s"] = time.perf_counter() - started
+            if client is not None and "cost_machine" in metrics:  # where its inference cost was measured
+                client.set_tag(run_id, "cost.machine", metrics["cost_machine"])
         saved, logged = session.epoch_fields(model)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ensemble.math import topk_error
 from models import build_model, get_spec
+from models.cost import inference_cost
 from orchestrator.config import Data, ResolvedMember
 from orchestrator.data.dataset import Split, TooManyBadImages, carve_minival, open_split, take_share
 from orchestrator.data.streams import EvalStream, TrainStream
@@ -279,7 +280,9 @@ def final_outputs(heldout_parts: dict, gather: Callable[[dict], list[dict]], mod
     from its final epoch's held-out pass (`heldout_parts`, this rank's). With a minival,
     those rows are the minival predictions and val is scored now, once: the only pass
     over val in the member's life, after every choice was made; `metrics` gets both."""
-    metrics["params"] = sum(p.numel() for p in model.parameters())  # the member's size, on its record
+    if rank == 0:  # what the member costs to run, on its record (models/cost.py)
+        metrics.update(inference_cost(model, member.arch, member.low_res, eval_transform_of(member)[0].crop,
+                                      data.num_classes, device))
     parts = gather(heldout_parts)
     if data.minival is None:
         if rank != 0:

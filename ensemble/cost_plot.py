@@ -1,0 +1,57 @@
+"""accuracy_cost.png: top-1 error against multiply-adds per image for every member and the
+ensembles along the report's order, marker area by parameters (with an area legend),
+every point named, and the front of accuracy against cost drawn (Canziani, Paszke and
+Culurciello 2016, figure 2's form)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def macs_words(macs: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if macs >= scale:
+            return f"{macs / scale:.3g} {unit}"
+    return f"{macs:.3g}"
+
+
+def _area(params: float, biggest: float) -> float:
+    return 30 + 600 * params / max(biggest, 1)
+
+
+def plot_accuracy_cost(path: str, report: dict) -> None:
+    data = report["accuracy_cost"]
+    members, path_points, best = data["members"], data["path"], data["front"]
+    biggest = max(p["param_count"] for p in members + path_points) or 1
+    fig, ax = plt.subplots(figsize=(8, 5.6))
+    ax.scatter([p["macs"] for p in members], [p["top1_err"] for p in members],
+               s=[_area(p["param_count"], biggest) for p in members], alpha=0.55, color="tab:blue", edgecolor="k")
+    ax.scatter([p["macs"] for p in path_points], [p["top1_err"] for p in path_points],
+               s=[_area(p["param_count"], biggest) for p in path_points], alpha=0.55, color="tab:orange",
+               edgecolor="k", marker="s")
+    ax.scatter([], [], s=60, alpha=0.55, color="tab:blue", edgecolor="k", label="member")  # legend entries
+    ax.scatter([], [], s=60, alpha=0.55, color="tab:orange", edgecolor="k", marker="s",
+               label=f"ensemble of the first k members ({report['size_curve'][0]['order']} order)")
+    ax.step([p["macs"] for p in best], [p["top1_err"] for p in best], where="post", color="k", lw=1.2,
+            label=f"front ({data['front_from']})")
+    for p in members + path_points:
+        ax.annotate(p["name"], (p["macs"], p["top1_err"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="multiply-adds per image (log scale; an ensemble: the sum over its members)",
+           ylabel=f"top-1 error on {report['dataset']['split']} ({report['dataset']['samples']} images)",
+           title="accuracy against inference cost")
+    words = matplotlib.ticker.FuncFormatter(lambda x, _: macs_words(x))
+    ax.xaxis.set_major_formatter(words)
+    ax.xaxis.set_minor_formatter(words)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    for params in sorted({biggest, biggest / 4}):  # the area legend
+        ax.scatter([], [], s=_area(params, biggest), color="grey", alpha=0.4, edgecolor="k",
+                   label=f"{params / 1e6:.2g} M parameters")
+    ax.legend(loc="upper right", fontsize=8, labelspacing=1.3, borderpad=1)
+    ax.grid(True, which="both", alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
