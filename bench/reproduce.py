@@ -296,10 +296,17 @@ def write_runs_file(cfg, records: list[dict], path: str) -> None:
 
 
 def evaluate(runs: str, out: str, tta: str = "none") -> dict:
-    report = os.path.join(out, "report.json")
-    subprocess.run([sys.executable, "-m", "ensemble.evaluate", "--members", runs, "--out", os.path.join(out, "report"),
-                    "--json", report, "--no-mlflow", "--random-orders", "20", "--tta", tta], cwd=ROOT, check=True)
-    return json.load(open(report))
+    """The evaluation library on the runs file (ensemble/evaluation.py), its report printed
+    and written to out/report as the CLI writes it."""
+    from ensemble.evaluate import publish
+    from ensemble.evaluation import evaluate as evaluate_runs
+    from ensemble.options import EvaluateOptions
+    from orchestrator.records.runs_file import load_runs
+
+    options = EvaluateOptions(random_orders=20, tta=tta, log_mlflow=False)
+    report = evaluate_runs(load_runs(runs), options)
+    publish(load_runs(runs), report, options, os.path.join(out, "report"), os.path.join(out, "report.json"))
+    return report.as_dict()
 
 
 def size_curve_line(report: dict) -> str:

@@ -68,6 +68,50 @@ def _decoded(row: int, item) -> torch.Tensor | str:
                 f"in the `image` column")
 
 
+class Ensemble:
+    """The served ensemble without MLflow: members loaded once from `spec` (ensemble_spec)
+    and their checkpoints (`artifacts`: key -> local path); `answer(rows)` gives the top-5
+    of each decoded image, an error for each row that is not one. The pyfunc model and
+    batch prediction (ensemble/predict.py) both use it."""
+
+    def __init__(self, spec: dict, artifacts: dict[str, str]):
+        self.class_names = spec["class_names"]
+        self.method, self.tta = spec.get("method", "mean"), spec.get("tta", "none")
+        self.members = []
+        for m in spec["members"]:
+            model, _ = load_checkpoint(artifacts[m["artifact"]], expect_arch=m["arch"])
+            self.members.append((model.eval(), m["eval"], float(m["weight"]), m.get("temperature")))
+
+    def member_probs(self, model, ev: dict, images: list[torch.Tensor]) -> torch.Tensor:
+        """One member's probabilities, as the recompute path makes them (ensemble/predictions.py)."""
+        geometry = EvalGeometry(*canvas(self.tta, ev["resize"], ev["crop"]))
+        batch = normalize_batch(torch.stack([geometry(img) for img in images]), ev["mean"], ev["std"])
+        return sum(model(v).float().softmax(1) for v in views(batch, self.tta, ev["crop"])) / TTA_VIEWS[self.tta]
+
+    @torch.no_grad()
+    def probs(self, images: list[torch.Tensor]) -> torch.Tensor:
+        comb = em.Combiner(self.method)
+        for model, ev, weight, temperature in self.members:
+            p = self.member_probs(model, ev, images)
+            comb.add(em.apply_temperature(p, temperature) if temperature else p, weight)
+        return comb.result()
+
+    def answer(self, rows: list) -> dict[str, list]:
+        """{"top5_classes", "top5_probs", "error"} per row (ties in class order); a bad row
+        gets empty lists and its error, the others as usual."""
+        images = [r for r in rows if not isinstance(r, str)]
+        k = min(TOP_K, len(self.class_names))
+        values, indices = self.probs(images).sort(dim=1, descending=True, stable=True) if images else (None, None)
+        out, j = {"top5_classes": [], "top5_probs": [], "error": []}, 0
+        for r in rows:
+            good = not isinstance(r, str)
+            out["top5_classes"].append([self.class_names[i] for i in indices[j, :k].tolist()] if good else [])
+            out["top5_probs"].append(values[j, :k].tolist() if good else [])
+            out["error"].append("" if good else r)  # "" (not None: a DataFrame would make it NaN)
+            j += good
+        return out
+
+
 @functools.cache
 def ensemble_model_class():
     """The pyfunc model class, made on first use: MLflow's model stack (mlflow.pyfunc,
@@ -78,39 +122,10 @@ def ensemble_model_class():
     class EnsembleModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context):
             with open(context.artifacts["ensemble"]) as f:
-                spec = yaml.safe_load(f)
-            self.class_names = spec["class_names"]
-            self.method, self.tta = spec.get("method", "mean"), spec.get("tta", "none")
-            self.members = []
-            for m in spec["members"]:
-                model, _ = load_checkpoint(context.artifacts[m["artifact"]], expect_arch=m["arch"])
-                self.members.append((model.eval(), m["eval"], float(m["weight"]), m.get("temperature")))
+                self.ensemble = Ensemble(yaml.safe_load(f), context.artifacts)
 
-        def member_probs(self, model, ev: dict, images: list[torch.Tensor]) -> torch.Tensor:
-            """One member's probabilities, as the recompute path makes them (ensemble/predictions.py)."""
-
-            geometry = EvalGeometry(*canvas(self.tta, ev["resize"], ev["crop"]))
-            batch = normalize_batch(torch.stack([geometry(img) for img in images]), ev["mean"], ev["std"])
-            return sum(model(v).float().softmax(1) for v in views(batch, self.tta, ev["crop"])) / TTA_VIEWS[self.tta]
-
-        @torch.no_grad()
         def predict(self, context, model_input, params=None):
-            rows = _images(model_input)
-            images = [r for r in rows if not isinstance(r, str)]
-            comb = em.Combiner(self.method)
-            for model, ev, weight, temperature in self.members if images else ():
-                probs = self.member_probs(model, ev, images)
-                comb.add(em.apply_temperature(probs, temperature) if temperature else probs, weight)
-            k = min(TOP_K, len(self.class_names))
-            values, indices = comb.result().sort(dim=1, descending=True, stable=True) if images else (None, None)
-            out, j = {"top5_classes": [], "top5_probs": [], "error": []}, 0
-            for r in rows:  # a bad row is answered with its error, the others as usual (ties in class order)
-                good = not isinstance(r, str)
-                out["top5_classes"].append([self.class_names[i] for i in indices[j, :k].tolist()] if good else [])
-                out["top5_probs"].append(values[j, :k].tolist() if good else [])
-                out["error"].append("" if good else r)  # "" (not None: a DataFrame would make it NaN)
-                j += good
-            return pd.DataFrame(out)
+            return pd.DataFrame(self.ensemble.answer(_images(model_input)))
 
     return EnsembleModel
 
@@ -121,17 +136,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def ensemble_spec(runs, records, weights, method: str = "mean", temperatures=None, tta: str = "none"
-                  ) -> tuple[dict, dict[str, str]]:
+def ensemble_spec(runs, records, weights, method: str = "mean", temperatures=None, tta: str = "none",
+                  copy: bool = True) -> tuple[dict, dict[str, str]]:
     """(the served ensemble's spec, {artifact key: local checkpoint}) for the members of
-    positive weight."""
+    positive weight; `copy=False`: the checkpoints' URIs, for a process elsewhere to copy."""
     artifacts, members = {}, []
     temperatures = temperatures or {}
     for i, (m, w) in enumerate(zip(records, weights)):
         if w <= 0:
             continue
         key = f"member_{i}"
-        artifacts[key] = local_copy(m.checkpoint, f"member {m.name} checkpoint")
+        artifacts[key] = local_copy(m.checkpoint, f"member {m.name} checkpoint") if copy else m.checkpoint
         members.append({"name": m.name, "arch": m.arch, "artifact": key, "eval": m.eval.model_dump(),
                         "weight": float(w), "temperature": temperatures.get(m.name)})
     class_names = runs.dataset.class_names or [str(i) for i in range(runs.dataset.num_classes)]

@@ -271,11 +271,12 @@ def test_tta_recomputes_the_minival_too_and_chooses_there(trained, monkeypatch, 
     assert report["protocol"]["chosen_on"].startswith("train@minival:2:0")
 
 
-def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path):
+def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path, monkeypatch):
     """`mlflow models serve --env-manager local` on the logged ensemble, a real scoring
-    server on 127.0.0.1: base64 JPEGs in `dataframe_split`, `dataframe_records` and
-    `inputs` get the in-process answer; a bad image is answered with its row named and
-    what to send, no traceback and no echo of it, the other rows as usual."""
+    server on 127.0.0.1: 64 base64 val JPEGs in `dataframe_split`, `dataframe_records` and
+    `inputs` get the evaluation's combined probabilities (within 1e-6) and names (except
+    at ties); a bad image is answered with its row named and what to send, no traceback
+    and no echo of it, the other rows as usual."""
     import base64
     import socket
     import time
@@ -284,17 +285,21 @@ def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path):
     import mlflow
     from types import SimpleNamespace
 
+    from ensemble import math as em
     from ensemble.serve import log_ensemble_model
     from orchestrator.data.dataset import open_split
 
+    monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path / "cache"))
     record, _, root = trained
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     run = mlflow.MlflowClient(uri).create_run(mlflow.MlflowClient(uri).create_experiment("serve")).info.run_id
     runs = SimpleNamespace(dataset=SimpleNamespace(class_names=["a", "b", "c", "d"], num_classes=4))
     model_uri = log_ensemble_model(runs, [record, record.model_copy(update={"name": "m2"})], [1.0, 1.0], run, uri)
-    images = [s.data for s in open_split(root, "val", 4, 3).records[:6]]
+    images = [s.data for s in open_split(root, "val", 4, 16).records]  # 64 val images
     local = mlflow.pyfunc.load_model(model_uri).predict(__import__("pandas").DataFrame({"image": images}))
+    # the evaluation's combined probabilities for the same images (the recompute path, ensemble/predictions.py)
+    evaluated = em.combine([torch.from_numpy(np.asarray(recompute(record, root, "val", 4, 16, "none").array))] * 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -326,8 +331,13 @@ def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path):
             status, answer = post(body)
             assert status == 200, answer
             rows = answer["predictions"]
-            assert [r["top5_classes"] for r in rows] == list(local["top5_classes"])
-            assert np.allclose([r["top5_probs"] for r in rows], np.array(local["top5_probs"].tolist()), atol=1e-6)
+            assert len(rows) == 64 and [r["top5_classes"] for r in rows] == list(local["top5_classes"])
+            served = np.array([r["top5_probs"] for r in rows])
+            order = evaluated.sort(dim=1, descending=True, stable=True)
+            assert np.abs(served - order.values.numpy()).max() < 1e-6  # the evaluated ensemble, to 1e-6
+            ties = np.isclose(served[:, :-1], served[:, 1:], rtol=0, atol=1e-6).any(1)
+            names = [[chr(97 + int(i)) for i in row] for row in order.indices.tolist()]
+            assert all(r["top5_classes"] == n for r, n, tie in zip(rows, names, ties) if not tie)
         status, answer = post({"dataframe_split": {"columns": ["image"],
                                                    "data": [[b64[0]], [base64.b64encode(b"not an image").decode()]]}})
         assert status == 200, answer  # the good row answered, the bad one named with what to send
@@ -338,3 +348,62 @@ def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def predict_fixture(trained, tmp_path) -> tuple[Path, Path, list[bytes]]:
+    """A runs file of two members and a folder of 6 val JPEGs and one broken file."""
+    from orchestrator.data.dataset import open_split
+    from orchestrator.records.runs_file import DatasetRef, RunsFile, write_runs
+
+    record, _, root = trained
+    np.save(tmp_path / "labels.npy", np.zeros(12, dtype=np.int64))
+    runs = RunsFile(ensemble="p", dataset=DatasetRef(name="tiny", uri=root, num_classes=4,
+                                                     labels=str(tmp_path / "labels.npy"),
+                                                     class_names=["a", "b", "c", "d"]),
+                    members=[record, record.model_copy(update={"name": "m2"})])
+    write_runs(str(tmp_path / "runs.yaml"), runs)
+    images = [s.data for s in open_split(root, "val", 4, 3).records[:6]]
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, data in enumerate(images):
+        (folder / ("sub" if i % 2 else "") / f"img{i}.jpg").write_bytes(data)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return tmp_path / "runs.yaml", folder, images
+
+
+def test_batch_prediction_writes_one_row_per_image(trained, tmp_path, capsys):
+    import csv
+
+    from ensemble import predict
+    from ensemble.serve import Ensemble, ensemble_spec
+    from orchestrator.records.runs_file import load_runs
+
+    runs_path, folder, images = predict_fixture(trained, tmp_path)
+    assert predict.main(["--members", str(runs_path), "--images", str(folder), "--out", str(tmp_path / "p.csv"),
+                         "--batch", "4"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [r["name"] for r in rows] == ["broken.jpg", "img0.jpg", "img2.jpg", "img4.jpg", "sub/img1.jpg",
+                                         "sub/img3.jpg", "sub/img5.jpg"]
+    assert rows[0]["error"].startswith("row ") and rows[0]["top5_classes"] == ""
+    runs = load_runs(str(runs_path))
+    direct = Ensemble(*ensemble_spec(runs, runs.members, [1.0, 1.0])).answer(
+        [__import__("orchestrator.data.dataset", fromlist=["decode_rgb"]).decode_rgb(d) for d in images])
+    by_name = {r["name"].rsplit("/", 1)[-1]: r for r in rows}
+    for i in range(6):  # the served ensemble's answer, image by image
+        row = by_name[f"img{i}.jpg"]
+        assert row["top5_classes"].split(";") == direct["top5_classes"][i] and row["error"] == ""
+        assert np.allclose([float(p) for p in row["top5_probs"].split(";")], direct["top5_probs"][i], atol=1e-5)
+    assert "7 images, 2 members, 1 not decodable" in capsys.readouterr().out
+
+
+@pytest.mark.stack
+def test_batch_prediction_through_ray_data_on_the_local_ray_head(stack, trained, tmp_path):
+    import csv
+
+    runs_path, folder, _ = predict_fixture(trained, tmp_path)
+    here, there = tmp_path / "here.csv", tmp_path / "ray.csv"
+    for out, extra in ((here, []), (there, ["--address", os.environ["RAY_ADDRESS"], "--actors", "1"])):
+        done = subprocess.run([sys.executable, "-m", "ensemble.predict", "--members", str(runs_path), "--images",
+                               str(folder), "--out", str(out), *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert list(csv.DictReader(open(there))) == list(csv.DictReader(open(here)))  # every image, the same answer
