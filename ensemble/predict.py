@@ -80,8 +80,10 @@ class Predictor:
         self.ensemble = Ensemble(spec, {k: local_copy(v, k) for k, v in checkpoints.items()})
 
     def __call__(self, batch: dict) -> dict:
-        answer = self.ensemble.answer([_decoded(i, data) for i, data in enumerate(batch["image"])])
-        return {"name": list(batch["name"]), "top5_classes": [";".join(c) for c in answer["top5_classes"]],
+        names = [str(n) for n in batch["name"]]
+        answer = self.ensemble.answer([_decoded(n, bytes(data)) for n, data in zip(names, batch["image"])])
+        answer["error"] = [e.split(";")[0] for e in answer["error"]]  # "<name>: not a JPEG or PNG image"
+        return {"name": names, "top5_classes": [";".join(c) for c in answer["top5_classes"]],
                 "top5_probs": [";".join(f"{p:.6g}" for p in ps) for ps in answer["top5_probs"]],
                 "error": answer["error"]}
 

@@ -53,10 +53,10 @@ def _images(model_input) -> list[torch.Tensor | str]:
         model_input = list(model_input["image"])
     if isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8 and model_input.ndim == 4:
         return [torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1) for img in model_input]
-    return [_decoded(i, item) for i, item in enumerate(model_input)]
+    return [_decoded(f"row {i}", item) for i, item in enumerate(model_input)]
 
 
-def _decoded(row: int, item) -> torch.Tensor | str:
+def _decoded(label: str, item) -> torch.Tensor | str:
     """One image from its file bytes or their base64 text; else the row's error."""
     try:
         data = bytes(item, "ascii") if isinstance(item, str) else bytes(item)
@@ -64,7 +64,7 @@ def _decoded(row: int, item) -> torch.Tensor | str:
             data = base64.b64decode(data, validate=True)
         return decode_rgb(data)
     except (binascii.Error, ValueError, TypeError, RuntimeError):
-        return (f"row {row}: not a JPEG or PNG image; send each image's file bytes, base64-encoded, "
+        return (f"{label}: not a JPEG or PNG image; send each image's file bytes, base64-encoded, "
                 f"in the `image` column")
 
 

@@ -384,7 +384,7 @@ def test_batch_prediction_writes_one_row_per_image(trained, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert [r["name"] for r in rows] == ["broken.jpg", "img0.jpg", "img2.jpg", "img4.jpg", "sub/img1.jpg",
                                          "sub/img3.jpg", "sub/img5.jpg"]
-    assert rows[0]["error"].startswith("row ") and rows[0]["top5_classes"] == ""
+    assert rows[0]["error"] == "broken.jpg: not a JPEG or PNG image" and rows[0]["top5_classes"] == ""
     runs = load_runs(str(runs_path))
     direct = Ensemble(*ensemble_spec(runs, runs.members, [1.0, 1.0])).answer(
         [__import__("orchestrator.data.dataset", fromlist=["decode_rgb"]).decode_rgb(d) for d in images])
@@ -406,4 +406,10 @@ def test_batch_prediction_through_ray_data_on_the_local_ray_head(stack, trained,
         done = subprocess.run([sys.executable, "-m", "ensemble.predict", "--members", str(runs_path), "--images",
                                str(folder), "--out", str(out), *extra], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert list(csv.DictReader(open(there))) == list(csv.DictReader(open(here)))  # every image, the same answer
+    here_rows, ray_rows = list(csv.DictReader(open(here))), list(csv.DictReader(open(there)))
+    assert [(r["name"], r["top5_classes"], r["error"]) for r in ray_rows] == \
+        [(r["name"], r["top5_classes"], r["error"]) for r in here_rows]  # every image, the same answer
+    for a, b in zip(ray_rows, here_rows):
+        if not a["error"]:  # Ray Data's batches may be cut otherwise: the same floats to 1e-5
+            assert np.allclose([float(x) for x in a["top5_probs"].split(";")],
+                               [float(x) for x in b["top5_probs"].split(";")], atol=1e-5)
