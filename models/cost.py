@@ -54,7 +54,7 @@ def machine(device: torch.device) -> str:
 
 
 def inference_cost(model: torch.nn.Module, arch: str, low_res: bool, size: int, num_classes: int,
-                   device: torch.device, min_seconds: float = 0.15) -> dict:
+                   device: torch.device, min_seconds: float = 0.05) -> dict:
     """`model`'s cost at `size` px: parameters, multiply-adds (one view), milliseconds an
     image at batch 1, images/s at batch 64, peak memory (MiB) of a batch-64 pass, and the
     machine it was measured on. Each timing runs at least 3 passes and `min_seconds`
