@@ -11,8 +11,8 @@ evaluated one.
 
 Input: a list of encoded images (JPEG/PNG bytes, or base64 strings of them: JSON carries
 no bytes), a uint8 array [B, H, W, 3], or a DataFrame with an `image` column of either
-(what MLflow's scoring server builds from `dataframe_split`, `dataframe_records` and
-`inputs`; the model's signature says so). Output: a DataFrame with `top5_classes` (class
+(what MLflow's scoring server builds from `dataframe_split` and `dataframe_records`; `inputs`
+takes a plain list of base64 strings; the model's signature says so). Output: a DataFrame with `top5_classes` (class
 names) and `top5_probs`, the five most probable classes in descending order, ties in
 class order (a stable sort, as the platform's top-k rule ranks them: ensemble/math.py).
 A row whose image does not decode is answered with empty top-5 lists and its `error`
@@ -49,8 +49,8 @@ def _images(model_input) -> list[torch.Tensor | str]:
 
     if isinstance(model_input, dict):
         model_input = model_input["image"]
-    if isinstance(model_input, pd.DataFrame):
-        model_input = list(model_input["image"])
+    if isinstance(model_input, pd.DataFrame):  # the `image` column, or the one column a list became
+        model_input = list(model_input["image"] if "image" in model_input else model_input.iloc[:, 0])
     if isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8 and model_input.ndim == 4:
         return [torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1) for img in model_input]
     return [_decoded(f"row {i}", item) for i, item in enumerate(model_input)]
@@ -175,14 +175,14 @@ def log_ensemble_model(runs, records, weights, client_run_id: str, tracking_uri:
 
 
 def signature():
-    """Images in an `image` column of binary type (MLflow's scoring server takes them as
-    base64 strings in JSON and hands the model bytes); the top five class names and
-    probabilities out."""
+    """Images in one binary column (MLflow's scoring server takes them as base64 strings in
+    JSON and hands the model bytes); the top five class names and probabilities out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import Array
 
-    return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+    # unnamed: MLflow matches a list of bytes (in process) and an `image` column (REST) by position
+    return ModelSignature(inputs=Schema([ColSpec("binary")]),
                           outputs=Schema([ColSpec(Array("string"), "top5_classes"),
                                           ColSpec(Array("double"), "top5_probs"),
                                           ColSpec("string", "error", required=False)]))

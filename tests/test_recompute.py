@@ -274,7 +274,7 @@ def test_tta_recomputes_the_minival_too_and_chooses_there(trained, monkeypatch, 
 def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path, monkeypatch):
     """`mlflow models serve --env-manager local` on the logged ensemble, a real scoring
     server on 127.0.0.1: 64 base64 val JPEGs in `dataframe_split`, `dataframe_records` and
-    `inputs` get the evaluation's combined probabilities (within 1e-6) and names (except
+    an `inputs` list get the evaluation's combined probabilities (within 1e-6) and names (except
     at ties); a bad image is answered with its row named and what to send, no traceback
     and no echo of it, the other rows as usual."""
     import base64
@@ -327,7 +327,7 @@ def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path, 
                 time.sleep(0.5)
         b64 = [base64.b64encode(b).decode("ascii") for b in images]
         for body in ({"dataframe_split": {"columns": ["image"], "data": [[x] for x in b64]}},
-                     {"dataframe_records": [{"image": x} for x in b64]}, {"inputs": {"image": b64}}):
+                     {"dataframe_records": [{"image": x} for x in b64]}, {"inputs": b64}):
             status, answer = post(body)
             assert status == 200, answer
             rows = answer["predictions"]
