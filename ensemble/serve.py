@@ -170,8 +170,19 @@ def log_ensemble_model(runs, records, weights, client_run_id: str, tracking_uri:
             info = mlflow.pyfunc.log_model(name=name, python_model=ensemble_model_class()(), artifacts=artifacts,
                                            code_paths=[_package_dir("models"), _package_dir("orchestrator"),
                                                        _package_dir("ensemble")],
-                                           signature=signature(), input_example=example)
+                                           signature=signature(), input_example=example,
+                                           pip_requirements=requirements())
     return info.model_uri
+
+
+def requirements() -> list[str]:
+    """The packages the model imports, pinned to this environment's versions: given, so
+    MLflow does not load the model in a subprocess to infer them at every log (seconds
+    each); `--env-manager local` serves from this environment anyway."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "torchvision", "numpy", "pandas", "pyyaml", "pydantic",
+                                            "fsspec", "timm")]
 
 
 def signature():

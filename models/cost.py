@@ -57,17 +57,17 @@ def inference_cost(model: torch.nn.Module, arch: str, low_res: bool, size: int, 
                    device: torch.device, min_seconds: float = 0.05) -> dict:
     """`model`'s cost at `size` px: parameters, multiply-adds (one view), milliseconds an
     image at batch 1, images/s at batch 64, peak memory (MiB) of a batch-64 pass, and the
-    machine it was measured on. Each timing runs at least 3 passes and `min_seconds`
-    (a few seconds a member on a CPU; noise is a few percent on a quiet machine)."""
+    machine it was measured on. Each timing runs passes until `min_seconds` (one at least):
+    on a CPU a member's measurement costs about two batch-64 passes."""
     net = getattr(model, "module", model)
-    was_training = net.training
+    was_training, cuda = net.training, device.type == "cuda"
     net.eval()
     out = {"params": sum(p.numel() for p in net.parameters()), "macs": multiply_adds(arch, low_res, size, num_classes),
            "cost_machine": machine(device)}
     try:
         out["infer_ms_b1"] = 1000 * _seconds_per_pass(net, 1, size, device, min_seconds)
         before = _peak_reset(device)
-        out["infer_images_per_s_b64"] = 64 / _seconds_per_pass(net, 64, size, device, min_seconds)
+        out["infer_images_per_s_b64"] = 64 / _seconds_per_pass(net, 64, size, device, min_seconds, warm=cuda)
         out["infer_peak_mb"] = _peak_mb(device, before)
     finally:
         net.train(was_training)
@@ -75,15 +75,20 @@ def inference_cost(model: torch.nn.Module, arch: str, low_res: bool, size: int, 
 
 
 @torch.no_grad()
-def _seconds_per_pass(net, batch: int, size: int, device: torch.device, min_seconds: float) -> float:
+def _seconds_per_pass(net, batch: int, size: int, device: torch.device, min_seconds: float,
+                      warm: bool = True) -> float:
+    """Seconds a forward pass of `batch` images takes: passes until `min_seconds` (one at
+    least), after a warm-up pass when `warm` (the batch-64 timing follows the batch-1 one,
+    which has warmed the network: a second warm-up would double its cost on a CPU)."""
     x = torch.randn(batch, 3, size, size, device=device)
     cuda = device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # the numerics evaluation runs in
-        net(x)  # warm-up
+        if warm:
+            net(x)
         if cuda:
             torch.cuda.synchronize(device)
         start, passes = time.perf_counter(), 0
-        while passes < 3 or time.perf_counter() - start < min_seconds:
+        while passes < 1 or time.perf_counter() - start < min_seconds:
             net(x)
             passes += 1
         if cuda:
