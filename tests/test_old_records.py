@@ -3,7 +3,8 @@
 its runs.yaml, stored member records and predictions, its MLflow store, and one member's
 in-progress checkpoint after epoch 1; the finished members' final weights are left out
 for size, a device call carries the tree): the runs file evaluates to the same figures, a
-re-run of the job trains nothing and keeps its MLflow runs, and the checkpoint resumes."""
+re-run of the job trains nothing and keeps its MLflow runs, and the checkpoint resumes, with
+the job's folder and its data both moved (member keys hash the data root they trained on)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.config import MemberWork, load_config, resolve_members
+from orchestrator.config import JobContext, MemberWork, load_config, resolve_members
+from orchestrator.records.moved import keys_after_a_move
 from orchestrator.records.runs_file import load_runs
 from orchestrator.runtime import in_trial
 from tests.conftest import ROOT
@@ -29,12 +31,18 @@ OLD_LINE = "top-1 error: ensemble 56.25% vs best member vgg8-s1 75.00% (chosen o
 
 
 def relocated(tmp_path: Path, tiny_root: str) -> Path:
-    """The fixture copied to tmp_path, its paths (files and the MLflow store) moved there:
-    a job's folder moved to another machine."""
+    """The fixture copied to tmp_path, its paths (files and the MLflow store) moved there,
+    and its data found at another root (`moved_data`): a job's folder moved to another
+    machine. The user's runs file is pointed at the data's new root; the job's stored copy
+    keeps the root it trained on."""
     dst = tmp_path / "old"
     shutil.copytree(FIXTURE, dst)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tiny-imagenet-200").symlink_to(tiny_root)
     for f in [*dst.rglob("*.yaml"), *dst.rglob("*.json")]:
-        f.write_text(f.read_text().replace(WRITTEN_AT, str(dst)).replace(DATA_AT, tiny_root))
+        f.write_text(f.read_text().replace(WRITTEN_AT, str(dst)))
+    user_runs = dst / "runs.yaml"
+    user_runs.write_text(user_runs.read_text().replace(DATA_AT, moved_data(dst)))
     db = sqlite3.connect(dst / "mlruns" / "mlflow.db")
     for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
         for _, column, kind, *_ in db.execute(f"PRAGMA table_info({table})").fetchall():
@@ -45,10 +53,14 @@ def relocated(tmp_path: Path, tiny_root: str) -> Path:
     return dst
 
 
+def moved_data(dst: Path) -> str:
+    return str(dst.parent / "data" / "tiny-imagenet-200")
+
+
 def run(dst: Path, tiny_root: str, *args: str) -> subprocess.CompletedProcess:
     # the job's own folder (./mlruns, as it was written), not a tracking server the environment names
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    env.update(DATA_ROOT=str(Path(tiny_root).parent), ENSEMBLE_STORAGE=str(dst / "storage"))
+    env.update(DATA_ROOT=str(dst.parent / "data"), ENSEMBLE_STORAGE=str(dst / "storage"))
     return subprocess.run([sys.executable, *args], cwd=dst, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -67,6 +79,7 @@ def test_an_old_job_reruns_without_training_and_keeps_its_mlflow_runs(tmp_path, 
     out = run(dst, tiny_root, str(ROOT / "jobs" / "train_ensemble.py"), "--config", "fixture.yaml", "--runs", "again.yaml")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 already finished, 0 to train" in out.stdout and OLD_LINE in out.stdout
+    assert "resnet20-s0: kept its record resnet20-s0-13d79748 (trained on /work/shared/data/" in out.stdout
     again = load_runs(str(dst / "again.yaml"))
     assert again.mlflow.parent_run_id == parent  # the old parent run, not a new one
     old = load_runs(str(dst / "runs.yaml"))
@@ -75,10 +88,14 @@ def test_an_old_job_reruns_without_training_and_keeps_its_mlflow_runs(tmp_path, 
 
 def test_an_old_checkpoint_resumes(tmp_path, tiny_root, capsys, monkeypatch):
     dst = relocated(tmp_path, tiny_root)
-    monkeypatch.setenv("DATA_ROOT", str(Path(tiny_root).parent))
+    monkeypatch.setenv("DATA_ROOT", str(dst.parent / "data"))
     monkeypatch.setenv("ENSEMBLE_STORAGE", str(dst / "storage"))
     cfg = load_config(str(dst / "fixture.yaml"))
-    member = resolve_members(cfg)[0]
+    ctx = JobContext(ensemble=cfg.name, storage=str(dst / "storage"), data=cfg.data, tracking_uri="",
+                     experiment_id="", parent_run_id="")
+    fresh = resolve_members(cfg)[0]
+    member = keys_after_a_move(cfg, resolve_members(cfg), ctx)[0][0]
+    assert fresh.key != member.key == "resnet20-s0-13d79748"  # the data root moved; the key it trained under is kept
     root = dst / "storage" / "old-records" / "train" / member.key
     assert json.loads((root / "latest.json").read_text())["epoch"] == 1
     longer = member.model_copy(update={"recipe": member.recipe.model_copy(update={"epochs": 2})})

@@ -21,6 +21,7 @@ from orchestrator.data.manifest import check_shards_exist, load_manifest
 from orchestrator.base.errors import UserError
 from orchestrator.records.from_job import imported, runs_file
 from orchestrator.records.member import StoredMember, member_record
+from orchestrator.records.moved import keys_after_a_move
 from orchestrator.base.lease import Lease
 from orchestrator.base.outages import check_tracking
 from orchestrator.records.runs_file import MlflowRef, RunsFile, write_runs
@@ -155,7 +156,10 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
         ctx = JobContext(ensemble=cfg.name, storage=root, data=cfg.data, tracking_uri=tracking_uri,
                          experiment_id=experiment_id, parent_run_id=parent, max_failures=cfg.ray.max_failures,
                          members={m.key: m for m in members})
-
+        members, kept = keys_after_a_move(cfg, members, ctx)
+        if kept:
+            ctx = ctx.model_copy(update={"members": {m.key: m for m in members}})
+            console().print("\n".join(kept))
         done = {m.key for m in members if storage.read_json(ctx.record_uri(m.key))}
         pending = [m for m in members if m.key not in done]
         console().print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(done)} already finished, "
