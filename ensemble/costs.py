@@ -6,8 +6,10 @@ at batch 1, images/s at batch 64, peak memory, and the machine. With test-time
 augmentation each figure scales by the views. An ensemble costs the sum over the distinct
 members it keeps (every member runs on every image). The accuracy-cost front is Canziani,
 Paszke and Culurciello's figure (2016): top-1 error against multiply-adds; the front is
-every subset's mean-softmax ensemble when there are few members (`EXHAUSTIVE_WORK`), else
-the members and the ensembles along the report's order.
+every subset's mean-softmax ensemble when there are few members (`MAX_SUBSETS`,
+`EXHAUSTIVE_WORK`), else Caruana's selection under budgets spaced from the cheapest member
+to all of them (as AutoGluon expands its front with `infer_limit`), with the members and the
+ensembles along the report's order.
 """
 from __future__ import annotations
 
@@ -21,6 +23,16 @@ from ensemble.scoring import blocks, load_block
 from orchestrator.base.errors import UserError
 
 EXHAUSTIVE_WORK = 2e9  # subsets x rows x classes scored for the exhaustive front (seconds on a CPU)
+MAX_SUBSETS = 2 ** 12 - 13  # every ensemble of 2 to 12 members: ~50 us of Python each per block
+BUDGETS = 8  # budgeted selections drawn when the subsets are too many
+
+
+def macs_words(macs: float) -> str:
+    """1.3e9 -> '1.3 G': multiply-adds as people write them."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if macs >= scale:
+            return f"{macs / scale:.3g} {unit}"
+    return f"{macs:.3g}"
 
 
 def member_fields(record, views: float) -> dict:
@@ -70,9 +82,10 @@ def subset_points(preds, transforms, labels, rows, names: list[str], macs: list[
     """Every subset's mean-softmax ensemble on `rows`: its top-1 error, cost and members;
     None when that is more than EXHAUSTIVE_WORK to score."""
     m = len(preds)
-    subsets = [s for k in range(2, m + 1) for s in combinations(range(m), k)]
-    if not subsets or len(subsets) * len(rows) * preds[0].array.shape[1] > EXHAUSTIVE_WORK:
+    count = 2 ** m - m - 1  # counted before they are listed: 23 members are 8.4 million subsets
+    if not 0 < count <= MAX_SUBSETS or count * len(rows) * preds[0].array.shape[1] > EXHAUSTIVE_WORK:
         return None
+    subsets = [s for k in range(2, m + 1) for s in combinations(range(m), k)]
     wrong = np.zeros(len(subsets))
     for idx in blocks(rows, m):
         y = torch.from_numpy(labels[idx]).long()
@@ -82,3 +95,33 @@ def subset_points(preds, transforms, labels, rows, names: list[str], macs: list[
     return [{"name": " + ".join(names[i] for i in s), "members": [names[i] for i in s],
              "top1_err": float(wrong[j] / len(rows)), "macs": float(sum(macs[i] for i in s)),
              "param_count": int(sum(params[i] for i in s))} for j, s in enumerate(subsets)]
+
+
+def budget_points(preds, transforms, labels, rows, names: list[str], macs: list[float],
+                  params: list[int]) -> list[dict]:
+    """Caruana's selection (mean softmax, NLL, with replacement) on `rows` within each of
+    BUDGETS multiply-add budgets spaced geometrically from the cheapest member to all of
+    them: each distinct choice's top-1 error (its weighted mean), cost and members."""
+    m, y = len(preds), labels[rows]
+
+    def load(i):
+        return load_block([preds[i]], rows, [transforms[i]])[0]
+
+    chosen = []
+    for budget in np.geomspace(min(macs), sum(macs), BUDGETS):
+        picks, _ = em.greedy_selection(load, m, y, 2 * m, cost=macs, budget=float(budget))
+        weights = em.weights_from_selection(picks, m)
+        if not any(np.array_equal(weights, w) for w in chosen):
+            chosen.append(weights)
+    out = []
+    for w in chosen:
+        kept = [i for i in range(m) if w[i] > 0]
+        wrong = 0
+        for idx in blocks(rows, m):
+            probs = load_block([preds[i] for i in kept], idx, [transforms[i] for i in kept])
+            combined = sum(float(w[i]) * p for i, p in zip(kept, probs))
+            wrong += int((em.true_class_rank(combined, torch.from_numpy(labels[idx]).long()) >= 1).sum())
+        out.append({"name": f"within {macs_words(sum(macs[i] for i in kept))}", "members": [names[i] for i in kept],
+                    "top1_err": wrong / len(rows), "macs": float(sum(macs[i] for i in kept)),
+                    "param_count": int(sum(params[i] for i in kept))})
+    return out

@@ -18,7 +18,8 @@ import sys
 import numpy as np
 
 from ensemble import math as em
-from ensemble.costs import budget_costs, ensemble_cost, front, member_fields, subset_points
+from ensemble.costs import (BUDGETS, budget_costs, budget_points, ensemble_cost, front, member_fields,
+                            subset_points)
 from ensemble.options import EvaluateOptions
 from ensemble.predictions import recompute
 from ensemble.protocol import Protocol, protocol_for
@@ -238,10 +239,14 @@ def accuracy_cost(per_member: list[dict], size_curve: list[dict], preds, transfo
         kept = [s["member"] for s in size_curve[:step["k"]]]
         path.append({"name": f"first {step['k']}", "members": kept, "top1_err": step["top1_err"],
                      "macs": sum(by[n]["macs"] for n in kept), "param_count": sum(by[n]["param_count"] or 0 for n in kept)})
-    subsets = subset_points(preds, transforms, labels, rows, names, [r["macs"] for r in per_member],
-                            [r["param_count"] or 0 for r in per_member])
-    return {"members": points, "path": path, "front": front(points + (subsets or path)),
-            "front_from": "every subset" if subsets else "the members and the ensembles along the order"}
+    costs = [r["macs"] for r in per_member], [r["param_count"] or 0 for r in per_member]
+    subsets = subset_points(preds, transforms, labels, rows, names, *costs)
+    if subsets:
+        return {"members": points, "path": path, "front": front(points + subsets), "front_from": "every subset"}
+    budgeted = budget_points(preds, transforms, labels, rows, names, *costs)
+    return {"members": points, "path": path, "budgeted": budgeted, "front": front(points + path + budgeted),
+            "front_from": f"budgeted selections ({len(budgeted)} distinct of {BUDGETS} budgets) and the ensembles "
+                          "along the order"}
 
 
 def evaluate(runs: RunsFile | str, options: EvaluateOptions = EvaluateOptions()) -> Report:

@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from ensemble.cost_plot import macs_words, plot_accuracy_cost  # noqa: E402
+from ensemble.cost_plot import plot_accuracy_cost  # noqa: E402
+from ensemble.costs import macs_words  # noqa: E402
 from orchestrator.views.terminal import console  # noqa: E402
 
 

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from ensemble import evaluate
+from ensemble import math as em
 
 EVAL = {"input_size": 32, "resize": 32, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
 
@@ -327,6 +328,32 @@ def test_members_and_the_ensemble_report_their_cost_and_the_accuracy_cost_front(
     front = ac["front"]  # cheapest first, each better than every cheaper point
     assert [p["macs"] for p in front] == sorted(p["macs"] for p in front)
     assert all(a["top1_err"] > b["top1_err"] for a, b in zip(front, front[1:]))
+    assert (out / "accuracy_cost.png").stat().st_size > 10_000
+
+
+def test_many_members_draw_the_front_from_budgeted_selections_not_every_subset(tmp_path):
+    """13 members are 8,178 subsets: the front comes from Caruana's selection within budgets
+    from the cheapest member to all of them, each point's error its weighted mean's on val."""
+    from ensemble.costs import MAX_SUBSETS
+
+    m = 13
+    path, labels = make_runs(tmp_path, members=m)
+    macs = [1e6 * (1 + i) for i in range(m)]
+    with_costs(path, macs=macs, params=[1e5] * m)
+    assert 2 ** m - m - 1 > MAX_SUBSETS
+    report, out = run(path, tmp_path)
+    ac = report["accuracy_cost"]
+    assert ac["front_from"].startswith("budgeted selections")
+    assert 2 <= len(ac["budgeted"]) <= 8
+    for p in ac["budgeted"]:
+        assert p["macs"] == sum(macs[int(n[1:])] for n in p["members"])  # distinct members' sum
+    assert min(p["macs"] for p in ac["budgeted"]) <= macs[0] * 1.000001  # the cheapest budget: one member
+    cheapest = min(ac["budgeted"], key=lambda p: p["macs"])
+    alone = np.load(tmp_path / f"{cheapest['members'][0]}.npy")
+    wrong = int((em.true_class_rank(torch.from_numpy(alone), torch.from_numpy(labels)) >= 1).sum()) / len(labels)
+    assert len(cheapest["members"]) == 1 and cheapest["top1_err"] == pytest.approx(wrong, abs=1e-12)
+    front = ac["front"]
+    assert all(a["top1_err"] > b["top1_err"] and a["macs"] <= b["macs"] for a, b in zip(front, front[1:]))
     assert (out / "accuracy_cost.png").stat().st_size > 10_000
 
 
