@@ -289,7 +289,7 @@ def test_embedded_default_path_with_nothing_running(tmp_path, tiny_root):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "top-5 err" in out.stdout and "resnet18-tiny-s0" in out.stdout  # the per-member table
     # the live board as plain lines (not a terminal): one per member epoch, no Tune trial tables
-    assert re.search(r"member resnet18-tiny-s0 \(resnet18\): epoch 2/2, train loss [\d.]+, val top-1 [\d.]+% top-5",
+    assert re.search(r"member resnet18-tiny-s0 \(resnet18\): epoch 2/2, train loss [\d.]+, val top-1 err [\d.]+% top-5 err",
                      out.stdout)
     assert "Trial status" not in out.stdout
     # each member says, as it starts, which share of train it trains on (configs/smoke.yaml: shares 2)

@@ -39,9 +39,9 @@ def test_plain_lines_one_per_member_epoch():
     epoch(board, b, 1)
     lines = out.getvalue().strip().splitlines()
     assert lines == [
-        "member a (resnet18): epoch 1/4, train loss 2.000, minival top-1 50.0% top-5 20.0%, 93 images/s, 4.5 min left",
-        "member a (resnet18): epoch 2/4, train loss 1.000, minival top-1 50.0% top-5 20.0%, 93 images/s, 3.0 min left",
-        "member b (vgg11_bn): epoch 1/4, train loss 2.000, minival top-1 50.0% top-5 20.0%, 93 images/s, 4.5 min left"]
+        "member a (resnet18): epoch 1/4, train loss 2.000, minival top-1 err 50.0% top-5 err 20.0%, 93 images/s, 4.5 min left",
+        "member a (resnet18): epoch 2/4, train loss 1.000, minival top-1 err 50.0% top-5 err 20.0%, 93 images/s, 3.0 min left",
+        "member b (vgg11_bn): epoch 1/4, train loss 2.000, minival top-1 err 50.0% top-5 err 20.0%, 93 images/s, 4.5 min left"]
     assert board.counts() == {"done": 0, "running": 2, "pending": 1, "failed": 0}
     # left: a 3.0, b 4.5, c (pending) a typical 6.0 min, over 2 slots -> 6.75 min
     assert board.footer() == "0 done, 2 running, 1 pending; job: about 6.8 min left"
@@ -71,7 +71,7 @@ def test_live_table_on_a_terminal():
     board.on_trial_complete(0, [], a)
     board.stop()
     text = out.getvalue()
-    for cell in ("minival top-1", "4/4", "done", "1 done, 0 running, 2 pending"):
+    for cell in ("minival top-1 err", "4/4", "done", "1 done, 0 running, 2 pending"):
         assert cell in text
     assert "member a (resnet18): epoch" not in text  # no plain lines on a terminal
 

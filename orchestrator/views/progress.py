@@ -172,7 +172,7 @@ class MemberBoard(Callback):
         if row.train_loss is not None:
             parts.append(f"train loss {row.train_loss:.3f}")
         if row.top1 is not None:
-            parts.append(f"{self.heldout} top-1 {_pct(row.top1)} top-5 {_pct(row.top5)}")
+            parts.append(f"{self.heldout} top-1 err {_pct(row.top1)} top-5 err {_pct(row.top5)}")
         if row.images_per_s is not None:
             parts.append(f"{row.images_per_s:.0f} images/s")
         left = row.minutes_left()
@@ -200,7 +200,7 @@ class MemberBoard(Callback):
 
     def table(self) -> Table:
         t = Table(title="members", caption=self.footer(), caption_justify="left")
-        for col in ("member", "arch", "status", "epoch", "train loss", f"{self.heldout} top-1", f"{self.heldout} top-5",
+        for col in ("member", "arch", "status", "epoch", "train loss", f"{self.heldout} top-1 err", f"{self.heldout} top-5 err",
                     "images/s", "left", "restarts"):
             t.add_column(col, justify="left" if col in ("member", "arch", "status") else "right")
         for r in self.rows.values():
