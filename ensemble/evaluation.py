@@ -39,14 +39,12 @@ def member_predictions(m, ds, cached: str | None, options, what: str) -> MemberP
 
 
 def load_members(runs: RunsFile, options) -> tuple[list, list[MemberPredictions]]:
-    records, preds = [], []
     for m in runs.members:
         if m.status != "finished":
             print(f"warning: skipping member {m.name}: status {m.status} ({m.error or 'no error recorded'})",
                   file=sys.stderr)
-            continue
-        preds.append(member_predictions(m, runs.dataset, m.predictions, options, "predictions"))
-        records.append(m)
+    records = runs.ensemble_members(with_roles=options.with_students)
+    preds = [member_predictions(m, runs.dataset, m.predictions, options, "predictions") for m in records]
     if not records:
         raise UserError(f"{runs.ensemble}: no finished members to evaluate")
     return records, preds

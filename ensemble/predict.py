@@ -66,7 +66,7 @@ def image_items(root: str, split: str) -> Iterator[tuple[str, bytes]]:
 
 def member_spec(runs: RunsFile, method: str) -> tuple[dict, dict[str, str]]:
     """The ensemble's spec and its members' checkpoint URIs (copied locally where it runs)."""
-    finished = [m for m in runs.members if m.status == "finished"]
+    finished = runs.ensemble_members()
     if not finished:
         raise UserError("the runs file has no finished member")
     weights = [m.weight if method == "weighted" else 1.0 for m in finished]

@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from models import get_spec
+from orchestrator.config.distill import DistillStep
 from orchestrator.config.schema import (Data, Grid, Member, Mlflow, PackingOpts, RayOpts, Recipe, ResolvedMember,
                                         Resources, Storage, Strict)
 from orchestrator.config.search import Search
@@ -39,6 +40,7 @@ class EnsembleConfig(Strict):
     search: Search | None = None  # used by jobs/search.py
     packing: PackingOpts = PackingOpts()
     imported_runs: list[str] = Field([], description="runs files whose finished members join as they are")
+    distill: DistillStep | None = None  # after the members: a student of the ensemble and its plain twin
 
     @model_validator(mode="after")
     def _members_present(self):
@@ -112,8 +114,9 @@ def recipe_payload(recipe: Recipe) -> dict:
     """The recipe as hashed into member keys. Fields added after keys were first issued
     count only when set, so existing members keep their keys (and resume)."""
     out = recipe.model_dump()
-    if out["max_steps_per_epoch"] is None:
-        del out["max_steps_per_epoch"]
+    for late in ("max_steps_per_epoch", "distill"):
+        if out[late] is None:
+            del out[late]
     return out
 
 

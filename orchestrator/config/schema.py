@@ -7,7 +7,7 @@
 Names are checked against their registries here (LR policies, augmentation presets) so
 a wrong one is refused at load time with the valid choices. `ResolvedMember` is one
 member made whole by `orchestrator/config/load.py`. The search section's schema is in
-`orchestrator/config/search.py`.
+`orchestrator/config/search.py`, distillation's in `orchestrator/config/distill.py`.
 """
 from __future__ import annotations
 
@@ -16,11 +16,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.base.errors import UserError
+from orchestrator.config.distill import Distill
+from orchestrator.config.strict import Strict
 from orchestrator.train import augment, lr
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class Optimizer(Strict):
@@ -94,6 +92,7 @@ class Recipe(Strict):
     label_shuffling: bool = False  # every class N samples per epoch, N = the largest class
     cam_crops: CamCrops | None = None
     confusion_prior: ConfusionPrior | None = None
+    distill: Distill | None = None  # learn from an ensemble's softened predictions (Hinton et al. 2015)
     plain_last_epochs: int = Field(0, ge=0, description="strong augmentation off for the last k epochs")
     multiscale: list[int] = Field([], description="train each batch at one of these sizes (px)")
     compile: bool = False  # torch.compile: ~40% faster ResNet-50 on GPU, ~50 s to compile
@@ -276,3 +275,4 @@ class ResolvedMember(BaseModel):
     resources: Resources
     packing: str | None = None  # why `gpus_per_worker: auto` came out as it did
     share: int | None = None  # with data.shares: the share of train it trains on
+    role: str | None = None  # "student of <ensemble>", "twin of <student>": left out of the ensemble

@@ -90,6 +90,7 @@ class MemberRecord(_Strict):
     metrics: dict[str, float] = {}
     cost_machine: str | None = None  # where its inference cost (metrics: macs, infer_*) was measured
     error: str | None = None
+    role: str | None = None  # "student of <ensemble>", "twin of <student>": not an ensemble member unless asked
 
 
 class RunsFile(_Strict):
@@ -100,6 +101,11 @@ class RunsFile(_Strict):
     minival: DatasetRef | None = None
     choices: list[Choice] = []
     members: list[MemberRecord]
+
+    def ensemble_members(self, with_roles: bool = False) -> list[MemberRecord]:
+        """The members the ensemble is made of: every finished one, students and twins
+        (members with a role) only when asked."""
+        return [m for m in self.members if m.status == "finished" and (with_roles or m.role is None)]
 
 
 def load_runs(path: str) -> RunsFile:

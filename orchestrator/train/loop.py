@@ -97,7 +97,9 @@ def train_epoch(model, optimizer, batches: Iterator, steps: int, lr_at: Callable
         for group in optimizer.param_groups:
             group["lr"] = lr
         with _autocast(device, bf16):
-            loss = criterion(model(images), labels)
+            # a distillation loss runs its teacher on the very batch the student sees
+            loss = criterion(model(images), labels, images) if getattr(criterion, "sees_images", False) \
+                else criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

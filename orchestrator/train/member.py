@@ -106,8 +106,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
     if recipe.compile:
         model = torch.compile(model)
 
-    global_batch = recipe.batch_size * world
-    base_lr = lr.scaled_lr(recipe.optimizer.lr, global_batch)
+    base_lr = lr.scaled_lr(recipe.optimizer.lr, recipe.batch_size * world)  # the global batch
     optimizer = build_optimizer(model, recipe.optimizer, base_lr)
     state = loop.FitState()
     if resume:
@@ -160,12 +159,13 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
         said["hikvision.plain_last_epochs"] = f"strong augmentation off for the last {recipe.plain_last_epochs} epochs"
     if data.train.share:  # "2 of 4": the member's own share of train (orchestrator/data/shares.py)
         said["data.share"] = f"trains on share {data.train.share} of train: {len(data.train)} images"
+    criterion = teacher.distilled(confusion.PriorSmoothingLoss(smoothing).to(device) if smoothing is not None
+                                  else loop.build_criterion(fields.label_smoothing), recipe,
+                                  data.train.class_names, (member.input_size, ev.mean, ev.std), device, said)
     if rank == 0:
         for tag, text in said.items():  # the data placement only as a tag on the member's run
-            if tag.startswith(("hikvision.", "data.share")):
+            if tag.startswith(("hikvision.", "data.share", "distill")):
                 print(f"member {member.name}: {text}", flush=True)
-    criterion = (confusion.PriorSmoothingLoss(smoothing).to(device) if smoothing is not None
-                 else loop.build_criterion(fields.label_smoothing))
 
     compile_pending = recipe.compile
     seen_bad = {"train": stream.bad.total, "val": val_loader.dataset.bad.total}

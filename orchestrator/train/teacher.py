@@ -1,5 +1,6 @@
-"""Knowledge a recipe borrows from an already trained member (its "teacher"): the CAMs
-that guide crops and the confusion prior that guides label smoothing.
+"""Knowledge a recipe borrows from already trained members (its "teacher"): the CAMs that
+guide crops, the confusion prior that guides label smoothing, and the ensemble a student
+is distilled from.
 
 A teacher is named by a runs file and a member name in it, so any finished member of an
 ensemble or a search can serve; its class set must be the one being trained.
@@ -20,6 +21,7 @@ from orchestrator.records.runs_file import MemberRecord, RunsFile, load_runs
 from models import load_checkpoint
 from orchestrator.train.cam import CamMaps, cam_batches, write_cam_maps
 from orchestrator.train.confusion import confusion_prior, smoothing_matrix
+from orchestrator.train.distill import DistillLoss, TeacherEnsemble
 
 
 def find_teacher(teacher: Teacher) -> tuple[RunsFile, MemberRecord]:
@@ -126,3 +128,37 @@ def _build_cam_maps(member: MemberRecord, split, device, folder: str, workers: i
     ev = member.eval
     return write_cam_maps(folder, model, cam_batches(split, ev.input_size, ev.mean, ev.std, workers), len(split),
                           device)
+
+
+def load_distill_teacher(recipe: Recipe, class_names: list[str], student: tuple[int, list, list], device):
+    """The ensemble a recipe's `distill` learns from (orchestrator/train/distill.py), on
+    `device`, or None when the recipe does not distill or its alpha is 0 (plain training)."""
+    d = recipe.distill
+    if d is None or d.alpha == 0:
+        return None
+    runs = load_runs(d.teacher.runs)
+    _check_classes(runs, class_names, "distill")
+    members = runs.ensemble_members()
+    if d.teacher.members:
+        by_name = {m.name: m for m in members}
+        unknown = [n for n in d.teacher.members if n not in by_name]
+        if unknown:
+            raise unknown_name(f"finished ensemble member of {d.teacher.runs}", unknown[0], by_name)
+        members = [by_name[n] for n in d.teacher.members]
+    if not members:
+        raise UserError(f"distill: {d.teacher.runs} has no finished ensemble member to learn from")
+    models = [load_checkpoint(m.checkpoint, expect_arch=m.arch)[0].to(device) for m in members]
+    geometry = [(m.eval.input_size, list(m.eval.mean), list(m.eval.std)) for m in members]
+    return TeacherEnsemble(models, geometry, student, method=d.teacher.combination).to(device)
+
+
+def distilled(criterion, recipe: Recipe, class_names: list[str], student: tuple[int, list, list], device,
+              said: dict):
+    """`criterion` as the hard term of a DistillLoss when the recipe distills (alpha > 0)."""
+    ensemble = load_distill_teacher(recipe, class_names, student, device)
+    if ensemble is None:
+        return criterion
+    d = recipe.distill
+    said["distill"] = (f"distilled from {len(ensemble.members)} members of {d.teacher.runs} "
+                       f"(T {d.temperature:g}, alpha {d.alpha:g})")
+    return DistillLoss(criterion, ensemble, d.temperature, d.alpha)
