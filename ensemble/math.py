@@ -286,6 +286,8 @@ def bootstrap_ci(columns, n_boot: int = 1000, seed: int = 0, level: float = 0.95
     is a row-count vector (bincount of N draws), so one matrix product scores every column."""
     x = np.asarray(columns, dtype=np.float64)
     n = len(x)
+    if n_boot == 0:  # asked for none: no interval (NaN), not an error
+        return np.full((x.shape[1], 2), np.nan)
     rng = np.random.default_rng(seed)
     means = np.empty((n_boot, x.shape[1]))
     for start in range(0, n_boot, chunk):

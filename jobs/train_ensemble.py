@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))  # `python jobs/train_ensemble.py` from a bare che
 
 from orchestrator.base.errors import exit_on_user_error  # noqa: E402
 from orchestrator.base.outages import exit_on_outage  # noqa: E402
+from ensemble import distilled
 from ensemble.evaluation import summarize
 from ensemble.logged import log_job_result
 from ensemble.report import headline
@@ -57,6 +58,18 @@ def show_result(runs, runs_path: str) -> None:
         print(f"  the ensemble's result table (the parent run): {parent_link}")
 
 
+def show_distillation(runs) -> None:
+    """The job's last lines: the student against its plain twin and the ensemble."""
+    rows = distilled.compare(runs)
+    if not rows:
+        print("\ndistillation: the student or its twin did not finish; nothing to compare")
+        return
+    print(f"\ndistillation, on {runs.dataset.split} ({rows[0]['samples']} images; paired 95% bootstrap intervals):")
+    for line in distilled.lines(rows):
+        print(f"  {line}")
+    distilled.log(runs, rows)
+
+
 def ui_links(uri: str, parent: str) -> tuple[str, str, str]:
     """(the experiment's runs page on the job's saved view, the parent run's page, how to
     serve them): both in the model-training layout (orchestrator/views/tracking.py); for the
@@ -87,6 +100,8 @@ def main(argv=None) -> int:
     where = args.runs if "://" in args.runs else os.path.abspath(args.runs)  # an s3:// URL stays one
     print(f"\nwrote {where} with {len(runs.members)} members "
           f"in {(time.time() - start) / 60:.1f} min")
+    if cfg.distill is not None:
+        show_distillation(runs)
     return 1 if failed else 0
 
 

@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from orchestrator.config import load_config, parse_config, resolve_members
+from orchestrator.config import load_config, parse_config, resolve_members, resolve_students
 from orchestrator.base.errors import UserError
 from tests.conftest import run_cli
 
@@ -102,7 +102,10 @@ def test_shipped_configs_are_valid():
     from pathlib import Path
 
     for path in sorted(Path(__file__).parents[1].glob("configs/**/*.yaml")):
-        members = resolve_members(load_config(str(path)))
+        cfg = load_config(str(path))
+        members = resolve_members(cfg)
+        if cfg.distill is not None:  # a student and its twin of an imported ensemble
+            members += resolve_students(cfg, cfg.distill.teacher, ["-"])
         assert members, path
         if "search" in path.parts:
             from orchestrator.config.search_space import check_space

@@ -16,7 +16,9 @@ importable from here.
 """
 from orchestrator.config.contracts import JobContext, MemberWork
 from orchestrator.config.load import (EnsembleConfig, expand_env, flatten, input_geometry, load_config, member_key,
-                                      parse_config, parse_recipe, recipe_payload, resolve_members)
+                                      parse_config, parse_recipe, recipe_payload, resolve_members,
+                                      resolve_students)
+from orchestrator.config.distill import THIS_JOB, Distill, DistillStep, DistillTeacher, Student
 from orchestrator.config.schema import (H200_PACKING_GAINS, Augment, CamCrops, ConfusionPrior, Data, Grid, Member,
                                         Mlflow, Optimizer, PackingOpts, RayOpts, Recipe, ResolvedMember, Resources,
                                         Schedule, Storage, Strict, Teacher)
@@ -26,4 +28,5 @@ __all__ = ["Asha", "Augment", "CamCrops", "ConfusionPrior", "Data", "Dimension",
            "H200_PACKING_GAINS", "JobContext", "Member", "MemberWork", "Mlflow", "Optimizer", "PackingOpts", "Pbt", "RayOpts", "Recipe",
            "ResolvedMember", "Resources", "Schedule", "Search", "Select", "Storage", "Strict", "Teacher",
            "check_dimension", "expand_env", "flatten", "input_geometry", "load_config", "member_key", "parse_config",
-           "parse_recipe", "recipe_payload", "resolve_members"]
+           "parse_recipe", "recipe_payload", "resolve_members", "resolve_students", "THIS_JOB", "Distill", "DistillStep",
+           "DistillTeacher", "Student"]

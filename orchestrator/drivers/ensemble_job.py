@@ -15,7 +15,8 @@ import yaml
 from rich.table import Table
 
 from orchestrator.base import storage
-from orchestrator.config import EnsembleConfig, JobContext, ResolvedMember, load_config, resolve_members
+from orchestrator.config import (THIS_JOB, EnsembleConfig, JobContext, ResolvedMember, load_config, resolve_members,
+                                 resolve_students)
 from orchestrator.data.dataset import open_split, select_classes
 from orchestrator.data.manifest import check_shards_exist, load_manifest
 from orchestrator.base.errors import UserError
@@ -24,7 +25,7 @@ from orchestrator.records.member import StoredMember, member_record
 from orchestrator.records.moved import keys_after_a_move
 from orchestrator.base.lease import Lease
 from orchestrator.base.outages import check_tracking
-from orchestrator.records.runs_file import MlflowRef, RunsFile, write_runs
+from orchestrator.records.runs_file import MlflowRef, RunsFile, load_runs, write_runs
 from orchestrator.views.terminal import console
 from orchestrator.train.resident_batches import resident_choice
 from orchestrator.views import tracking
@@ -41,6 +42,10 @@ def load_and_check(path: str) -> tuple[EnsembleConfig, list[ResolvedMember]]:
     members = resolve_members(cfg)  # unknown arch / recipe / policy / preset -> UserError
     check_data(cfg)
     imported(cfg, members)
+    if cfg.distill is not None:  # the student's arch, recipe and name, before any member trains
+        resolve_students(cfg, cfg.distill.teacher, ["-"])
+        if cfg.distill.teacher != THIS_JOB:
+            load_runs(cfg.distill.teacher)
     return cfg, members
 
 
@@ -59,7 +64,8 @@ def print_plan(cfg: EnsembleConfig, members: list[ResolvedMember]) -> None:
     table = Table(title=f"ensemble {cfg.name}: {len(members)} members")
     for col in ("member", "key", "arch", "recipe", "epochs", "input", "low_res", "workers", "gpus"):
         table.add_column(col)
-    for m in members:
+    students = resolve_students(cfg, cfg.distill.teacher, ["-"]) if cfg.distill is not None else []
+    for m in members + students:
         r = m.resources
         table.add_row(m.name, m.key, m.arch, m.recipe_name, str(m.recipe.epochs), f"{m.input_size} px",
                       "on" if m.low_res else "off", str(r.workers), str(r.gpus_per_worker) if r.use_gpu else "cpu")
@@ -146,8 +152,6 @@ def open_job(cfg: EnsembleConfig, config_path: str, kind: str, tags: dict, start
 
 def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
         runs_path: str) -> tuple[RunsFile, list[str]]:
-    import ray
-
     tags = {"ensemble.members": len(members)}
     # Ray starts only when a member is left to train: a re-run of a finished job, or an
     # ensemble of imported runs, writes its runs file in seconds
@@ -160,25 +164,28 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
         if kept:
             ctx = ctx.model_copy(update={"members": {m.key: m for m in members}})
             console().print("\n".join(kept))
-        done = {m.key for m in members if storage.read_json(ctx.record_uri(m.key))}
-        pending = [m for m in members if m.key not in done]
-        console().print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(done)} already finished, "
-                      f"{len(pending)} to train; MLflow {tracking_uri} run {parent}")
-        if pending:
-            start_ray_for(cfg, client, parent)
-            concurrency = launch.plan_concurrency(pending, ray.cluster_resources(), cfg.ray.max_concurrent_members)
-            console().print(f"running up to {concurrency} members at once on {ray.cluster_resources().get('CPU', 0):g} CPUs"
-                          f" / {ray.cluster_resources().get('GPU', 0):g} GPUs")
-            launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", console())
-
+        pending = _pending(ctx, members)
+        console().print(f"ensemble [bold]{cfg.name}[/]: {len(members)} members, {len(members) - len(pending)} already "
+                      f"finished, {len(pending)} to train; MLflow {tracking_uri} run {parent}")
+        _train(cfg, ctx, pending, client, parent)
         records, failed = _collect(ctx, members)
         extra = imported(cfg, members)
         runs = runs_file(cfg, records, extra, MlflowRef(tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment,
                                                         parent_run_id=parent))
-        write_runs(runs_path, runs)
         # a copy beside the members' records: under `ray job submit` the driver's working
-        # directory is a temporary copy, so this is the one a user can always find
-        write_runs(storage.join(root, cfg.name, "runs.yaml"), runs)
+        # directory is a temporary copy, so this is the one a user can always find (and the
+        # one a student of this job's ensemble learns from)
+        copy = storage.join(root, cfg.name, "runs.yaml")
+        _write(runs_path, copy, runs)
+        if cfg.distill is not None:
+            students = distilled(cfg, runs, copy)
+            ctx = ctx.model_copy(update={"members": {**ctx.members, **{m.key: m for m in students}}})
+            _train(cfg, ctx, _pending(ctx, students), client, parent)
+            more, failed_too = _collect(ctx, students)
+            runs, failed = runs.model_copy(update={"members": runs.members + [r.record() for r in more]}), \
+                failed + failed_too
+            records += more
+            _write(runs_path, copy, runs)
         _log_runs_file(client, parent, runs)
         console().print(_result_table([r.model_dump() for r in [*records, *extra]]))
         client.set_terminated(parent, "FAILED" if failed else "FINISHED")
@@ -186,6 +193,42 @@ def run(cfg: EnsembleConfig, members: list[ResolvedMember], config_path: str,
         if failed:
             console().print(f"[red]{len(failed)} member(s) failed: {', '.join(failed)}[/] (marked failed in {runs_path})")
         return runs, failed
+
+
+def _pending(ctx: JobContext, members: list[ResolvedMember]) -> list[ResolvedMember]:
+    return [m for m in members if not storage.read_json(ctx.record_uri(m.key))]
+
+
+def _train(cfg: EnsembleConfig, ctx: JobContext, pending: list[ResolvedMember], client, parent: str) -> None:
+    """The pending members, as many at once as the cluster allows (Ray started for them)."""
+    import ray
+
+    if not pending:
+        return
+    start_ray_for(cfg, client, parent)
+    concurrency = launch.plan_concurrency(pending, ray.cluster_resources(), cfg.ray.max_concurrent_members)
+    console().print(f"running up to {concurrency} members at once on {ray.cluster_resources().get('CPU', 0):g} CPUs"
+                    f" / {ray.cluster_resources().get('GPU', 0):g} GPUs")
+    launch.run_members(pending, ctx, concurrency, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", console())
+
+
+def distilled(cfg: EnsembleConfig, runs: RunsFile, copy: str) -> list[ResolvedMember]:
+    """The distill step's student and twin, learning from this job's ensemble (its runs
+    file's stored copy) or from the runs file the step names."""
+    teacher = copy if cfg.distill.teacher == THIS_JOB else cfg.distill.teacher
+    of = runs if teacher == copy else load_runs(teacher)
+    names = cfg.distill.teacher_members or [m.name for m in of.ensemble_members()]
+    if not names:
+        raise UserError(f"distill: {teacher} has no finished member to learn from")
+    students = resolve_students(cfg, teacher, names)
+    console().print(f"distillation: {', '.join(m.name for m in students)} (T {cfg.distill.temperature:g}, alpha "
+                    f"{cfg.distill.alpha:g}) from {len(names)} members of {teacher}")
+    return students
+
+
+def _write(runs_path: str, copy: str, runs: RunsFile) -> None:
+    write_runs(runs_path, runs)
+    write_runs(copy, runs)
 
 
 def _log_runs_file(client, run_id: str, runs: RunsFile) -> None:

@@ -55,4 +55,4 @@ def member_record(member: ResolvedMember, run_id: str | None, *, final: dict | N
                         low_res=member.low_res, weight=member.weight * weight, mlflow_run_id=run_id, seed=member.seed,
                         recipe=recipe or member.recipe_name,
                         metrics=record_metrics(final, history) if final is not None else {},
-                        cost_machine=(final or {}).get("cost_machine"), **fields)
+                        cost_machine=(final or {}).get("cost_machine"), role=member.role, **fields)

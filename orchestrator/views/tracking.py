@@ -138,7 +138,8 @@ def get_or_create_child(client: MlflowClient, experiment_id: str, parent_id: str
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=member.name, tags={
         "mlflow.parentRunId": parent_id, MEMBER_TAG: member.key, "member.name": member.name,
-        "arch": member.arch, "seed": str(member.seed), "recipe": member.recipe_name})
+        "arch": member.arch, "seed": str(member.seed), "recipe": member.recipe_name,
+        **({"member.role": member.role} if getattr(member, "role", None) else {})})
     params = flatten(member.model_dump(exclude={"key"}))
     # MLflow params are write-once; log_batch takes at most 100 per call.
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
