@@ -326,7 +326,7 @@ def test_a_member_trains_with_every_option_from_a_trained_teacher(tiny_root, tmp
     assert np.mean(gain) > 0 and sum(g > 0 for g in gain) >= 10
 
     seen, notes = [], {}
-    train_member(member, data, device=CPU, on_epoch_end=lambda s, m, *_: seen.append(m), notes=notes)
+    train_member(member, data, device=CPU, on_epoch_end=lambda s, m, *_: seen.append(m), on_notes=notes.update)
     assert [m["epoch"] for m in seen] == [1, 2] and all(np.isfinite(m["train_loss"]) for m in seen)
     # each option says what it did (printed, and set as tags on the member's run)
     assert notes["hikvision.label_shuffling"].startswith("label-shuffled epoch: 3 classes x 6 = 18 samples")

@@ -205,7 +205,7 @@ def trained(cfg, kill_after: int | None = None, resume: dict | None = None):
         if state.epoch == kill_after:
             raise Killed(saved[state.epoch])
 
-    model, _ = train_member(member, data, device=CPU, resume=resume, on_epoch_end=on_epoch_end, notes=notes)
+    model, _ = train_member(member, data, device=CPU, resume=resume, on_epoch_end=on_epoch_end, on_notes=notes.update)
     rows = predict(model, data.val, member, CPU)
     return np.stack([rows[i].numpy() for i in sorted(rows)]), notes
 

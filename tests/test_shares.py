@@ -48,7 +48,7 @@ def test_each_member_trains_on_its_own_share_and_says_so(tiny_root):
     assert all({s.key for s in d.minival.records} == {s.key for s in whole.minival.records} for d in data)
     assert [d.train.share for d in data] == ["1 of 4", "2 of 4", "3 of 4", "4 of 4"] and whole.train.share is None
     notes = {}
-    train_member(members[1], data[1], device=CPU, notes=notes)
+    train_member(members[1], data[1], device=CPU, on_notes=notes.update)
     assert notes["data.share"].startswith("trains on share 2 of 4 of train: 8 images")
 
 

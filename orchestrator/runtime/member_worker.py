@@ -81,14 +81,10 @@ def run_member(work: MemberWork, session: Session) -> None:
         return
 
     data = open_member_data(work.data, member.share)
-    state_start = resume["epoch"] if resume else 0
     run_id = work.mlflow_run_id
     client = MlflowClient(work.tracking_uri) if rank == 0 and run_id else None
 
     def on_epoch_end(state, metrics, model, optimizer, probs):
-        if client is not None and state.epoch == state_start + 1:
-            for tag, text in notes.items():  # what the Hikvision options did, on the member's run
-                client.set_tag(run_id, tag, text)
         final = probs is not None  # this rank's part of the final held-out predictions
         if final:
             files = final_outputs(probs, lambda part: _gather(part, world), model, member, data, metrics, device,
@@ -117,6 +113,9 @@ def run_member(work: MemberWork, session: Session) -> None:
 
     if client is not None and resume:
         log_missing_epochs(client, run_id, resume.get("history", []))
-    notes: dict = {}
+    def on_notes(notes: dict) -> None:  # what the Hikvision options did, as tags on the member's run
+        for tag, text in notes.items() if client is not None else ():
+            client.set_tag(run_id, tag, text)
+
     train_member(member, data, device=device, rank=rank, world=world, resume=resume,
-                 prepare_model=session.prepare_model, on_epoch_end=on_epoch_end, notes=notes)
+                 prepare_model=session.prepare_model, on_epoch_end=on_epoch_end, on_notes=on_notes)

@@ -87,14 +87,14 @@ def build_eval_loader(split: Split, transform, batch_size: int, workers: int, ra
 
 def train_member(member: ResolvedMember, data: MemberData, *, device: torch.device, rank: int = 0, world: int = 1,
                  resume: dict | None = None, prepare_model: Callable = lambda m: m,
-                 on_epoch_end: Callable | None = None, notes: dict | None = None
+                 on_epoch_end: Callable | None = None, on_notes: Callable[[dict], None] = lambda notes: None
                  ) -> tuple[torch.nn.Module, loop.FitState]:
     """Train `member` on this rank. `prepare_model` wraps the model for data parallelism
     (Ray's `prepare_model` -> DDP); `on_epoch_end(state, metrics, model, optimizer, probs)`,
     where probs (final epoch only) is this rank's part of the val predictions (`predict`'s form).
-    What the recipe's Hikvision options did is printed (rank 0) and put into `notes`
+    What the recipe's Hikvision options did is printed (rank 0) and handed to `on_notes`
     ({tag: text}: the member layer sets them as tags on the member's run)."""
-    said = {} if notes is None else notes
+    said: dict[str, str] = {}
     recipe = member.recipe
     seed_everything(member.seed)  # same init on every rank; DDP also broadcasts rank 0's
     model = build_model(member.arch, num_classes=data.num_classes, low_res=member.low_res)
@@ -166,7 +166,7 @@ def train_member(member: ResolvedMember, data: MemberData, *, device: torch.devi
         for tag, text in said.items():  # the data placement only as a tag on the member's run
             if tag.startswith(("hikvision.", "data.share", "distill")):
                 print(f"member {member.name}: {text}", flush=True)
-
+    on_notes(dict(said))
     compile_pending = recipe.compile
     seen_bad = {"train": stream.bad.total, "val": val_loader.dataset.bad.total}
 

@@ -1,0 +1,101 @@
+"""Does one network keep the ensemble's gain? The distill step, like for like, over seeds.
+
+The first command's ensemble (four members of VGG-8 and ResNet-20 on 20 Tiny-ImageNet
+classes, each on its own quarter of train) is the teacher; `configs/distill.yaml` trains a
+ResNet-20 student (one member's size) on all of train but the minival, the images the
+members shared among them, with alpha 0.9 and T 4, and its plain twin on the same images,
+epochs and seed. Each seed is one such pair (a job); the figure is reported per seed and
+pooled over the seeds, on the 1,000 val images (all 50 of each class: the split the
+teacher was scored on, never trained on or chosen on).
+
+    .venv/bin/python bench/distill_bench.py                 # trains the first command if runs.yaml is missing
+    .venv/bin/python bench/distill_bench.py --members runs.yaml --seeds 3
+
+Prints, per seed and pooled: student, twin and ensemble error, the share of the
+ensemble's gain over the twin that the student keeps with its paired 95% bootstrap
+interval (rows resampled; pooled, each row's misses averaged over the seeds), and the
+student's cost against the ensemble's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ensemble import distilled  # noqa: E402
+from ensemble import math as em  # noqa: E402
+from orchestrator.base import storage  # noqa: E402
+from orchestrator.records.runs_file import load_runs  # noqa: E402
+
+
+def job(args: list[str], out: Path, env: dict) -> None:
+    started = time.time()
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_ensemble.py"), *args], cwd=out, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    print(f"  ({' '.join(args)}: {(time.time() - started) / 60:.1f} min)", flush=True)
+
+
+def misses(runs, role_prefix: str) -> dict[int, np.ndarray]:
+    labels = torch.as_tensor(np.asarray(storage.read_npy(runs.dataset.labels), dtype=np.int64))
+    m = next(r for r in runs.members if r.role and r.role.startswith(role_prefix) and r.status == "finished")
+    rank = em.true_class_rank(storage.read_npy(m.predictions), labels)
+    return {k: (rank >= k).numpy().astype(np.float64) for k in (1, 5)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--members", help="the teacher's runs file (default: train the first command into --out)")
+    p.add_argument("--seeds", type=int, default=3, help="student/twin pairs, seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--out", default="distill-bench", help="working folder (default: %(default)s)")
+    args = p.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env.update(RAY_ADDRESS="local", DATA_ROOT=env.get("DATA_ROOT", str(ROOT.parent / "shared" / "data")),
+               ENSEMBLE_STORAGE=str(out / "outputs"))
+    members = Path(args.members).resolve() if args.members else out / "runs.yaml"
+    if not members.exists():
+        print("the teacher: the first command's ensemble", flush=True)
+        job(["--runs", str(members)], out, env)
+    rows, pooled = [], {"student": [], "twin": []}
+    for seed in range(args.seeds):
+        print(f"seed {seed}: a student and its plain twin", flush=True)
+        runs_path = out / f"distill-s{seed}.yaml"
+        if not runs_path.exists():
+            job(["--config", str(ROOT / "configs" / "distill.yaml"), "--runs", str(runs_path)], out,
+                {**env, "TEACHER_RUNS": str(members), "STUDENT_SEED": str(seed)})
+        runs = load_runs(str(runs_path))
+        row = distilled.compare(runs)[0]
+        rows.append(row)
+        for line in distilled.lines([row]):
+            print(f"  {line}")
+        pooled["student"].append(misses(runs, "student of"))
+        pooled["twin"].append(misses(runs, "twin of"))
+    labels = torch.as_tensor(np.asarray(storage.read_npy(runs.dataset.labels), dtype=np.int64))
+    teacher = runs.ensemble_members()
+    ens = em.true_class_rank(em.combine([storage.read_npy(m.predictions) for m in teacher]), labels)
+    print(f"\npooled over {args.seeds} seeds, {len(labels)} val images (paired 95% bootstrap over rows):")
+    for k in (1, 5):
+        s = np.mean([d[k] for d in pooled["student"]], axis=0)
+        t = np.mean([d[k] for d in pooled["twin"]], axis=0)
+        e = (ens >= k).numpy().astype(np.float64)
+        kept, lo, hi = distilled.kept_share(t, s, e)
+        print(f"  top-{k} error: student {s.mean():.2%} vs plain twin {t.mean():.2%} vs ensemble of {len(teacher)} "
+              f"{e.mean():.2%}: keeps {kept:.0%} of the ensemble's gain over the twin [{lo:.0%}, {hi:.0%}]; "
+              f"student beats twin by {100 * (t.mean() - s.mean()):+.2f} points, "
+              f"at {rows[0]['cost_ratio']:.2f}x the ensemble's multiply-adds")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
