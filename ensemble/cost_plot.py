@@ -38,7 +38,12 @@ def plot_accuracy_cost(path: str, report: dict) -> None:
     if budgeted:
         ax.scatter([], [], s=60, alpha=0.55, color="tab:green", edgecolor="k", marker="D",
                    label="Caruana's selection within a multiply-add budget")
-    for p in members + path_points + budgeted:
+    shown = {(p["macs"], p["top1_err"]) for p in members + path_points + budgeted}
+    others = [p for p in best if (p["macs"], p["top1_err"]) not in shown]  # front subsets drawn nowhere else
+    if others:
+        ax.scatter([p["macs"] for p in others], [p["top1_err"] for p in others], color="k", marker="x", s=40,
+                   label="another subset on the front")
+    for p in members + path_points + budgeted + others:
         ax.annotate(p["name"], (p["macs"], p["top1_err"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set(xlabel="multiply-adds per image (log scale; an ensemble: the sum over its members)",
