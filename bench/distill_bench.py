@@ -19,6 +19,7 @@ already trained.
 
     .venv/bin/python bench/distill_bench.py                 # trains the first command if runs.yaml is missing
     .venv/bin/python bench/distill_bench.py --members runs.yaml --seeds 3
+    .venv/bin/python bench/distill_bench.py --teacher-config configs/distill-teacher.yaml --out distill-full
 
 Prints, per seed and pooled: student, twin and ensemble error, the share of the
 ensemble's gain over the twin that the student keeps with its paired 95% bootstrap
@@ -69,7 +70,8 @@ def _resampled(diff: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarra
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--members", help="the teacher's runs file (default: train the first command into --out)")
+    p.add_argument("--members", help="the teacher's runs file (default: train --teacher-config into --out)")
+    p.add_argument("--teacher-config", help="the teacher's config (default: the first command's, members on shares)")
     p.add_argument("--seeds", type=int, default=3, help="student/twin pairs, seeds 0..N-1 (default: %(default)s)")
     p.add_argument("--out", default="distill-bench", help="working folder (default: %(default)s)")
     args = p.parse_args()
@@ -80,8 +82,9 @@ def main() -> int:
                ENSEMBLE_STORAGE=str(out / "outputs"))
     members = Path(args.members).resolve() if args.members else out / "runs.yaml"
     if not members.exists():
-        print("the teacher: the first command's ensemble", flush=True)
-        job(["--runs", str(members)], out, env)
+        print(f"the teacher: {args.teacher_config or 'the first command'}'s ensemble", flush=True)
+        job([*(["--config", str(Path(args.teacher_config).resolve())] if args.teacher_config else []),
+             "--runs", str(members)], out, env)
     rows, pooled = [], {"student": [], "twin": []}
     for seed in range(args.seeds):
         print(f"seed {seed}: a student and its plain twin", flush=True)
