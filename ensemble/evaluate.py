@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --select greedy: keep the ensemble within this many multiply-adds per image")
     p.add_argument("--budget-ms", type=float, default=None,
                    help="with --select greedy: within this many ms per image at batch 1 (the members' stored cost)")
+    p.add_argument("--only", type=lambda v: v.split(","), default=None, metavar="NAME[,NAME...]",
+                   help="only these members, e.g. a distilled student alone (with --log-model: served alone)")
     p.add_argument("--with-students", action="store_true",
                    help="also take members with a role (distilled students, plain twins) into the ensemble")
     p.add_argument("--seed", type=int, default=0)

@@ -27,7 +27,7 @@ from ensemble.results import Report
 from ensemble.scoring import intervals, size_curves, score
 from ensemble.stored import MemberPredictions, open_npy
 from ensemble.tta import TTA_VIEWS
-from orchestrator.base.errors import UserError
+from orchestrator.base.errors import UserError, unknown_name
 from orchestrator.records.runs_file import RunsFile, load_runs
 
 
@@ -43,7 +43,13 @@ def load_members(runs: RunsFile, options) -> tuple[list, list[MemberPredictions]
         if m.status != "finished":
             print(f"warning: skipping member {m.name}: status {m.status} ({m.error or 'no error recorded'})",
                   file=sys.stderr)
-    records = runs.ensemble_members(with_roles=options.with_students)
+    records = runs.ensemble_members(with_roles=options.with_students or bool(options.only))
+    if options.only:
+        by_name = {m.name: m for m in records}
+        unknown = [n for n in options.only if n not in by_name]
+        if unknown:
+            raise unknown_name("finished member (--only)", unknown[0], by_name)
+        records = [by_name[n] for n in options.only]
     preds = [member_predictions(m, runs.dataset, m.predictions, options, "predictions") for m in records]
     if not records:
         raise UserError(f"{runs.ensemble}: no finished members to evaluate")

@@ -33,6 +33,8 @@ class EvaluateOptions(BaseModel):
                                                              "per image (the ensemble's distinct members, TTA views included)")
     budget_ms: float | None = Field(None, gt=0, description="greedy selection within this many milliseconds per image at "
                                                            "batch 1 (the members' stored measured cost)")
+    only: list[str] | None = Field(None, description="only these members (by name; a student or twin named is "
+                                                     "taken): one member served or scored alone")
     with_students: bool = Field(False, description="also score members with a role (distilled students, "
                                                      "their plain twins) as ensemble members")
     log_mlflow: bool = Field(True, description="log metrics and plots to the runs file's MLflow parent run")

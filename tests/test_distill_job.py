@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -66,6 +67,9 @@ def test_a_distill_job_trains_a_student_and_its_twin_after_the_members(tmp_path,
     assert [m.name for m in evaluate(runs, EvaluateOptions(log_mlflow=False, bootstrap=0)).members] == \
         ["resnet20-tiny-s0", "vgg8-tiny-s1"]
     assert len(evaluate(runs, EvaluateOptions(log_mlflow=False, bootstrap=0, with_students=True)).members) == 4
+    alone = evaluate(runs, EvaluateOptions(log_mlflow=False, bootstrap=0, only=["student-resnet20-s5"]))
+    assert [m.name for m in alone.members] == ["student-resnet20-s5"]  # scored (and with --log-model served) alone
+    assert alone.ensemble.top1_err == pytest.approx(student.metrics["top1_err"], abs=1e-6)  # float32 in the record
     client = MlflowClient(runs.mlflow.tracking_uri)
     children = client.search_runs([client.get_run(runs.mlflow.parent_run_id).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{runs.mlflow.parent_run_id}'")

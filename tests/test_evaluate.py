@@ -374,3 +374,14 @@ def test_a_budgeted_selection_stays_within_its_budget_and_says_what_it_cost(tmp_
         evaluate.main(["--members", str(path), "--no-mlflow", "--out", str(tmp_path / "o"), "--select", "greedy",
                        "--budget-macs", "5e5"])
     assert exit_.value.code == 2 and "no member fits the budget" in capsys.readouterr().err
+
+
+def test_only_named_members_are_scored_and_a_wrong_name_is_one_line(tmp_path, capsys):
+    path, _ = make_runs(tmp_path)
+    report, _ = run(path, tmp_path, "--only", "m2,m0")
+    assert [m["name"] for m in report["members"]] == ["m2", "m0"]
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--members", str(path), "--only", "m9", "--no-mlflow", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: unknown finished member (--only) 'm9'") and "valid choices: m0, m1, m2" in err[-1]
