@@ -58,14 +58,7 @@ def job(args: list[str], out: Path, env: dict) -> None:
 def misses(runs, role_prefix: str) -> dict[int, np.ndarray]:
     labels = torch.as_tensor(np.asarray(storage.read_npy(runs.dataset.labels), dtype=np.int64))
     m = next(r for r in runs.members if r.role and r.role.startswith(role_prefix) and r.status == "finished")
-    rank = em.true_class_rank(storage.read_npy(m.predictions), labels)
-    return {k: (rank >= k).numpy().astype(np.float64) for k in (1, 5)}
-
-
-def _resampled(diff: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """The mean of `diff` over `n_boot` resamples of its rows."""
-    rng, n = np.random.default_rng(seed), len(diff)
-    return np.array([diff[rng.integers(0, n, n)].mean() for _ in range(n_boot)])
+    return distilled.misses(storage.read_npy(m.predictions), labels)
 
 
 def main() -> int:
@@ -101,16 +94,16 @@ def main() -> int:
         pooled["twin"].append(misses(runs, "twin of"))
     labels = torch.as_tensor(np.asarray(storage.read_npy(runs.dataset.labels), dtype=np.int64))
     teacher = runs.ensemble_members()
-    ens = em.true_class_rank(em.combine([storage.read_npy(m.predictions) for m in teacher]), labels)
+    ens = distilled.misses(em.combine([storage.read_npy(m.predictions) for m in teacher]), labels)
     print(f"\npooled over {args.seeds} seeds, {len(labels)} val images (each row's misses averaged over the seeds; "
           f"paired 95% bootstrap over rows):")
     row = {"members": len(teacher), "cost_ratio": rows[0]["cost_ratio"]}
     for k in (1, 5):
         s = np.mean([d[k] for d in pooled["student"]], axis=0)
         t = np.mean([d[k] for d in pooled["twin"]], axis=0)
-        e = (ens >= k).numpy().astype(np.float64)
+        e = ens[k]
         kept, lo, hi = distilled.kept_share(t, s, e)
-        gap = np.percentile(_resampled(t - s), [2.5, 97.5])
+        gap = em.bootstrap_ci((t - s)[:, None])[0]  # the twin-student difference, paired
         row[f"top{k}"] = {"student": s.mean(), "twin": t.mean(), "ensemble": e.mean(), "kept": kept, "lo": lo, "hi": hi}
         print(f"  top-{k}: the student beats its twin by {100 * (t.mean() - s.mean()):+.2f} points "
               f"[{100 * gap[0]:+.2f}, {100 * gap[1]:+.2f}]")

@@ -21,7 +21,8 @@ from orchestrator.base import storage
 from orchestrator.records.runs_file import MemberRecord, RunsFile
 
 
-def _misses(probs, labels: torch.Tensor) -> dict[int, np.ndarray]:
+def misses(probs, labels: torch.Tensor) -> dict[int, np.ndarray]:
+    """Per-row top-1 and top-5 misses (1.0 a miss) by the platform's top-k rule."""
     rank = em.true_class_rank(probs, labels)
     return {k: (rank >= k).numpy().astype(np.float64) for k in (1, 5)}
 
@@ -53,13 +54,13 @@ def compare(runs: RunsFile, n_boot: int = 1000) -> list[dict]:
     if not students or not members:
         return []
     labels = torch.as_tensor(np.asarray(storage.read_npy(runs.dataset.labels), dtype=np.int64))
-    ensemble = _misses(em.combine([storage.read_npy(m.predictions) for m in members]), labels)
+    ensemble = misses(em.combine([storage.read_npy(m.predictions) for m in members]), labels)
     out = []
     for student in students:
         twin = by_role.get(f"twin of {student.name}")
         if twin is None:
             continue
-        s, t = (_misses(storage.read_npy(m.predictions), labels) for m in (student, twin))
+        s, t = (misses(storage.read_npy(m.predictions), labels) for m in (student, twin))
         row = {"student": student.name, "twin": twin.name, "members": len(members), "samples": len(labels)}
         for k in (1, 5):
             kept, lo, hi = kept_share(t[k], s[k], ensemble[k], n_boot)
