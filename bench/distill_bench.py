@@ -4,18 +4,20 @@ The first command's ensemble (four members of VGG-8 and ResNet-20 on 20 Tiny-Ima
 classes, each on its own quarter of train) is the teacher; `configs/distill.yaml` trains a
 ResNet-20 student (one member's size) on all of train but the minival, the images the
 members shared among them, with alpha 0.9 and T 4, and its plain twin on the same images,
-epochs and seed. Each seed is one such pair (a job); the figure is reported per seed and
-pooled over the seeds, on the 1,000 val images (all 50 of each class: the split the
-teacher was scored on, never trained on or chosen on).
+epochs and seed. Each seed is one such pair; all pairs train in one job
+(`distill.student.seed` a list), students first, so the CPU a finished twin frees goes to
+the next pair. The figure is reported per seed and pooled over the seeds, on the 1,000
+val images (all 50 of each class: the split the teacher was scored on, never trained on or
+chosen on).
 
 Why 1,000 rows and 3 seeds: the rows are all the val images the teacher's 20 classes have
 (more rows need another teacher); at n = 1,000 a paired difference of two networks has a
 95% interval of about +-2.5 points, the size of the ensemble's own gain over its best
 member (+3.4), so one pair says little. A network's top-1 moves 1 to 2 points between
 seeds; three pairs average that out, and their rows pooled (each row's misses averaged
-over the seeds) narrow the interval. Each pair is about 16 minutes on 2 CPUs (the student
-runs the four members at every step), so 3 seeds fit the 45-minute budget with the teacher
-already trained.
+over the seeds) narrow the interval. A student takes about 15 minutes on one of the 2 CPUs
+(it runs the four members at every step), a twin about 7; packed two at a time the three
+pairs take about 36 minutes, the teacher about 4 more, within the 45-minute budget.
 
     .venv/bin/python bench/distill_bench.py                 # trains the first command if runs.yaml is missing
     .venv/bin/python bench/distill_bench.py --members runs.yaml --seeds 3
@@ -35,14 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ensemble import distilled  # noqa: E402
-from ensemble import math as em  # noqa: E402
-from orchestrator.base import storage  # noqa: E402
 from orchestrator.records.runs_file import load_runs  # noqa: E402
 
 
@@ -55,12 +52,6 @@ def job(args: list[str], out: Path, env: dict) -> None:
     print(f"  ({' '.join(args)}: {(time.time() - started) / 60:.1f} min)", flush=True)
 
 
-def misses(runs, role_prefix: str) -> dict[int, np.ndarray]:
-    labels = torch.as_tensor(np.asarray(storage.read_npy(runs.dataset.labels), dtype=np.int64))
-    m = next(r for r in runs.members if r.role and r.role.startswith(role_prefix) and r.status == "finished")
-    return distilled.misses(storage.read_npy(m.predictions), labels)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--members", help="the teacher's runs file (default: train --teacher-config into --out)")
@@ -68,6 +59,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=3, help="student/twin pairs, seeds 0..N-1 (default: %(default)s)")
     p.add_argument("--out", default="distill-bench", help="working folder (default: %(default)s)")
     args = p.parse_args()
+    started = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
@@ -78,39 +70,19 @@ def main() -> int:
         print(f"the teacher: {args.teacher_config or 'the first command'}'s ensemble", flush=True)
         job([*(["--config", str(Path(args.teacher_config).resolve())] if args.teacher_config else []),
              "--runs", str(members)], out, env)
-    rows, pooled = [], {"student": [], "twin": []}
-    for seed in range(args.seeds):
-        print(f"seed {seed}: a student and its plain twin", flush=True)
-        runs_path = out / f"distill-s{seed}.yaml"
-        if not runs_path.exists():
-            job(["--config", str(ROOT / "configs" / "distill.yaml"), "--runs", str(runs_path)], out,
-                {**env, "TEACHER_RUNS": str(members), "STUDENT_SEED": str(seed)})
-        runs = load_runs(str(runs_path))
-        row = distilled.compare(runs)[0]
-        rows.append(row)
-        for line in distilled.lines([row]):
-            print(f"  {line}")
-        pooled["student"].append(misses(runs, "student of"))
-        pooled["twin"].append(misses(runs, "twin of"))
-    labels = torch.as_tensor(np.asarray(storage.read_npy(runs.dataset.labels), dtype=np.int64))
-    teacher = runs.ensemble_members()
-    ens = distilled.misses(em.combine([storage.read_npy(m.predictions) for m in teacher]), labels)
-    print(f"\npooled over {args.seeds} seeds, {len(labels)} val images (each row's misses averaged over the seeds; "
-          f"paired 95% bootstrap over rows):")
-    row = {"members": len(teacher), "cost_ratio": rows[0]["cost_ratio"]}
-    for k in (1, 5):
-        s = np.mean([d[k] for d in pooled["student"]], axis=0)
-        t = np.mean([d[k] for d in pooled["twin"]], axis=0)
-        e = ens[k]
-        kept, lo, hi = distilled.kept_share(t, s, e)
-        gap = em.bootstrap_ci((t - s)[:, None])[0]  # the twin-student difference, paired
-        row[f"top{k}"] = {"student": s.mean(), "twin": t.mean(), "ensemble": e.mean(), "kept": kept, "lo": lo, "hi": hi}
-        print(f"  top-{k}: the student beats its twin by {100 * (t.mean() - s.mean()):+.2f} points "
-              f"[{100 * gap[0]:+.2f}, {100 * gap[1]:+.2f}]")
-    for line in distilled.lines([row]):
+    seeds = list(range(args.seeds))
+    print(f"seeds {seeds}: a student and its plain twin each, side by side", flush=True)
+    runs_path = out / f"distill-{args.seeds}seeds.yaml"
+    if not runs_path.exists():
+        job(["--config", str(ROOT / "configs" / "distill.yaml"), "--runs", str(runs_path)], out,
+            {**env, "TEACHER_RUNS": str(members), "STUDENT_SEED": str(seeds)})
+    rows = distilled.compare(load_runs(str(runs_path)))
+    print(f"on {rows[0]['samples']} val images (paired 95% bootstrap over rows; pooled: each row's misses "
+          f"averaged over the seeds):")
+    for line in distilled.lines(rows):
         print(f"  {line}")
+    print(f"(bench: {(time.time() - started) / 60:.1f} min)")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,8 +8,10 @@ ensemble's members. On the reported split (val, never trained on or chosen on):
 
 the share of the ensemble's gain over the twin that the student keeps (Hinton et al. 2015
 report 80% of it for their speech model), with a paired 95% bootstrap interval: every
-resample draws the same rows for all three, as `ensemble.math.bootstrap_ci` does. The cost
-ratio is the student's multiply-adds over the ensemble's (the sum over its members).
+resample draws the same rows for all three, as `ensemble.math.bootstrap_ci` does, and the
+student's margin over its twin with its own interval. With one pair per seed, the last
+figure pools them (each row's misses averaged over the seeds). The cost ratio is the
+student's multiply-adds over the ensemble's (the sum over its members).
 """
 from __future__ import annotations
 
@@ -47,53 +49,69 @@ def _macs(records: list[MemberRecord]) -> float | None:
 
 
 def compare(runs: RunsFile, n_boot: int = 1000) -> list[dict]:
-    """One comparison per finished student whose twin finished too."""
-    by_role = {m.role: m for m in runs.members if m.role and m.status == "finished"}
+    """One comparison per finished student whose twin finished too and, with several such
+    pairs (one per seed), a last one pooled over them: each row's misses averaged over the
+    pairs, so seed-to-seed noise averages out and the paired interval narrows."""
+    finished = [m for m in runs.members if m.role and m.status == "finished"]
+    twins = {m.role: m for m in finished if m.role.startswith("twin of ")}
     members = runs.ensemble_members()
-    students = [m for role, m in by_role.items() if role.startswith("student of ")]
-    if not students or not members:
+    pairs = [(m, twins[f"twin of {m.name}"]) for m in finished
+             if m.role.startswith("student of ") and f"twin of {m.name}" in twins]
+    if not pairs or not members:
         return []
     labels = torch.as_tensor(np.asarray(storage.read_npy(runs.dataset.labels), dtype=np.int64))
     ensemble = misses(em.combine([storage.read_npy(m.predictions) for m in members]), labels)
-    out = []
-    for student in students:
-        twin = by_role.get(f"twin of {student.name}")
-        if twin is None:
-            continue
-        s, t = (misses(storage.read_npy(m.predictions), labels) for m in (student, twin))
-        row = {"student": student.name, "twin": twin.name, "members": len(members), "samples": len(labels)}
-        for k in (1, 5):
-            kept, lo, hi = kept_share(t[k], s[k], ensemble[k], n_boot)
-            row[f"top{k}"] = {"student": s[k].mean(), "twin": t[k].mean(), "ensemble": ensemble[k].mean(),
-                              "kept": kept, "lo": lo, "hi": hi}
-        cost_s, cost_e = _macs([student]), _macs(members)
-        row["cost_ratio"] = cost_s / cost_e if cost_s and cost_e else None
-        out.append(row)
-    return out
+    cost_s, cost_e = _macs([pairs[0][0]]), _macs(members)
+    common = {"members": len(members), "samples": len(labels),
+              "cost_ratio": cost_s / cost_e if cost_s and cost_e else None}
+    scored = [[misses(storage.read_npy(m.predictions), labels) for m in pair] for pair in pairs]
+    rows = [_row(s, t, ensemble, n_boot, student=a.name, twin=b.name, pairs=1, **common)
+            for (a, b), (s, t) in zip(pairs, scored)]
+    if len(pairs) > 1:
+        s, t = ({k: np.mean([p[i][k] for p in scored], axis=0) for k in (1, 5)} for i in (0, 1))
+        rows.append(_row(s, t, ensemble, n_boot, student=f"{len(pairs)} students", twin=f"{len(pairs)} twins",
+                         pairs=len(pairs), **common))
+    return rows
+
+
+def _row(s: dict, t: dict, ensemble: dict, n_boot: int, **fields) -> dict:
+    row = dict(fields)
+    for k in (1, 5):
+        kept, lo, hi = kept_share(t[k], s[k], ensemble[k], n_boot)
+        gap = em.bootstrap_ci((t[k] - s[k])[:, None], n_boot)[0]  # the twin-student difference, paired
+        row[f"top{k}"] = {"student": s[k].mean(), "twin": t[k].mean(), "ensemble": ensemble[k].mean(),
+                          "kept": kept, "lo": lo, "hi": hi, "beats_twin": t[k].mean() - s[k].mean(),
+                          "beats_lo": gap[0], "beats_hi": gap[1]}
+    return row
 
 
 def lines(rows: list[dict]) -> list[str]:
     """`student E_s vs plain twin E_t vs ensemble E_e: keeps K% of the ensemble's gain over
-    the twin [lo, hi], at C_s/C_e of its cost`, per metric."""
+    the twin [lo, hi], at C_s/C_e of its cost; the student beats its twin by D points [lo, hi]`,
+    per metric."""
     out = []
     for row in rows:
         cost = f"at {row['cost_ratio']:.2f}x its multiply-adds" if row["cost_ratio"] else "cost not recorded"
+        pooled = f", {row['pairs']} seeds pooled" if row["pairs"] > 1 else ""
         for k in (1, 5):
             r = row[f"top{k}"]
             kept = (f"keeps {r['kept']:.0%} of the ensemble's gain over the twin [{r['lo']:.0%}, {r['hi']:.0%}]"
                     if r["ensemble"] < r["twin"] else "the ensemble is no better than the twin: no gain to keep")
-            out.append(f"top-{k} error: student {r['student']:.2%} vs plain twin {r['twin']:.2%} vs ensemble of "
-                       f"{row['members']} {r['ensemble']:.2%}: {kept}, {cost}")
+            beats = (f"the student beats its twin by {100 * r['beats_twin']:+.2f} points "
+                     f"[{100 * r['beats_lo']:+.2f}, {100 * r['beats_hi']:+.2f}]")
+            out.append(f"top-{k} error{pooled}: student {r['student']:.2%} vs plain twin {r['twin']:.2%} vs ensemble of "
+                       f"{row['members']} {r['ensemble']:.2%}: {kept}, {cost}; {beats}")
     return out
 
 
 def log(runs: RunsFile, rows: list[dict]) -> None:
-    """The figures as metrics of the job's parent run (distill_top1_kept, ...)."""
+    """The figures as metrics of the job's parent run (distill_top1_kept, ...): the pooled
+    ones where there are several pairs."""
     if not rows or runs.mlflow is None or not runs.mlflow.parent_run_id:
         return
     from mlflow.tracking import MlflowClient
 
-    client, row = MlflowClient(runs.mlflow.tracking_uri), rows[0]
+    client, row = MlflowClient(runs.mlflow.tracking_uri), rows[-1]
     for k in (1, 5):
         for what, value in row[f"top{k}"].items():
             if value == value:  # not NaN

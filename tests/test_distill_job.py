@@ -52,7 +52,8 @@ def test_a_distill_job_trains_a_student_and_its_twin_after_the_members(tmp_path,
         assert re.fullmatch(rf"  top-{k} error: student [\d.]+% vs plain twin [\d.]+% vs ensemble of 2 [\d.]+%: "
                             rf"(keeps -?[\d.]+% of the ensemble's gain over the twin \[-?[\d.]+%, -?[\d.]+%\]|"
                             rf"the ensemble is no better than the twin: no gain to keep), "
-                            rf"at 0\.\d\dx its multiply-adds", line), line
+                            rf"at 0\.\d\dx its multiply-adds; "
+                            rf"the student beats its twin by [+-][\d.]+ points \[[+-][\d.]+, [+-][\d.]+\]", line), line
 
     runs = load_runs(str(tmp_path / "runs.yaml"))
     roles = {m.name: m.role for m in runs.members}

@@ -33,9 +33,17 @@ class Distill(Strict):
 class Student(Strict):
     arch: str
     recipe: str = Field("default", description="a recipe of this config; its distill is set by the step")
-    seed: int = 0
+    seed: int | list[int] = Field(0, description="a list: one student and twin per seed, trained side by side")
     input_size: int | None = Field(None, ge=16)
-    name: str | None = None  # default: student-<arch>-s<seed>
+    name: str | None = None  # default: student-<arch>-s<seed>; with several seeds, <name>-s<seed>
+
+    def seeds(self) -> list[int]:
+        return self.seed if isinstance(self.seed, list) else [self.seed]
+
+    def name_for(self, seed: int) -> str:
+        if self.name is None:
+            return f"student-{self.arch}-s{seed}"
+        return self.name if isinstance(self.seed, int) else f"{self.name}-s{seed}"
 
 
 class DistillStep(Strict):

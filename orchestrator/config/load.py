@@ -196,29 +196,33 @@ def resolve_members(cfg: EnsembleConfig) -> list[ResolvedMember]:
 
 
 def resolve_students(cfg: EnsembleConfig, teacher_runs: str, teacher_members: list[str]) -> list[ResolvedMember]:
-    """The distill step's student (its recipe with `distill` set: the ensemble of
-    `teacher_members` in `teacher_runs`) and its plain twin (the same recipe without it: same
-    architecture, images, epochs and seed), each with its role. Both train on all of train
-    but the minival, the images the members shared among them (no `data.shares`); the
-    teacher's member names enter the student's key, so a changed ensemble is a new student."""
+    """The distill step's students, one per seed (each its recipe with `distill` set: the
+    ensemble of `teacher_members` in `teacher_runs`), then their plain twins (the same recipe
+    without it: same architecture, images, epochs and seed), each with its role; students
+    first, the longer trials, so that side by side they finish together. All train on all
+    of train but the minival, the images the members shared among them (no `data.shares`);
+    the teacher's member names enter the student's key, so a changed ensemble is a new student."""
     step, s = cfg.distill, cfg.distill.student
     if s.recipe not in cfg.recipes:
         raise unknown_name("distill.student.recipe", s.recipe, cfg.recipes)
-    name = s.name or f"student-{s.arch}-s{s.seed}"
-    taken = {m.name for m in resolve_members(cfg)}
-    if {name, f"{name}-twin"} & taken:
-        raise UserError(f"distill.student.name {name!r} (or its twin {name}-twin) is already a member's name")
+    if len(set(s.seeds())) != len(s.seeds()) or not s.seeds():
+        raise UserError(f"distill.student.seed {s.seed}: give one seed or a list of different seeds")
+    names = {seed: s.name_for(seed) for seed in s.seeds()}
+    taken = {m.name for m in resolve_members(cfg)} & {n + end for n in names.values() for end in ("", "-twin")}
+    if taken:
+        raise UserError(f"distill.student.name: {', '.join(sorted(taken))} already a member's name")
     distill = Distill(teacher=DistillTeacher(runs=teacher_runs, members=sorted(teacher_members)),
                       temperature=step.temperature, alpha=step.alpha)
     base = cfg.recipes[s.recipe]
     recipes = {f"{s.recipe}+distill": base.model_copy(update={"distill": distill}), s.recipe: base}
-    common = {"arch": s.arch, "seed": s.seed, "input_size": s.input_size}
-    members = [Member(name=name, recipe=f"{s.recipe}+distill", **common)]
+    common = {"arch": s.arch, "input_size": s.input_size}
+    members = [Member(name=name, recipe=f"{s.recipe}+distill", seed=seed, **common) for seed, name in names.items()]
+    roles = [f"student of {cfg.name}"] * len(members)
     if step.twin:
-        members.append(Member(name=f"{name}-twin", recipe=s.recipe, **common))
+        members += [Member(name=f"{name}-twin", recipe=s.recipe, seed=seed, **common) for seed, name in names.items()]
+        roles += [f"twin of {name}" for name in names.values()]
     own = cfg.model_copy(update={"members": members, "grid": None, "recipes": recipes,
                                  "data": cfg.data.model_copy(update={"shares": None})})
-    roles = [f"student of {cfg.name}", f"twin of {name}"]
     return [m.model_copy(update={"role": role}) for m, role in zip(resolve_members(own), roles)]
 
 
