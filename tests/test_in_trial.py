@@ -141,3 +141,35 @@ def test_a_member_killed_around_its_checkpoint_logs_every_epoch_once(tiny_root, 
     assert f"resuming after epoch {resumed_after}" in again.stdout
     for key in ("epoch", "train_loss", "val_top1_err"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+
+
+def test_a_kept_members_predictions_are_written_once_where_they_are_kept(tiny_root, tmp_path, monkeypatch):
+    """A job's member (`MemberWork.final_uri`) writes its prediction files once, to where its
+    record points, and logs those same files to its MLflow run: no copy rides in the training
+    checkpoint to be written again when the member is finalised."""
+    from mlflow.tracking import MlflowClient
+
+    from ensemble.math import topk_error
+
+    member, work, root = member_config(tiny_root, tmp_path, epochs=1)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking)
+    exp = client.create_experiment("once", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+    final_uri = str(tmp_path / "members" / member.key)
+    work = work.model_copy(update={"final_uri": final_uri, "tracking_uri": tracking,
+                                   "mlflow_run_id": run_id})
+    written = []
+    real_save = np.save
+    monkeypatch.setattr(np, "save", lambda path, array: (written.append(os.path.basename(path)),
+                                                         real_save(path, array)))
+    final, uri = in_trial.train(work, root, max_failures=0, progress=lambda m: None)
+    assert sorted(written) == ["labels.npy", "predictions.npy"]  # each once
+    assert sorted(os.listdir(uri)) == ["model.pt"]  # the checkpoint: weights and state only
+    assert sorted(os.listdir(final_uri)) == ["labels.npy", "predictions.npy"]
+    preds, labels = np.load(os.path.join(final_uri, "predictions.npy")), np.load(os.path.join(final_uri, "labels.npy"))
+    assert final["val_top1_err"] == topk_error(preds, labels, 1)  # the record's error is the stored rows'
+    logged = {f.path for f in client.list_artifacts(run_id, "predictions")}
+    assert logged == {"predictions/predictions.npy", "predictions/labels.npy"}
+    local = client.download_artifacts(run_id, "predictions/predictions.npy", str(tmp_path))
+    assert np.array_equal(np.load(local), preds)

@@ -45,8 +45,11 @@ class JobContext(Contract):
         """A member's in-progress checkpoints (its trial's, or its Ray Train run's)."""
         return storage.join(self.member_dir, "train", key)
 
-    def work(self, member: ResolvedMember, run_id: str | None) -> MemberWork:
-        return MemberWork(member=member, data=self.data, tracking_uri=self.tracking_uri, mlflow_run_id=run_id)
+    def work(self, member: ResolvedMember, run_id: str | None, keep: bool = True) -> MemberWork:
+        """`keep`: the member is kept (an ensemble's), its final files under `final_uri`; a
+        search trial's stay with its Tune checkpoint."""
+        return MemberWork(member=member, data=self.data, tracking_uri=self.tracking_uri, mlflow_run_id=run_id,
+                          final_uri=self.final_uri(member.key) if keep else None)
 
 
 class MemberWork(Contract):
@@ -54,3 +57,4 @@ class MemberWork(Contract):
     data: Data
     tracking_uri: str = ""
     mlflow_run_id: str | None = None  # the member's MLflow run (rank 0 logs to it); None: not logged
+    final_uri: str | None = None  # where its final predictions are written; None: in its final checkpoint

@@ -73,9 +73,11 @@ FINAL_KEYS = ("arch", "num_classes", "low_res", "state_dict", "epoch", "step", "
 
 
 def finalize(member: ResolvedMember, ctx: JobContext, ckpt_uri: str, tmp: str) -> tuple[str, str, list[dict]]:
-    """Store the finished member once: final weights without optimiser state, and its
-    prediction files, under `final_uri`. Returns that URI, the local folder it was
-    written from (inside `tmp`) and the per-epoch history."""
+    """Store the finished member's final weights, without optimiser state, under
+    `final_uri`, beside the prediction files its last epoch wrote there
+    (member_worker.keep_final). A checkpoint of an earlier version carries its prediction
+    files: those are moved along. Returns that URI, the local folder it was written from
+    (inside `tmp`) and the per-epoch history."""
     local = storage.local_dir(ckpt_uri, os.path.join(tmp, "checkpoint"))
     state = torch.load(os.path.join(local, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
     out = os.path.join(tmp, "final")
@@ -91,8 +93,9 @@ def finalize(member: ResolvedMember, ctx: JobContext, ckpt_uri: str, tmp: str) -
 
 def _log_artifacts(client: MlflowClient, run_id: str, member: ResolvedMember, local: str, history: list[dict],
                    steps_per_epoch: int) -> None:
-    """Log the member's predictions (from `local`, the folder `finalize` stored) and plots;
-    its weights are referenced (tag `checkpoint_uri`), not copied: one stored copy."""
+    """Log the member's plots (its predictions were logged as they were written, except
+    those `finalize` moved from an earlier version's checkpoint into `local`); its weights
+    are referenced (tag `checkpoint_uri`), not copied: one stored copy."""
     with tempfile.TemporaryDirectory() as tmp:
         for name in PREDICTION_FILES:
             if os.path.exists(os.path.join(local, name)):

@@ -1,6 +1,8 @@
 """What a member's training process does, whoever hosts it: resume, train, checkpoint
-every epoch, and put the final predictions (val, and minival when there is one) into the
-final checkpoint.
+every epoch, and store the final predictions (val, and minival when there is one) once:
+where the work says a finished member's files go (`MemberWork.final_uri`, read from there
+by the record and the evaluation) and, from the same local files, on its MLflow run; with
+no such place (a search trial), in the final checkpoint.
 
 Three hosts provide a `Session` (rank, device, the latest checkpoint, a place to report
 to): `ray_train.py`, a Ray Train worker of a data-parallel member, `in_trial.py`, the
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from models import save_checkpoint
+from orchestrator.base import storage
 from orchestrator.config import MemberWork
 from orchestrator.views.tracking import log_epoch
 from orchestrator.train.member import CHECKPOINT_FILE, final_outputs, open_member_data, train_member
@@ -66,6 +69,22 @@ def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict]) -
             log_epoch(client, run_id, metrics, epoch)
 
 
+def keep_final(files: dict[str, np.ndarray], work: MemberWork, checkpoint: str, client: MlflowClient | None) -> None:
+    """Write the final prediction files once, before the final checkpoint is reported (a
+    kill in between retrains the last epoch and writes them again): to `work.final_uri` and
+    the member's MLflow run, or into the `checkpoint` folder when the work names no home."""
+    if work.final_uri is None:
+        for name, array in files.items():
+            np.save(os.path.join(checkpoint, name), array)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, array in files.items():
+            np.save(os.path.join(tmp, name), array)
+        storage.put_dir(tmp, work.final_uri)
+        for name in files if client is not None else ():
+            client.log_artifact(work.mlflow_run_id, os.path.join(tmp, name), "predictions")
+
+
 def run_member(work: MemberWork, session: Session) -> None:
     started = time.perf_counter()
     member = work.member
@@ -101,8 +120,8 @@ def run_member(work: MemberWork, session: Session) -> None:
                                 low_res=member.low_res, model=net, optimizer=optimizer.state_dict(),
                                 epoch=state.epoch, step=state.step, history=state.history, metrics=metrics,
                                 **saved)
-                for name, array in (files or {}).items() if final else ():
-                    np.save(os.path.join(tmp, name), array)
+                if final and files:
+                    keep_final(files, work, tmp, client)
             if client is not None and session.report_may_stop:  # a scheduler may end the trial in report()
                 log_epoch(client, run_id, {**metrics, **logged}, state.epoch)
             session.report(metrics, tmp if rank == 0 else None)

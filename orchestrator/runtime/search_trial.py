@@ -104,7 +104,7 @@ def search_trial(config: dict, ctx: JobContext) -> None:
               flush=True)
         client.set_tag(run_id, "pbt.cloned_from", f"{restored_from}@{resume['epoch']}")
         client.log_metric(run_id, "cloned_fingerprint", session.extra["restored_fingerprint"], step=resume["epoch"])
-    run_member(ctx.work(member, run_id), session)
+    run_member(ctx.work(member, run_id, keep=False), session)
     client.set_terminated(run_id, "FINISHED")
 
 
