@@ -105,13 +105,13 @@ def test_a_student_learns_from_the_ensemble_and_resumes_from_its_checkpoint(tiny
     member = resolve_members(cfg)[0]
     one = member.model_copy(update={"recipe": member.recipe.model_copy(update={"epochs": 1})})
     folder = str(tmp_path / "ckpt")
-    first, _ = in_trial.train(MemberWork(member=one, data=cfg.data), folder, 0, progress=lambda m: None)
+    first, _ = in_trial.run_here(MemberWork(member=one, data=cfg.data), folder, 0, progress=lambda m: None)
     assert "distilled from 2 members of" in capsys.readouterr().out
-    final, uri = in_trial.train(MemberWork(member=member, data=cfg.data), folder, 0, progress=lambda m: None)
+    final, uri = in_trial.run_here(MemberWork(member=member, data=cfg.data), folder, 0, progress=lambda m: None)
     assert "resuming after epoch 1" in capsys.readouterr().out and final["epoch"] == 2 and uri.endswith("epoch_0002")
     # its loss is the distillation loss, not the labels' cross-entropy: its plain twin's
     # first epoch (same images, seed and initialisation) reports another
     plain = resolve_members(parse_config(recipe_config(tiny_root, epochs=1)))[0]
-    twin, _ = in_trial.train(MemberWork(member=plain, data=cfg.data), str(tmp_path / "twin"), 0,
+    twin, _ = in_trial.run_here(MemberWork(member=plain, data=cfg.data), str(tmp_path / "twin"), 0,
                              progress=lambda m: None)
     assert first["train_loss"] != pytest.approx(twin["train_loss"], rel=1e-3)

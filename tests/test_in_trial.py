@@ -35,7 +35,7 @@ def test_a_failed_attempt_resumes_from_the_latest_checkpoint(tiny_root, tmp_path
         real_report(self, metrics, folder)
 
     monkeypatch.setattr(in_trial.TrialSession, "report", flaky_report)
-    final, uri = in_trial.train(config, root, max_failures=1, progress=reported.append)
+    final, uri = in_trial.run_here(config, root, max_failures=1, progress=reported.append)
     out = capsys.readouterr().out
     assert "RuntimeError: node went away; retrying from its latest checkpoint (1/1)" in out
     assert "resuming after epoch 1" in out  # epoch 1 was not trained again
@@ -52,10 +52,10 @@ def test_a_failed_attempt_resumes_from_the_latest_checkpoint(tiny_root, tmp_path
 
 def test_a_finished_member_is_not_trained_again(tiny_root, tmp_path, capsys):
     member, config, root = member_config(tiny_root, tmp_path, epochs=1)
-    first, uri = in_trial.train(config, root, max_failures=0, progress=lambda m: None)
+    first, uri = in_trial.run_here(config, root, max_failures=0, progress=lambda m: None)
     capsys.readouterr()
     again = []
-    second, uri2 = in_trial.train(config, root, max_failures=0, progress=again.append)
+    second, uri2 = in_trial.run_here(config, root, max_failures=0, progress=again.append)
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert again == [] and uri2 == uri and second == first
     # a per-member figure: measured at the end of training, kept on the member's record
@@ -80,7 +80,7 @@ def test_an_upload_cut_short_leaves_the_previous_checkpoint_in_charge(tiny_root,
 
     monkeypatch.setattr(in_trial.storage, "put_dir", put_then_die)
     with pytest.raises(KeyboardInterrupt):
-        in_trial.train(config, root, max_failures=3, progress=lambda m: None)
+        in_trial.run_here(config, root, max_failures=3, progress=lambda m: None)
     session = in_trial.TrialSession(member, root)
     state, source = session.resume()
     assert state["epoch"] == 1 and source.endswith("epoch_0001")
@@ -89,7 +89,7 @@ def test_an_upload_cut_short_leaves_the_previous_checkpoint_in_charge(tiny_root,
 def test_a_diverging_member_is_not_retried(tiny_root, tmp_path, capsys):
     member, config, root = member_config(tiny_root, tmp_path, optimizer={"name": "sgd", "lr": 1.0e12})
     with pytest.raises(loop.NonFiniteLoss):
-        in_trial.train(config, root, max_failures=3, progress=lambda m: None)
+        in_trial.run_here(config, root, max_failures=3, progress=lambda m: None)
     assert "retrying" not in capsys.readouterr().out
 
 
@@ -163,7 +163,7 @@ def test_a_kept_members_predictions_are_written_once_where_they_are_kept(tiny_ro
     real_save = np.save
     monkeypatch.setattr(np, "save", lambda path, array: (written.append(os.path.basename(path)),
                                                          real_save(path, array)))
-    final, uri = in_trial.train(work, root, max_failures=0, progress=lambda m: None)
+    final, uri = in_trial.run_here(work, root, max_failures=0, progress=lambda m: None)
     assert sorted(written) == ["labels.npy", "predictions.npy"]  # each once
     assert sorted(os.listdir(uri)) == ["model.pt"]  # the checkpoint: weights and state only
     assert sorted(os.listdir(final_uri)) == ["labels.npy", "predictions.npy"]

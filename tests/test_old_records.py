@@ -99,6 +99,6 @@ def test_an_old_checkpoint_resumes(tmp_path, tiny_root, capsys, monkeypatch):
     root = dst / "storage" / "old-records" / "train" / member.key
     assert json.loads((root / "latest.json").read_text())["epoch"] == 1
     longer = member.model_copy(update={"recipe": member.recipe.model_copy(update={"epochs": 2})})
-    final, uri = in_trial.train(MemberWork(member=longer, data=cfg.data), str(root), 0, progress=lambda m: None)
+    final, uri = in_trial.run_here(MemberWork(member=longer, data=cfg.data), str(root), 0, progress=lambda m: None)
     assert "resuming after epoch 1" in capsys.readouterr().out  # epoch 1 came from the old checkpoint
     assert final["epoch"] == 2 and uri.endswith("epoch_0002")

@@ -93,7 +93,7 @@ class TrialSession:
         """Nothing to hand back: the final checkpoint already is the latest one."""
 
 
-def train(work: MemberWork, checkpoints: str, max_failures: int, progress=tune.report) -> tuple[dict, str]:
+def run_here(work: MemberWork, checkpoints: str, max_failures: int, progress=tune.report) -> tuple[dict, str]:
     """Train `work`'s member in this process, as a Ray Train worker would
     (member_worker.run_member); returns (its final metrics, its final checkpoint's URI)."""
     member = work.member

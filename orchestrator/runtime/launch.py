@@ -121,11 +121,12 @@ def failure_message(exc: BaseException) -> str:
     return (named[-1] if named else text.splitlines()[0])[:500]
 
 
-def train_member_here(member: ResolvedMember, ctx: JobContext, run_id: str | None) -> tuple[dict, str]:
-    """Train the member from this trial; returns (its final metrics, its final checkpoint's URI)."""
+def _train(member: ResolvedMember, ctx: JobContext, run_id: str | None) -> tuple[dict, str]:
+    """`run_member` in this trial's process or on a TorchTrainer's workers; returns (its final
+    metrics, its final checkpoint's URI)."""
     if in_trial.eligible(member):
         checkpoints = ctx.training_uri(member.key)
-        return in_trial.train(ctx.work(member, run_id), checkpoints, ctx.max_failures)
+        return in_trial.run_here(ctx.work(member, run_id), checkpoints, ctx.max_failures)
     result = build_trainer(member, ctx, run_id).fit()
     return result.metrics, storage.checkpoint_uri(ctx.storage, result.checkpoint.path)
 
@@ -136,7 +137,7 @@ def member_trial(config: dict, ctx: JobContext) -> None:
     client = MlflowClient(ctx.tracking_uri)
     run_id = get_or_create_child(client, ctx.experiment_id, ctx.parent_run_id, member)
     try:
-        final, ckpt_uri = train_member_here(member, ctx, run_id)
+        final, ckpt_uri = _train(member, ctx, run_id)
     except Exception as exc:
         # The member fails loudly (FAILED in MLflow, a failed record); the rest go on.
         message = failure_message(exc)
