@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ensemble.math import true_class_rank  # noqa: E402
+from ensemble.core.math import true_class_rank  # noqa: E402
 from orchestrator.records.runs_file import load_runs  # noqa: E402
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ensemble import distilled  # noqa: E402
+from ensemble.core import distilled  # noqa: E402
 from orchestrator.records.runs_file import load_runs  # noqa: E402
 
 

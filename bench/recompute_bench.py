@@ -7,7 +7,7 @@ synthetic tensors already in memory. Goal: >= 0.9.
     python bench/recompute_bench.py --arch resnet50 --size 224 --no-low-res
 
 An evaluation recomputes its members one after another, and members that share an eval
-geometry share one decoded copy of the split (ensemble/decoded.py): the figure is the
+geometry share one decoded copy of the split (ensemble/core/decoded.py): the figure is the
 members' images per second, decoding included, against the raw rate. The checkpoints are
 untrained models written to a temporary folder (the rate does not depend on the
 weights), and the evaluation cache points there too and is emptied before each round
@@ -57,7 +57,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         os.environ["ENSEMBLE_CACHE"] = folder
-        from ensemble.predictions import recompute
+        from ensemble.core.predictions import recompute
         from models import build_model, get_spec, save_checkpoint
         from orchestrator.data.dataset import open_split
         from orchestrator.records.runs_file import MemberRecord

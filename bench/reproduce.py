@@ -296,11 +296,11 @@ def write_runs_file(cfg, records: list[dict], path: str) -> None:
 
 
 def evaluate(runs: str, out: str, tta: str = "none") -> dict:
-    """The evaluation library on the runs file (ensemble/evaluation.py), its report printed
+    """The evaluation library on the runs file (ensemble/core/evaluation.py), its report printed
     and written to out/report as the CLI writes it."""
     from ensemble.evaluate import publish
-    from ensemble.evaluation import evaluate as evaluate_runs
-    from ensemble.options import EvaluateOptions
+    from ensemble.core.evaluation import evaluate as evaluate_runs
+    from ensemble.core.options import EvaluateOptions
     from orchestrator.records.runs_file import load_runs
 
     options = EvaluateOptions(random_orders=20, tta=tta, log_mlflow=False)

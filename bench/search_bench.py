@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from ensemble.protocol import split_rows  # noqa: E402
-from ensemble.math import bootstrap_ci, combine, topk_correct, topk_error  # noqa: E402
+from ensemble.core.protocol import split_rows  # noqa: E402
+from ensemble.core.math import bootstrap_ci, combine, topk_correct, topk_error  # noqa: E402
 
 
 def config(args, folder: str) -> dict:
@@ -128,7 +128,7 @@ def main() -> None:
         f"ensemble of all {k} default members": (None, misses(combine([p[rows_] for p in defaults]))),
     }
 
-    def cell(m):  # error [95% bootstrap interval] (ensemble.math.bootstrap_ci)
+    def cell(m):  # error [95% bootstrap interval] (ensemble.core.math.bootstrap_ci)
         if m is None:
             return ""
         lo, hi = bootstrap_ci(m[:, None])[0]

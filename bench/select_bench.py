@@ -5,7 +5,7 @@
 
 Writes `--members` synthetic members' selection-row probabilities as .npy files (float32,
 as `ensemble.evaluate` and the search read them), then times, in this one run:
-- `ensemble.math.greedy_selection` with the defaults of `ensemble.evaluate --select greedy`
+- `ensemble.core.math.greedy_selection` with the defaults of `ensemble.evaluate --select greedy`
   (mean combination, NLL, 2 x M rounds): each file read once;
 - the same selection reading every candidate's file in every round (as it was written
   before), for `--old-rounds` rounds; its whole time is that per-round cost times the
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ensemble import math as em  # noqa: E402
+from ensemble.core import math as em  # noqa: E402
 
 
 def write_members(folder: str, members: int, rows: int, classes: int, seed: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 For an ensemble's runs file (default: the first command's, `runs.yaml`) and its best
 member alone, in one run on this machine: each is logged as an MLflow model
-(`ensemble.serve`) and served by `mlflow models serve --env-manager local` on 127.0.0.1;
+(`ensemble.core.serve`) and served by `mlflow models serve --env-manager local` on 127.0.0.1;
 prints p50 and p95 latency of requests of 1 and of 16 val images (base64 JPEGs in
 `dataframe_split`) through the REST server and in process (the same model, `predict`),
 the REST overhead (their difference at p50), and batch prediction images/s over the
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ensemble import predict as batch  # noqa: E402
-from ensemble.serve import log_ensemble_model  # noqa: E402
+from ensemble.core.serve import log_ensemble_model  # noqa: E402
 from orchestrator.data.dataset import open_split  # noqa: E402
 from orchestrator.records.runs_file import load_runs  # noqa: E402
 

@@ -64,8 +64,8 @@ def with_design(cfg, design: str):
 
 
 def top1(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 error in percent, by the one rule every report uses (ensemble.math)."""
-    from ensemble.math import topk_error
+    """Top-1 error in percent, by the one rule every report uses (ensemble.core.math)."""
+    from ensemble.core.math import topk_error
 
     return 100 * topk_error(probs, labels, 1)
 

@@ -10,8 +10,8 @@ members.png, reliability.png); logs metrics and plots to the ensemble's MLflow p
 run when the runs file names one (or MLFLOW_TRACKING_URI is set). Selection and
 temperatures are fitted on a held-out part of the split, and the report is on the rest.
 
-A thin command line over the library (`ensemble.evaluation.evaluate`, options in
-`ensemble.options.EvaluateOptions`).
+A thin command line over the library (`ensemble.core.evaluation.evaluate`, options in
+`ensemble.core.options.EvaluateOptions`).
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import argparse
 
 from pydantic import ValidationError
 
-from ensemble import report as rep
-from ensemble.evaluation import evaluate
-from ensemble.logged import log_to_mlflow, mlflow_target
-from ensemble.options import METHODS, EvaluateOptions
-from ensemble.results import Report
-from ensemble.serve import log_ensemble_model
-from ensemble.tta import TTA_VIEWS
+from ensemble.views import report as rep
+from ensemble.core.evaluation import evaluate
+from ensemble.views.logged import log_to_mlflow, mlflow_target
+from ensemble.core.options import METHODS, EvaluateOptions
+from ensemble.core.results import Report
+from ensemble.core.serve import log_ensemble_model
+from ensemble.core.tta import TTA_VIEWS
 from orchestrator.base.errors import UserError, exit_on_user_error
 from orchestrator.base.outages import check_tracking, exit_on_outage
 from orchestrator.records.runs_file import RunsFile, load_runs

@@ -9,7 +9,7 @@ five most probable classes and their probabilities (`;`-separated, descending, t
 class order) and an error for an image that does not decode. The ensemble is the runs
 file's finished members combined as `ensemble.evaluate` combines them by default (mean
 softmax; `--method weighted` uses the runs file's weights), each at its own eval geometry
-(`ensemble.serve.Ensemble`, what the served model runs). With `--address`, Ray Data
+(`ensemble.core.serve.Ensemble`, what the served model runs). With `--address`, Ray Data
 spreads the images over actors (`map_batches`), each loading the members once.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Iterator
 
 import fsspec
 
-from ensemble.options import METHODS
-from ensemble.serve import Ensemble, _decoded, ensemble_spec
-from ensemble.stored import local_copy
+from ensemble.core.options import METHODS
+from ensemble.core.serve import Ensemble, _decoded, ensemble_spec
+from ensemble.core.stored import local_copy
 from orchestrator.base.errors import UserError, exit_on_user_error
 from orchestrator.data.dataset import open_split
 from orchestrator.data.manifest import FOLDER_PREFIX

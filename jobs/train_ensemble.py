@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT))  # `python jobs/train_ensemble.py` from a bare che
 
 from orchestrator.base.errors import exit_on_user_error  # noqa: E402
 from orchestrator.base.outages import exit_on_outage  # noqa: E402
-from ensemble import distilled
-from ensemble.evaluation import summarize
-from ensemble.logged import log_job_result
-from ensemble.report import headline
+from ensemble.core import distilled
+from ensemble.core.evaluation import summarize
+from ensemble.views.logged import log_job_result
+from ensemble.views.report import headline
 from orchestrator.drivers import ensemble_job
 from orchestrator.views.tracking import run_page_url, runs_view_url
 

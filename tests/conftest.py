@@ -22,7 +22,7 @@ DATA = Path(os.environ.get("DATA_ROOT", ROOT.parent / "shared" / "data")).resolv
 TINY = DATA / "tiny-imagenet-200"
 
 # a test run's evaluation cache (downloads, decoded splits, recomputed predictions) is its
-# own, not the user's ~/.cache/ensemble-eval; set before any test imports ensemble.predictions
+# own, not the user's ~/.cache/ensemble-eval; set before any test imports ensemble.core.predictions
 _EVAL_CACHE = tempfile.mkdtemp(prefix="ensemble-eval-")
 os.environ["ENSEMBLE_CACHE"] = _EVAL_CACHE
 atexit.register(shutil.rmtree, _EVAL_CACHE, True)

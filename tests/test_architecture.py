@@ -6,19 +6,22 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "orchestrator", "ensemble", "jobs")
 
-# Lowest first. Each folder of orchestrator/ is one layer and says so in its package
-# docstring ("Layer N, <name>: ..."); a module belongs to the layer of its longest prefix.
+# Lowest first. Each folder of orchestrator/ and ensemble/ is one layer and says so in its
+# package docstring ("Layer N, <name>: ..."); a module belongs to the layer of its longest
+# prefix. ensemble/'s own modules are its command lines.
 LAYERS = [
-    ("foundations", ["models", "orchestrator.base", "orchestrator.data", "ensemble.math"]),
+    ("foundations", ["models", "orchestrator.base", "orchestrator.data"]),
     ("the Ray-free core", ["orchestrator.config", "orchestrator.train", "orchestrator.records", "orchestrator.planning",
-                           "ensemble.protocol"]),
-    ("what users see", ["orchestrator.views"]),
+                           "ensemble.core"]),
+    ("what users see", ["orchestrator.views", "ensemble.views"]),
     ("members on Ray", ["orchestrator.runtime"]),
-    ("job drivers and evaluation", ["orchestrator.drivers", "ensemble"]),
-    ("entry points", ["jobs"]),
+    ("job drivers", ["orchestrator.drivers"]),
+    ("entry points", ["jobs", "ensemble"]),
 ]
 
 
@@ -110,11 +113,13 @@ def test_no_module_is_over_300_lines():
     assert not long, f"split these by concern: {long}"
 
 
-def test_orchestrator_is_one_folder_per_layer_each_saying_which():
-    loose = [p.name for p in (ROOT / "orchestrator").glob("*.py") if p.name != "__init__.py"]
-    assert not loose, f"modules beside the layer folders: {loose}"
-    for folder in sorted(p for p in (ROOT / "orchestrator").iterdir() if p.is_dir() and p.name != "__pycache__"):
-        module = f"orchestrator.{folder.name}"
+@pytest.mark.parametrize("package, loose_allowed", [("orchestrator", set()), ("ensemble", {"evaluate.py", "predict.py"})])
+def test_a_package_is_one_folder_per_layer_each_saying_which(package, loose_allowed):
+    loose = {p.name for p in (ROOT / package).glob("*.py") if p.name != "__init__.py"}
+    assert loose == loose_allowed, f"modules beside the layer folders: {loose - loose_allowed}"
+    assert all(layer_of(f"{package}.{p[:-3]}") == len(LAYERS) - 1 for p in loose), "only command lines stay loose"
+    for folder in sorted(p for p in (ROOT / package).iterdir() if p.is_dir() and p.name != "__pycache__"):
+        module = f"{package}.{folder.name}"
         doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
         layer = layer_of(module)
         assert doc.startswith(f"Layer {layer}, {LAYERS[layer][0]}"), f"{module}: {doc[:60]!r}"

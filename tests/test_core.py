@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble import math as em
-from ensemble.math import topk_error
+from ensemble.core import math as em
+from ensemble.core.math import topk_error
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.train import loop
 from orchestrator.train.member import (assemble_predictions, open_member_data, predict, score_stored, split_labels,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from ensemble import math as em
+from ensemble.core import math as em
 from orchestrator.config import MemberWork, parse_config, resolve_members
 from orchestrator.records.runs_file import load_runs, write_runs
 from orchestrator.runtime import in_trial

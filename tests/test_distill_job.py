@@ -12,8 +12,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ensemble.evaluation import evaluate
-from ensemble.options import EvaluateOptions
+from ensemble.core.evaluation import evaluate
+from ensemble.core.options import EvaluateOptions
 from orchestrator.records.runs_file import load_runs
 from tests.conftest import ROOT
 

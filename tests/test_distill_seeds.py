@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ensemble import distilled
+from ensemble.core import distilled
 from orchestrator.base.errors import UserError
 from orchestrator.config import parse_config, resolve_students
 from orchestrator.records.runs_file import load_runs

@@ -25,7 +25,7 @@ import s3fs
 import torch
 from mlflow.tracking import MlflowClient
 
-from ensemble.math import topk_error
+from ensemble.core.math import topk_error
 from models import get_spec, load_checkpoint
 from orchestrator.records.runs_file import load_runs
 from tests.conftest import ROOT, TINY
@@ -335,7 +335,7 @@ def check_evaluation(tmp_path, runs, client):
     and the served ensemble agreeing with the report's combination."""
     import mlflow
 
-    from ensemble.predictions import recompute
+    from ensemble.core.predictions import recompute
     from orchestrator.data.dataset import open_split
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}

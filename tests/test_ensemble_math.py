@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble import math as em
+from ensemble.core import math as em
 
 # two members, three samples, three classes; labels 0, 1, 2
 A = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.6, 0.3, 0.1]])

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from ensemble import evaluate
-from ensemble import math as em
+from ensemble.core import math as em
 
 EVAL = {"input_size": 32, "resize": 32, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
 
@@ -68,7 +68,7 @@ def test_json_report_has_the_documented_shape(tmp_path):
 
 
 def test_report_matches_a_direct_computation(tmp_path):
-    from ensemble import math as em
+    from ensemble.core import math as em
 
     path, labels = make_runs(tmp_path)
     report, _ = run(path, tmp_path)
@@ -157,7 +157,7 @@ def test_failed_members_are_skipped_with_a_warning(tmp_path, capsys):
 
 @pytest.mark.parametrize("count", [2, 12])
 def test_the_members_plot_legend_covers_no_bar_name_or_title(tmp_path, monkeypatch, count):
-    from ensemble import report as rep
+    from ensemble.views import report as rep
 
     figures = []
     monkeypatch.setattr(rep.plt, "close", figures.append)  # keep the figure to measure it
@@ -199,7 +199,7 @@ def runs_where_minival_and_val_disagree(folder, with_minival=True):
 
 
 def test_the_best_member_is_the_minivals_choice_reported_on_val(tmp_path, capsys):
-    from ensemble import math as em
+    from ensemble.core import math as em
 
     path, y = runs_where_minival_and_val_disagree(tmp_path)
     report, _ = run(path, tmp_path)
@@ -240,7 +240,7 @@ def test_the_gain_interval_is_paired(tmp_path):
 
     path, y = make_runs(tmp_path, n=800, edit=blend)
     report, _ = run(path, tmp_path, "--bootstrap", "400", "--seed", "3")
-    from ensemble import math as em
+    from ensemble.core import math as em
 
     mean = em.combine([np.load(tmp_path / f"m{i}.npy") for i in range(3)]).numpy().astype(np.float64)
     best_name = report["ensemble"]["best_member_top1"]
@@ -264,7 +264,7 @@ def test_the_gain_interval_is_paired(tmp_path):
 
 
 def test_rows_read_by_index_match_numpy_for_any_order_and_repeats(tmp_path):
-    from ensemble.stored import NpyRows
+    from ensemble.core.stored import NpyRows
 
     rng = np.random.default_rng(0)
     array = rng.standard_normal((97, 6)).astype(np.float32)
@@ -289,8 +289,8 @@ def test_a_runs_file_with_no_parent_run_is_evaluated_whatever_tracking_server_is
 
 def test_the_library_gives_the_clis_figures_without_argparse(tmp_path):
     """From Python or a notebook: `evaluate(runs, options) -> Report`, no argv, no files."""
-    from ensemble.evaluation import evaluate as evaluate_runs
-    from ensemble.options import EvaluateOptions
+    from ensemble.core.evaluation import evaluate as evaluate_runs
+    from ensemble.core.options import EvaluateOptions
     from orchestrator.records.runs_file import load_runs
 
     path, _ = make_runs(tmp_path)
@@ -334,7 +334,7 @@ def test_members_and_the_ensemble_report_their_cost_and_the_accuracy_cost_front(
 def test_many_members_draw_the_front_from_budgeted_selections_not_every_subset(tmp_path):
     """13 members are 8,178 subsets: the front comes from Caruana's selection within budgets
     from the cheapest member to all of them, each point's error its weighted mean's on val."""
-    from ensemble.costs import MAX_SUBSETS
+    from ensemble.core.costs import MAX_SUBSETS
 
     m = 13
     path, labels = make_runs(tmp_path, members=m)

@@ -1,7 +1,7 @@
 """Top-k error is exact on adversarial predictions: uniform rows, a constant-class member,
 overconfident 1,000-class members (written from float32 logits by the platform's own
 prediction writer and read back) and their saturated averages, against a float64
-reference computed here, independently of ensemble.math."""
+reference computed here, independently of ensemble.core.math."""
 import json
 import warnings
 

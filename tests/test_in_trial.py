@@ -149,7 +149,7 @@ def test_a_kept_members_predictions_are_written_once_where_they_are_kept(tiny_ro
     checkpoint to be written again when the member is finalised."""
     from mlflow.tracking import MlflowClient
 
-    from ensemble.math import topk_error
+    from ensemble.core.math import topk_error
 
     member, work, root = member_config(tiny_root, tmp_path, epochs=1)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -79,7 +79,7 @@ def test_every_epoch_is_scored_on_minival_and_val_once_at_the_end(tiny_root, mon
     assert set(files) == {PREDICTIONS_FILE, LABELS_FILE, MINIVAL_PREDICTIONS_FILE, MINIVAL_LABELS_FILE}
     assert files[PREDICTIONS_FILE].shape == (16, 4) and files[MINIVAL_PREDICTIONS_FILE].shape == (12, 4)
     assert files[MINIVAL_LABELS_FILE].tolist() == [s.label for s in data.minival.records]
-    from ensemble.math import topk_error
+    from ensemble.core.math import topk_error
     assert seen[-1]["val_top1_err"] == topk_error(files[PREDICTIONS_FILE], files[LABELS_FILE], 1)
     assert seen[-1]["minival_top1_err"] == topk_error(files[MINIVAL_PREDICTIONS_FILE], files[MINIVAL_LABELS_FILE], 1)
 
@@ -153,7 +153,7 @@ def test_search_choice_on_minival_reports_on_all_of_val():
 
 
 def test_the_search_names_the_best_member_the_minival_chose_and_reports_it_on_val():
-    from ensemble.math import topk_error
+    from ensemble.core.math import topk_error
 
     rng = np.random.default_rng(4)
     y, y_mv = rng.integers(0, 5, 300), rng.integers(0, 5, 150)

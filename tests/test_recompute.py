@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from ensemble import evaluate
-from ensemble import tta as tta_views
-from ensemble.predictions import recompute
-from ensemble.tta import TTA_VIEWS
+from ensemble.core import tta as tta_views
+from ensemble.core.predictions import recompute
+from ensemble.core.tta import TTA_VIEWS
 from orchestrator.train.augment import EvalGeometry
 from models import save_checkpoint
 from orchestrator.config import parse_config, resolve_members
@@ -119,7 +119,7 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 
 def _decodes(monkeypatch):
     """Count the split's decodings."""
-    from ensemble import decoded
+    from ensemble.core import decoded
 
     calls = []
     real = decoded.decode_split
@@ -156,7 +156,7 @@ def test_decoded_and_streamed_inputs_give_the_same_predictions(trained, monkeypa
 
 
 def test_an_interrupted_decoding_leaves_nothing_to_reuse(trained, monkeypatch, tmp_path):
-    from ensemble import decoded
+    from ensemble.core import decoded
 
     monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path))
     record, cached, root = trained
@@ -176,7 +176,7 @@ def test_an_interrupted_decoding_leaves_nothing_to_reuse(trained, monkeypatch, t
 
 
 def test_a_rebuilt_dataset_is_decoded_afresh(tmp_path):
-    from ensemble.decoded import cache_path
+    from ensemble.core.decoded import cache_path
     from orchestrator.data.manifest import Manifest, Shard, load_manifest
 
     def key(manifest, resize=64):
@@ -217,8 +217,8 @@ def test_served_model_applies_every_evaluated_option(trained, monkeypatch, tmp_p
     predicts what the evaluation scored: same top classes, same probabilities."""
     from types import SimpleNamespace
 
-    from ensemble import math as em
-    from ensemble.serve import EnsembleModel, ensemble_spec
+    from ensemble.core import math as em
+    from ensemble.core.serve import EnsembleModel, ensemble_spec
     from orchestrator.data.dataset import open_split
 
     monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path))
@@ -285,8 +285,8 @@ def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path, 
     import mlflow
     from types import SimpleNamespace
 
-    from ensemble import math as em
-    from ensemble.serve import log_ensemble_model
+    from ensemble.core import math as em
+    from ensemble.core.serve import log_ensemble_model
     from orchestrator.data.dataset import open_split
 
     monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path / "cache"))
@@ -298,7 +298,7 @@ def test_the_logged_ensemble_answers_base64_images_over_rest(trained, tmp_path, 
     model_uri = log_ensemble_model(runs, [record, record.model_copy(update={"name": "m2"})], [1.0, 1.0], run, uri)
     images = [s.data for s in open_split(root, "val", 4, 16).records]  # 64 val images
     local = mlflow.pyfunc.load_model(model_uri).predict(__import__("pandas").DataFrame({"image": images}))
-    # the evaluation's combined probabilities for the same images (the recompute path, ensemble/predictions.py)
+    # the evaluation's combined probabilities for the same images (the recompute path, ensemble/core/predictions.py)
     evaluated = em.combine([torch.from_numpy(np.asarray(recompute(record, root, "val", 4, 16, "none").array))] * 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -375,7 +375,7 @@ def test_batch_prediction_writes_one_row_per_image(trained, tmp_path, capsys):
     import csv
 
     from ensemble import predict
-    from ensemble.serve import Ensemble, ensemble_spec
+    from ensemble.core.serve import Ensemble, ensemble_spec
     from orchestrator.records.runs_file import load_runs
 
     runs_path, folder, images = predict_fixture(trained, tmp_path)

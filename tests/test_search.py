@@ -14,7 +14,7 @@ import s3fs
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ensemble.math import topk_error
+from ensemble.core.math import topk_error
 from orchestrator.config import expand_env
 from orchestrator.records.runs_file import load_runs
 from tests.conftest import ROOT, run_cli

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ensemble.math import greedy_selection
-from ensemble.protocol import split_rows
+from ensemble.core.math import greedy_selection
+from ensemble.core.protocol import split_rows
 from orchestrator.config import parse_config, resolve_members
 from orchestrator.base.errors import UserError
 from orchestrator.config import search_space as space

@@ -3,7 +3,7 @@
 The top-k trials by their own error tend to be near-copies of one configuration; an
 ensemble gains most from members that are good *and* different (Hansen & Salamon 1990;
 Caruana et al. 2004). The second choice is the one selection algorithm of the platform,
-`ensemble.math.greedy_selection` (the one `ensemble.evaluate --select greedy` runs):
+`ensemble.core.math.greedy_selection` (the one `ensemble.evaluate --select greedy` runs):
 Caruana's forward steps with replacement, kept to the best prefix; a trial picked k
 times becomes one member of weight k (`--method weighted` reproduces the combination
 chosen). At most `select.size` picks, so at most that many members. Both choices are made from the trials' cached predictions (no
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ensemble.math import combine, greedy_selection, topk_error
-from ensemble.protocol import split_rows
+from ensemble.core.math import combine, greedy_selection, topk_error
+from ensemble.core.protocol import split_rows
 
 
 class LazyArrays(Sequence):

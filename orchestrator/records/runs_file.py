@@ -68,7 +68,7 @@ class Choice(_Strict):
     what: str
     split: SplitName
     samples: int | None = None
-    # when the rows are part of `split`: the seeded share that chose (ensemble.protocol)
+    # when the rows are part of `split`: the seeded share that chose (ensemble.core.protocol)
     fraction: float | None = Field(None, gt=0, lt=1)
     seed: int | None = None
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble.math import EPS, Combiner
+from ensemble.core.math import EPS, Combiner
 
 
 class TeacherEnsemble(nn.Module):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble.math import true_class_rank
+from ensemble.core.math import true_class_rank
 from orchestrator.train import lr as lr_policies
 
 
@@ -144,7 +144,7 @@ def evaluate(model, loader, device, bf16=True, channels_last=False, keep_probs=F
             logits = model(images).float()
         p = logits.softmax(dim=1)
         # scored on the float32 softmax that is stored, so the epoch's figure is the stored rows'
-        rank = true_class_rank(p, labels)  # the platform's one top-k rule (ensemble/math.py)
+        rank = true_class_rank(p, labels)  # the platform's one top-k rule (ensemble/core/math.py)
         correct1, correct5 = correct1 + int((rank < 1).sum()), correct5 + int((rank < 5).sum())
         nll += float(F.cross_entropy(logits, labels, reduction="sum"))
         n += labels.shape[0]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ensemble.math import topk_error
+from ensemble.core.math import topk_error
 from models import build_model, get_spec
 from models.cost import inference_cost
 from orchestrator.config import Data, ResolvedMember
@@ -269,7 +269,7 @@ def final_predictions(parts: list[dict], split: Split, metrics: dict, name: str 
 
 def score_stored(metrics: dict, probs: np.ndarray, labels: np.ndarray, name: str = "val") -> None:
     """Set the final top-1/top-5 errors to those of the stored predictions, scored as
-    `ensemble.evaluate` scores them (one rule: ensemble.math), so a member's recorded
+    `ensemble.evaluate` scores them (one rule: ensemble.core.math), so a member's recorded
     error is exactly its stored predictions' error."""
     metrics.update({f"{name}_top1_err": topk_error(probs, labels, 1), f"{name}_top5_err": topk_error(probs, labels, 5)})
 

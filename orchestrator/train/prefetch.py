@@ -9,7 +9,7 @@ import torch
 class Prefetcher:
     """Iterator over `work(*item)` for the items of `items`, `depth` ahead, made by a
     background thread (`work` returns a tuple of tensors: augmented batches here, ready
-    batches in `ensemble.predictions.recompute`).
+    batches in `ensemble.core.predictions.recompute`).
 
     On CUDA the thread queues each item's work (decode, augmentation) on its own stream,
     so it overlaps the main stream's kernels, and its Python work overlaps the consumer's

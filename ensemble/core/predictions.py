@@ -1,10 +1,10 @@
 """Member predictions recomputed from checkpoints, one member at a time.
 
 Used when a member has no cached predictions or test-time augmentation is asked for
-(cached files are read by `ensemble/stored.py`): the member's checkpoint is rebuilt
+(cached files are read by `ensemble/core/stored.py`): the member's checkpoint is rebuilt
 through the model registry and run over the split with the member's own eval transform,
 batched, on the GPU when there is one, with a progress bar; the split is decoded once for
-all members (`ensemble/decoded.py`) and the result is cached locally for next time.
+all members (`ensemble/core/decoded.py`) and the result is cached locally for next time.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from ensemble.decoded import open_decoded, stream_batches
-from ensemble.stored import MemberPredictions, NpyRows, cache_dir, local_copy
-from ensemble.tta import TTA_VIEWS, canvas, check_mode, views
+from ensemble.core.decoded import open_decoded, stream_batches
+from ensemble.core.stored import MemberPredictions, NpyRows, cache_dir, local_copy
+from ensemble.core.tta import TTA_VIEWS, canvas, check_mode, views
 from models import load_checkpoint
 from orchestrator.data.dataset import open_split
 from orchestrator.base.errors import UserError
@@ -42,7 +42,7 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
     if not member.checkpoint:
         raise UserError(f"member {member.name}: no predictions and no checkpoint to recompute them from")
     # the eval transform is part of the key: evaluating a checkpoint at another size is another
-    # result; "views-2": the views are cut from the resized image (ensemble/tta.py)
+    # result; "views-2": the views are cut from the resized image (ensemble/core/tta.py)
     key = hashlib.sha256(f"{member.checkpoint}|{member.eval.model_dump_json()}|{data_root}|{split}|{classes}|"
                          f"{per_class}|{tta}|views-2".encode()).hexdigest()
     cached = cache_dir() / "recomputed" / f"{key[:24]}.npy"
@@ -55,7 +55,7 @@ def recompute(member: MemberRecord, data_root: str, split: str, classes, per_cla
     model = model.to(device).eval()
     ev = member.eval
     geometry = EvalGeometry(*canvas(tta, ev.resize, ev.crop))
-    # members sharing an eval geometry read one decoded copy of the split (ensemble/decoded.py)
+    # members sharing an eval geometry read one decoded copy of the split (ensemble/core/decoded.py)
     data = open_decoded(cache_dir(), data_root, split, classes, per_class, geometry)
     if data is not None:
         loader = data.batches(batch_size)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ensemble import math as em
-from ensemble.stored import MemberPredictions, check_block
+from ensemble.core import math as em
+from ensemble.core.stored import MemberPredictions, check_block
 
 BINS = 15
 
@@ -112,7 +112,7 @@ def size_curves(members, transforms, labels, rows, orders: list[list[int]]) -> l
 
 def intervals(members: list[Tally], combined: Tally, best: dict[int, int], n_boot: int = 1000,
               seed: int = 0) -> dict:
-    """95% bootstrap intervals (ensemble.math.bootstrap_ci, shared resamples) for each
+    """95% bootstrap intervals (ensemble.core.math.bootstrap_ci, shared resamples) for each
     member's and the ensemble's top-1/top-5 error, and for the ensemble's gain over the
     best member on each metric (`best`: k -> member index), a paired difference."""
     cols, names = [], []

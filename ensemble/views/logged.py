@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ensemble import report as rep
+from ensemble.views import report as rep
 from orchestrator.records.runs_file import RunsFile
 
 
@@ -29,7 +29,7 @@ def log_to_mlflow(runs: RunsFile, report: dict, files: list[str]) -> str | None:
     for key in ("top1_err", "top5_err", "nll", "ece", "oracle_top1_err", "gain_top5_over_best", "gain_top1_over_best"):
         client.log_metric(parent, prefix + key, float(e[key]))
     client.log_metric(parent, "best_member_top5_err", float(report["best_member"]["top5_err"]))
-    for key, value in (e.get("cost") or {}).items():  # what the ensemble costs to run (ensemble/costs.py)
+    for key, value in (e.get("cost") or {}).items():  # what the ensemble costs to run (ensemble/core/costs.py)
         client.log_metric(parent, f"{prefix}{key}", float(value))
     for point in report["size_curve"]:
         client.log_metric(parent, "size_curve_top5_err", point["top5_err"], step=point["k"])

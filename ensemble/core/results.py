@@ -1,4 +1,4 @@
-"""An evaluation's result as a typed report: what `ensemble.evaluation.evaluate` returns,
+"""An evaluation's result as a typed report: what `ensemble.core.evaluation.evaluate` returns,
 what report.json holds (`Report.as_dict`, the fixed schema the CLI writes).
 
 Each member's row carries timm's validation fields where they apply (`top1_err`,
@@ -23,7 +23,7 @@ class MemberResult(Row):
     param_count: int | None = None  # from the member's record (None for records written before it was kept)
     img_size: int | None = None  # the input size the member is evaluated at
     crop_pct: float | None = None  # crop / resize of its evaluation transform
-    # its inference cost (ensemble/costs.py), TTA views included; None for records without one
+    # its inference cost (ensemble/core/costs.py), TTA views included; None for records without one
     macs: float | None = None
     infer_ms_b1: float | None = None
     infer_images_per_s_b64: float | None = None

@@ -18,8 +18,8 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from ensemble import math as em
-from ensemble.scoring import blocks, load_block
+from ensemble.core import math as em
+from ensemble.core.scoring import blocks, load_block
 from orchestrator.base.errors import UserError
 
 EXHAUSTIVE_WORK = 2e9  # subsets x rows x classes scored for the exhaustive front (seconds on a CPU)

@@ -8,7 +8,7 @@ ensemble's members. On the reported split (val, never trained on or chosen on):
 
 the share of the ensemble's gain over the twin that the student keeps (Hinton et al. 2015
 report 80% of it for their speech model), with a paired 95% bootstrap interval: every
-resample draws the same rows for all three, as `ensemble.math.bootstrap_ci` does, and the
+resample draws the same rows for all three, as `ensemble.core.math.bootstrap_ci` does, and the
 student's margin over its twin with its own interval. With one pair per seed, the last
 figure pools them (each row's misses averaged over the seeds). The cost ratio is the
 student's multiply-adds over the ensemble's (the sum over its members).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ensemble import math as em
+from ensemble.core import math as em
 from orchestrator.base import storage
 from orchestrator.records.runs_file import MemberRecord, RunsFile
 

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from ensemble.cost_plot import plot_accuracy_cost  # noqa: E402
-from ensemble.costs import macs_words  # noqa: E402
+from ensemble.views.cost_plot import plot_accuracy_cost  # noqa: E402
+from ensemble.core.costs import macs_words  # noqa: E402
 from orchestrator.views.terminal import console  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def print_table(report: dict) -> None:
     table = Table(title=f"{ds['name']} {ds['split']}: {ds['samples']} samples, {ds['num_classes']} classes "
                         f"(errors with 95% bootstrap intervals)")
     e = report["ensemble"]
-    costs = e.get("cost") is not None  # members record what they cost to run (ensemble/costs.py)
+    costs = e.get("cost") is not None  # members record what they cost to run (ensemble/core/costs.py)
     for col in ("model", "top-1 err", "top-5 err", "NLL", "ECE") + (("MACs", "ms/img b1") if costs else ()):
         table.add_column(col, justify="left" if col == "model" else "right")
     for m in report["members"]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from ensemble.stored import NpyRows
+from ensemble.core.stored import NpyRows
 from orchestrator.data.streams import EvalStream
 from orchestrator.data.dataset import load_manifest, open_split, select_classes
 from orchestrator.data.manifest import FOLDER_PREFIX

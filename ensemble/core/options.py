@@ -1,4 +1,4 @@
-"""What an evaluation does, as one typed options object (`ensemble.evaluation.evaluate`
+"""What an evaluation does, as one typed options object (`ensemble.core.evaluation.evaluate`
 takes it; `python -m ensemble.evaluate` builds it from its flags)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# the combination each method scores with (ensemble/math.py: combine)
+# the combination each method scores with (ensemble/core/math.py: combine)
 METHODS = {"mean_softmax": "mean", "weighted": "mean", "geometric": "geometric"}
 
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ensemble.costs import macs_words  # noqa: E402
+from ensemble.core.costs import macs_words  # noqa: E402
 
 
 def _area(params: float, biggest: float) -> float:

@@ -18,7 +18,7 @@ Metrics
   pessimistic bound of the expected error under random tie-breaking; the two differ only
   on exact ties. Every figure the platform prints (per-epoch metrics, final member
   metrics, search choice, `ensemble.evaluate`) uses this one rule, on probabilities
-  stored as float32 (no float16 underflow to exact 0; see ensemble/predictions.py);
+  stored as float32 (no float16 underflow to exact 0; see ensemble/core/predictions.py);
 - NLL (mean negative log-probability of the true class, clipped at 1e-12);
 - ECE with 15 equal-width confidence bins (Guo et al. 2017, "On Calibration of Modern
   Neural Networks"): sum over bins of |accuracy - confidence| weighted by bin size;

@@ -4,9 +4,9 @@
 option the evaluation applied (combination method, fitted temperatures, test-time
 augmentation), into an MLflow pyfunc model; `mlflow.pyfunc.load_model(uri).predict(images)`
 then returns the top-5 classes with their ensemble probabilities, computed as
-`ensemble.evaluate` computed them: each member's views (ensemble/tta.py) of its own eval
+`ensemble.evaluate` computed them: each member's views (ensemble/core/tta.py) of its own eval
 geometry, softmaxes averaged over views, temperature applied, members combined by the
-weighted mean or the geometric mean (ensemble/math.py). The served ensemble is the
+weighted mean or the geometric mean (ensemble/core/math.py). The served ensemble is the
 evaluated one.
 
 Input: a list of encoded images (JPEG/PNG bytes, or base64 strings of them: JSON carries
@@ -14,7 +14,7 @@ no bytes), a uint8 array [B, H, W, 3], or a DataFrame with an `image` column of 
 (what MLflow's scoring server builds from `dataframe_split` and `dataframe_records`; `inputs`
 takes a plain list of base64 strings; the model's signature says so). Output: a DataFrame with `top5_classes` (class
 names) and `top5_probs`, the five most probable classes in descending order, ties in
-class order (a stable sort, as the platform's top-k rule ranks them: ensemble/math.py).
+class order (a stable sort, as the platform's top-k rule ranks them: ensemble/core/math.py).
 A row whose image does not decode is answered with empty top-5 lists and its `error`
 (the row named, what to send instead), the other rows as usual: MLflow's server would
 answer a raised error with a 500 that echoes the payload.
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import yaml
 
-from ensemble import math as em
-from ensemble.stored import local_copy
-from ensemble.tta import TTA_VIEWS, canvas, views
+from ensemble.core import math as em
+from ensemble.core.stored import local_copy
+from ensemble.core.tta import TTA_VIEWS, canvas, views
 from models import load_checkpoint
 from orchestrator.data.dataset import decode_rgb
 from orchestrator.train.augment import EvalGeometry, normalize_batch
@@ -83,7 +83,7 @@ class Ensemble:
             self.members.append((model.eval(), m["eval"], float(m["weight"]), m.get("temperature")))
 
     def member_probs(self, model, ev: dict, images: list[torch.Tensor]) -> torch.Tensor:
-        """One member's probabilities, as the recompute path makes them (ensemble/predictions.py)."""
+        """One member's probabilities, as the recompute path makes them (ensemble/core/predictions.py)."""
         geometry = EvalGeometry(*canvas(self.tta, ev["resize"], ev["crop"]))
         batch = normalize_batch(torch.stack([geometry(img) for img in images]), ev["mean"], ev["std"])
         return sum(model(v).float().softmax(1) for v in views(batch, self.tta, ev["crop"])) / TTA_VIEWS[self.tta]
@@ -131,7 +131,7 @@ def ensemble_model_class():
 
 
 def __getattr__(name: str):
-    if name == "EnsembleModel":  # `from ensemble.serve import EnsembleModel` still works
+    if name == "EnsembleModel":  # `from ensemble.core.serve import EnsembleModel` still works
         return ensemble_model_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -1,14 +1,14 @@
 """Evaluation as a library: `evaluate(runs, options) -> Report`.
 
-    from ensemble.evaluation import evaluate
-    from ensemble.options import EvaluateOptions
+    from ensemble.core.evaluation import evaluate
+    from ensemble.core.options import EvaluateOptions
 
     report = evaluate("runs.yaml", EvaluateOptions(select="greedy", calibrate=True))
     report.ensemble.top5_err, report.member("resnet18-s0").top1_err
 
 Scores every finished member and the ensemble on the reported rows, with the gain over
 the best member; selection and temperatures are fitted on the rows that choose (the
-minival, or a held-out part of the split: ensemble/protocol.py), never on the reported
+minival, or a held-out part of the split: ensemble/core/protocol.py), never on the reported
 ones. `python -m ensemble.evaluate` is a thin CLI over it; the job's end calls it too.
 """
 from __future__ import annotations
@@ -17,16 +17,16 @@ import sys
 
 import numpy as np
 
-from ensemble import math as em
-from ensemble.costs import (BUDGETS, budget_costs, budget_points, ensemble_cost, front, member_fields,
+from ensemble.core import math as em
+from ensemble.core.costs import (BUDGETS, budget_costs, budget_points, ensemble_cost, front, member_fields,
                             subset_points)
-from ensemble.options import EvaluateOptions
-from ensemble.predictions import recompute
-from ensemble.protocol import Protocol, protocol_for
-from ensemble.results import Report
-from ensemble.scoring import intervals, size_curves, score
-from ensemble.stored import MemberPredictions, open_npy
-from ensemble.tta import TTA_VIEWS
+from ensemble.core.options import EvaluateOptions
+from ensemble.core.predictions import recompute
+from ensemble.core.protocol import Protocol, protocol_for
+from ensemble.core.results import Report
+from ensemble.core.scoring import intervals, size_curves, score
+from ensemble.core.stored import MemberPredictions, open_npy
+from ensemble.core.tta import TTA_VIEWS
 from orchestrator.base.errors import UserError, unknown_name
 from orchestrator.records.runs_file import RunsFile, load_runs
 
@@ -58,7 +58,7 @@ def load_members(runs: RunsFile, options) -> tuple[list, list[MemberPredictions]
 
 class Selection:
     """The rows that choose: each member's minival predictions, or held-out rows of the
-    reported split (ensemble/protocol.py)."""
+    reported split (ensemble/core/protocol.py)."""
 
     def __init__(self, runs: RunsFile, records, preds, labels, proto: Protocol, options):
         if proto.on_minival:
@@ -210,7 +210,7 @@ def build_report(runs, records, preds, labels, options) -> tuple[dict, dict]:
         selection["budget"].update(unbudgeted_top1_err=free["top1_err"], unbudgeted_top5_err=free["top5_err"],
                                    top1_err_cost=summary["top1_err"] - free["top1_err"],
                                    top5_err_cost=summary["top5_err"] - free["top5_err"])
-    # 95% bootstrap intervals over the reported rows (ensemble/scoring.py: intervals)
+    # 95% bootstrap intervals over the reported rows (ensemble/core/scoring.py: intervals)
     ci = intervals(scored["members"], scored["ensemble"], best_by, options.bootstrap, options.seed)
     for row, extra in zip(per_member, ci["members"]):
         row.update(extra)
@@ -231,7 +231,7 @@ def build_report(runs, records, preds, labels, options) -> tuple[dict, dict]:
 def accuracy_cost(per_member: list[dict], size_curve: list[dict], preds, transforms, labels,
                   rows) -> dict | None:
     """Members, the ensembles along the report's order, every subset when few, and the
-    front of top-1 error against multiply-adds (ensemble/costs.py); None without costs."""
+    front of top-1 error against multiply-adds (ensemble/core/costs.py); None without costs."""
     if any(r.get("macs") is None for r in per_member):
         return None
     names = [r["name"] for r in per_member]
