@@ -66,16 +66,16 @@ def main() -> int:
     env.update(RAY_ADDRESS="local", DATA_ROOT=env.get("DATA_ROOT", str(ROOT.parent / "shared" / "data")),
                ENSEMBLE_STORAGE=str(out / "outputs"))
     members = Path(args.members).resolve() if args.members else out / "runs.yaml"
-    if not members.exists():
+    if not args.members:
         print(f"the teacher: {args.teacher_config or 'the first command'}'s ensemble", flush=True)
         job([*(["--config", str(Path(args.teacher_config).resolve())] if args.teacher_config else []),
              "--runs", str(members)], out, env)
     seeds = list(range(args.seeds))
     print(f"seeds {seeds}: a student and its plain twin each, side by side", flush=True)
     runs_path = out / f"distill-{args.seeds}seeds.yaml"
-    if not runs_path.exists():
-        job(["--config", str(ROOT / "configs" / "distill.yaml"), "--runs", str(runs_path)], out,
-            {**env, "TEACHER_RUNS": str(members), "STUDENT_SEED": str(seeds)})
+    # a re-run of a finished (or interrupted) job trains only what is missing
+    job(["--config", str(ROOT / "configs" / "distill.yaml"), "--runs", str(runs_path)], out,
+        {**env, "TEACHER_RUNS": str(members), "STUDENT_SEED": str(seeds)})
     rows = distilled.compare(load_runs(str(runs_path)))
     print(f"on {rows[0]['samples']} val images (paired 95% bootstrap over rows; pooled: each row's misses "
           f"averaged over the seeds):")
