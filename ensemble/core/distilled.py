@@ -34,9 +34,7 @@ def kept_share(twin: np.ndarray, student: np.ndarray, ensemble: np.ndarray, n_bo
     """(kept, lo, hi) from per-row misses; resamples whose ensemble gain is 0 are left out."""
     gain = twin.mean() - ensemble.mean()
     kept = (twin.mean() - student.mean()) / gain if gain else float("nan")
-    rng, n = np.random.default_rng(seed), len(twin)
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])
-    got, whole = counts @ (twin - student) / n, counts @ (twin - ensemble) / n
+    got, whole = em.resampled_means(np.stack([twin - student, twin - ensemble], 1), n_boot, seed).T
     ratios = got[whole != 0] / whole[whole != 0]
     lo, hi = np.percentile(ratios, [2.5, 97.5]) if len(ratios) else (float("nan"), float("nan"))
     return float(kept), float(lo), float(hi)

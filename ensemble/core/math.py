@@ -29,7 +29,7 @@ Uncertainty
 - 95% percentile bootstrap over samples (Efron & Tibshirani 1993): resample the reported
   rows with replacement, recompute each error (and each paired difference, such as the
   ensemble's gain over its best member, on the same resample), take the 2.5th and 97.5th
-  percentiles. `bootstrap_ci` does all figures on shared resamples.
+  percentiles. `bootstrap_ci` does all figures on shared resamples (`resampled_means`).
 
 Selection and calibration (fitted on a *selection* split, never the reported one)
 - greedy forward selection with replacement from a sorted initialisation (Caruana et al.
@@ -50,8 +50,7 @@ EPS = 1e-12
 
 
 def as_tensor(probs) -> torch.Tensor:
-    t = torch.as_tensor(probs)
-    return t.float() if t.dtype != torch.float32 else t
+    return torch.as_tensor(probs).float()
 
 
 def topk_correct(probs, labels, k: int) -> torch.Tensor:
@@ -280,19 +279,22 @@ def rank_of(p: torch.Tensor, p_true: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(p_true.view(-1)), p.shape[1], at_least)
 
 
-def bootstrap_ci(columns, n_boot: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 50) -> np.ndarray:
-    """[K, 2] percentile intervals of the column means of `columns` [N, K] (per-row misses,
-    or paired differences of misses) over `n_boot` resamples of the N rows. Each resample
-    is a row-count vector (bincount of N draws), so one matrix product scores every column."""
+def resampled_means(columns, n_boot: int, seed: int = 0, chunk: int = 50) -> np.ndarray:
+    """[n_boot, K] column means of `columns` [N, K] over `n_boot` resamples of the N rows, each
+    a row-count vector (bincount of N draws): one product scores every column on it (paired)."""
     x = np.asarray(columns, dtype=np.float64)
-    n = len(x)
-    if n_boot == 0:  # asked for none: no interval (NaN), not an error
-        return np.full((x.shape[1], 2), np.nan)
-    rng = np.random.default_rng(seed)
-    means = np.empty((n_boot, x.shape[1]))
+    n, rng, means = len(x), np.random.default_rng(seed), np.empty((n_boot, x.shape[1]))
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
         counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(b)])
         means[start:start + b] = counts @ x / n
+    return means
+
+
+def bootstrap_ci(columns, n_boot: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 50) -> np.ndarray:
+    """[K, 2] percentile intervals of the column means of `columns` [N, K] (per-row misses,
+    or paired differences of misses) over `n_boot` resamples of the rows."""
+    if n_boot == 0:  # asked for none: no interval (NaN), not an error
+        return np.full((np.shape(columns)[1], 2), np.nan)
     tail = (1 - level) / 2 * 100
-    return np.percentile(means, [tail, 100 - tail], axis=0).T
+    return np.percentile(resampled_means(columns, n_boot, seed, chunk), [tail, 100 - tail], axis=0).T
